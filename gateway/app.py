@@ -1,0 +1,223 @@
+"""The ASGI application: start-up and shutdown, routing, and the one place where
+protocol errors become responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import handlers
+from .config import Settings
+from .errors import MethodNotAllowed, NotFound, NotImplementedYet, ProtocolError, Unavailable
+from .handlers import Context
+from .http import (
+    ALLOWED_METHODS,
+    ClientGone,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    base_headers,
+    send_response,
+)
+from .live import Live
+from .store import Store
+from .wakeups import WakeHub
+
+log = logging.getLogger("gateway")
+
+MAX_PATH_BYTES = 1024
+RESERVED_PREFIX = "__ds"  # section 6: subscription control APIs
+
+
+def stream_path(raw: str) -> str:
+    """Validate the stream path taken from the URL (section 12.2)."""
+    if not raw or raw.endswith("/"):
+        raise NotFound("no stream at this URL")
+    if len(raw.encode()) > MAX_PATH_BYTES:
+        raise NotFound(f"stream paths are limited to {MAX_PATH_BYTES} bytes")
+    segments = raw.split("/")
+    if any(seg in ("", ".", "..") for seg in segments):
+        raise NotFound("stream paths may not contain empty, '.' or '..' segments")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+        raise NotFound("stream paths may not contain control characters")
+    return raw
+
+
+class Gateway:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.ctx: Context | None = None
+        self.live: Live | None = None
+        self.hub: WakeHub | None = None
+        self.client: Any = None
+        self.listener_client: Any = None
+        self.embedded: Any = None
+        self._prefix = self.settings.stream_prefix + "/"
+
+    # -- ASGI entry point ----------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        base = base_headers(self.settings.cors_origin)
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.route(Request(scope, receive), tracking_send)
+        except ProtocolError as exc:
+            if started:
+                return
+            out = [*base, (b"content-type", b"text/plain; charset=utf-8"),
+                   (b"cache-control", b"no-store")]
+            out += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+            if isinstance(exc, MethodNotAllowed):
+                out.append((b"allow", ALLOWED_METHODS.encode()))
+            body = (exc.reason + "\n").encode()
+            await send_response(send, exc.status, out, body, head=scope["method"] == "HEAD")
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                out = [*base, (b"content-type", b"text/plain; charset=utf-8")]
+                await send_response(send, 500, out, b"internal error\n")
+
+    async def route(self, req: Request, send: Send) -> None:
+        path = req.path
+        if path.startswith(self._prefix):
+            await self.stream_request(req, stream_path(path[len(self._prefix):]), send)
+        elif path == "/healthz":
+            await send_response(send, 200, [(b"content-type", b"text/plain")], b"ok\n")
+        elif path == "/readyz":
+            await self.readyz(send)
+        else:
+            raise NotFound("not found")
+
+    async def stream_request(self, req: Request, path: str, send: Send) -> None:
+        ctx, live = self.ctx, self.live
+        if ctx is None or live is None:
+            raise Unavailable("gateway is starting")
+        if path.split("/", 1)[0] == RESERVED_PREFIX:
+            if req.method == "OPTIONS":
+                await handlers.options(ctx, req, path, send)
+                return
+            raise NotImplementedYet("subscription APIs (__ds) are not supported yet")
+        method = req.method
+        if method == "GET":
+            params = handlers.read_params(req)
+            if params.live == "long-poll":
+                await live.long_poll(req, path, params, send)
+            elif params.live == "sse":
+                await live.sse(req, path, params, send)
+            else:
+                await handlers.catch_up(ctx, req, path, params, send)
+        elif method == "POST":
+            await handlers.append(ctx, req, path, send)
+        elif method == "PUT":
+            await handlers.create(ctx, req, path, send)
+        elif method == "HEAD":
+            await handlers.head(ctx, req, path, send)
+        elif method == "DELETE":
+            await handlers.delete(ctx, req, path, send)
+        elif method == "OPTIONS":
+            await handlers.options(ctx, req, path, send)
+        else:
+            raise MethodNotAllowed(f"method {method} is not allowed")
+
+    async def readyz(self, send: Send) -> None:
+        ok = False
+        if self.ctx is not None:
+            with contextlib.suppress(Exception):
+                ok = await asyncio.wait_for(self.ctx.store.ping(), 1.0)
+        status = 200 if ok else 503
+        await send_response(send, status, [(b"content-type", b"text/plain")],
+                            b"ready\n" if ok else b"redis unreachable\n")
+
+    # -- life cycle ----------------------------------------------------------------
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def redis_url(self) -> str:
+        settings = self.settings
+        if settings.redis_cluster_url:
+            raise NotImplementedError("REDIS_CLUSTER_URL is not supported yet")
+        if settings.redis_url:
+            return settings.redis_url
+        from .embedded import start_embedded
+
+        self.embedded = start_embedded(settings)
+        return self.embedded.url
+
+    async def startup(self) -> None:
+        settings = self.settings
+        url = await asyncio.to_thread(self.redis_url)
+        common = {
+            "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.redis_pool_size,
+            timeout=settings.redis_command_timeout_ms / 1000,
+            socket_timeout=settings.redis_command_timeout_ms / 1000,
+            **common,
+        )
+        self.client = aioredis.Redis(connection_pool=pool)
+        # The wake-up listener's connection idles for long stretches: no read timeout.
+        listener_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, **common)
+        self.listener_client = aioredis.Redis(connection_pool=listener_pool)
+        self.hub = WakeHub(self.listener_client.pubsub)
+        store = Store(self.client, settings.key_prefix, settings.max_read_bytes)
+        try:
+            await store.load_scripts()
+        except Unavailable:
+            # Start anyway: requests get 503 until Redis is back, then recover.
+            log.warning("Redis is unreachable at start-up; serving 503 until it is back")
+        self.ctx = Context(settings, store, base_headers(settings.cors_origin))
+        self.live = Live(self.ctx, self.hub)
+        await self.hub.start()
+        log.info("durable streams gateway ready; streams under %s/", settings.stream_prefix)
+
+    async def shutdown(self) -> None:
+        if self.live is not None:
+            self.live.draining.set()
+        if self.hub is not None:
+            await self.hub.stop()
+        for client in (self.client, self.listener_client):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)

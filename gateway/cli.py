@@ -1,0 +1,202 @@
+"""The ``durable-streams-gateway`` console script (also ``python -m gateway``).
+
+Serves the ASGI app with granian (default) or hypercorn. With neither REDIS_URL
+nor REDIS_CLUSTER_URL set it starts the embedded Redis once, here in the parent
+process, and exports its URL as REDIS_URL so every worker shares that server;
+it stops the server after the HTTP server has exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gateway.config import Settings
+from gateway.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
+
+APP = "gateway.main:app"
+DEFAULT_PORT = 4437  # IANA-registered port of the Durable Streams protocol
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# After its graceful shutdown a hypercorn child gets this long before SIGKILL.
+CHILD_STOP_TIMEOUT_S = 30.0
+
+logger = logging.getLogger("gateway.cli")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="durable-streams-gateway",
+        description="Durable Streams protocol gateway backed by Redis. Without REDIS_URL or "
+        "REDIS_CLUSTER_URL an embedded Redis keeps its data in DS_DATA_DIR "
+        "(default ./.durable-streams-data); it is meant for development and single-node use.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1, help="worker processes (default: 1)"
+    )
+    parser.add_argument(
+        "--server",
+        choices=("granian", "hypercorn"),
+        default="granian",
+        help="HTTP server (default: granian: faster; serves HTTP/1.1 and HTTP/2)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--app", default=APP, help=f"ASGI app to serve (default: {APP})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
+    embedded = _start_embedded_if_needed(settings)
+    try:
+        return SERVERS[args.server](args)
+    finally:
+        # After the server (and so every worker) has exited, so nothing still writes.
+        if embedded is not None:
+            embedded.stop()
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="[%(levelname)s] %(name)s: %(message)s")
+
+
+def _start_embedded_if_needed(settings: Settings) -> EmbeddedRedis | None:
+    if settings.redis_url or settings.redis_cluster_url:
+        return None
+    try:
+        embedded = start_embedded(settings)
+    except EmbeddedRedisError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(1) from None
+    # Workers inherit the environment, so they all use this one server and none
+    # of them starts its own from the app lifespan.
+    os.environ["REDIS_URL"] = embedded.url
+    return embedded
+
+
+def _run_granian(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+
+    server = Granian(
+        target=args.app,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,  # with lifespan
+        workers=args.workers,
+        http=HTTPModes.auto,
+        websockets=False,
+        log_level=LogLevels(args.log_level),
+    )
+    # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then
+    # returns (or raises SystemExit(1) when a worker died unexpectedly).
+    server.serve()
+    return 0
+
+
+def _run_hypercorn(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        return _run_child(_hypercorn_command(args))
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [_bind_address(args.host, args.port)]
+    config.loglevel = args.log_level.upper()
+    # A Logger (not "-") makes hypercorn log through our root handler, once.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = None
+    # Without a shutdown trigger hypercorn installs its own SIGINT/SIGTERM handlers.
+    asyncio.run(serve(_load_app(args.app), config))
+    return 0
+
+
+def _hypercorn_command(args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--workers",
+        str(args.workers),
+        "--bind",
+        _bind_address(args.host, args.port),
+        "--log-level",
+        args.log_level,
+        args.app,
+    ]
+
+
+def _bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+def _load_app(target: str) -> Any:
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute or "app")
+
+
+def _run_child(command: list[str]) -> int:
+    """Run ``command`` until it exits, forwarding SIGINT/SIGTERM to it."""
+    child = subprocess.Popen(command)
+
+    def forward(signum: int, _frame: object) -> None:
+        # hypercorn's master shuts down gracefully on either; a Ctrl-C reaches it
+        # directly too (same process group), and a second request is harmless.
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _reap(child)
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(CHILD_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+SERVERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "granian": _run_granian,
+    "hypercorn": _run_hypercorn,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Settings, read once from the environment.
+
+Every limit the gateway enforces lives here so that operators find them in one
+place (the README's configuration table mirrors this module).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _str(name: str, default: str) -> str:
+    raw = os.environ.get(name)
+    return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the streams live. With neither URL set an embedded redis-server starts.
+    redis_url: str | None = None
+    redis_cluster_url: str | None = None
+    data_dir: str = ".durable-streams-data"
+    # Namespace of every Redis key the gateway writes (see gateway/keys.py).
+    key_prefix: str = "ds"
+    # URL prefix under which streams are served.
+    stream_prefix: str = "/v1/stream"
+    # Largest accepted request body (POST/PUT); larger bodies get 413.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Largest response page; a read returns at most this many bytes of data.
+    max_read_bytes: int = 1024 * 1024
+    # How long a long-poll waits for data before answering 204.
+    long_poll_timeout_ms: int = 30_000
+    # SSE connections are closed after this long so CDNs can collapse clients.
+    sse_max_duration_ms: int = 60_000
+    # Interval between SSE keep-alive comments while a reader waits.
+    sse_keepalive_ms: int = 15_000
+    # Redis timeouts: a dead Redis must turn into a fast 503, never a hang.
+    redis_connect_timeout_ms: int = 1_000
+    redis_command_timeout_ms: int = 2_000
+    # Connections per replica for commands (the wake-up listener uses one more).
+    redis_pool_size: int = 3
+    # Cache-Control visibility for catch-up and long-poll reads: public or private.
+    cache_visibility: str = "public"
+    # Value of Access-Control-Allow-Origin.
+    cors_origin: str = "*"
+    # Cursor interval for CDN collapsing (protocol section 10.1).
+    cursor_interval_s: int = 20
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        visibility = _str("DS_CACHE_VISIBILITY", "public").lower()
+        if visibility not in ("public", "private"):
+            raise ValueError("DS_CACHE_VISIBILITY must be 'public' or 'private'")
+        prefix = "/" + _str("DS_STREAM_PREFIX", "/v1/stream").strip("/")
+        return cls(
+            redis_url=os.environ.get("REDIS_URL") or None,
+            redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
+            data_dir=_str("DS_DATA_DIR", ".durable-streams-data"),
+            key_prefix=_str("DS_KEY_PREFIX", "ds"),
+            stream_prefix=prefix,
+            max_body_bytes=_int("DS_MAX_BODY_BYTES", 16 * 1024 * 1024, 1),
+            max_read_bytes=_int("DS_MAX_READ_BYTES", 1024 * 1024, 1024),
+            long_poll_timeout_ms=_int("DS_LONG_POLL_TIMEOUT_MS", 30_000, 1),
+            sse_max_duration_ms=_int("DS_SSE_MAX_DURATION_MS", 60_000, 1),
+            sse_keepalive_ms=_int("DS_SSE_KEEPALIVE_MS", 15_000, 100),
+            redis_connect_timeout_ms=_int("DS_REDIS_CONNECT_TIMEOUT_MS", 1_000, 1),
+            redis_command_timeout_ms=_int("DS_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1),
+            redis_pool_size=_int("DS_REDIS_POOL_SIZE", 3, 1),
+            cache_visibility=visibility,
+            cors_origin=_str("DS_CORS_ORIGIN", "*"),
+            cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),
+        )

@@ -1,0 +1,275 @@
+"""One handler per protocol operation (section 5). Each validates the request,
+calls the store once, and writes the response; errors are raised as
+ProtocolError and rendered by the application in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from . import headers as h
+from . import jsonmode
+from . import offsets as off
+from .config import Settings
+from .errors import BadRequest
+from .http import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Request, Send, send_response
+from .store import AppendRequest, CreateRequest, Page, Store, StreamInfo
+
+
+@dataclass
+class Context:
+    """What every handler needs: settings, storage, and the common headers."""
+
+    settings: Settings
+    store: Store
+    base: list[tuple[bytes, bytes]]
+
+    def response_headers(self, **extra: str | None) -> list[tuple[bytes, bytes]]:
+        out = list(self.base)
+        for name, value in extra.items():
+            if value is not None:
+                out.append((name.replace("_", "-").lower().encode(), value.encode()))
+        return out
+
+    @property
+    def catch_up_cache_control(self) -> str:
+        return f"{self.settings.cache_visibility}, max-age=60, stale-while-revalidate=300"
+
+
+def _json_entries(body: bytes, *, allow_empty: bool) -> tuple[tuple[bytes, int | None], ...]:
+    messages = jsonmode.flatten(body, allow_empty=allow_empty)
+    if not messages:
+        return ()
+    return ((jsonmode.join(messages), len(messages)),)
+
+
+def _fork_source(raw: str, stream_prefix: str) -> str:
+    """``Stream-Forked-From`` carries the source's URL path."""
+    path = unquote(raw.strip())
+    if path.startswith(stream_prefix + "/"):
+        path = path[len(stream_prefix) + 1 :]
+    path = path.lstrip("/")
+    if not path:
+        raise BadRequest("Stream-Forked-From must name a stream")
+    return path
+
+
+# -- PUT: create (section 5.1) and fork (section 4.2) --------------------------
+
+
+async def create(ctx: Context, req: Request, path: str, send: Send) -> None:
+    ttl = h.parse_ttl(req.header("stream-ttl"))
+    expires_at = h.parse_expires_at(req.header("stream-expires-at"))
+    if ttl is not None and expires_at is not None:
+        raise BadRequest("send either Stream-TTL or Stream-Expires-At, not both")
+    closed = h.is_closed(req.header("stream-closed"))
+    content_type = h.normalize_content_type(req.header("content-type"))
+    forked_from = req.header("stream-forked-from")
+    fork_offset = req.header("stream-fork-offset")
+    sub_offset = h.parse_sub_offset(req.header("stream-fork-sub-offset"))
+    source = None
+    if forked_from is None:
+        if fork_offset is not None or sub_offset is not None:
+            raise BadRequest("fork headers need Stream-Forked-From")
+    else:
+        source = _fork_source(forked_from, ctx.settings.stream_prefix)
+        if fork_offset is not None and not off.is_offset(fork_offset.strip()):
+            raise BadRequest("malformed Stream-Fork-Offset")
+
+    body = await req.body(ctx.settings.max_body_bytes)
+    if body and content_type is None and source is not None:
+        # A fork without Content-Type inherits its source's; the initial body is
+        # parsed according to that type.
+        content_type = (await ctx.store.head(source)).content_type
+    entries: tuple[tuple[bytes, int | None], ...] = ()
+    if body:
+        if h.is_json(content_type or h.DEFAULT_CONTENT_TYPE):
+            entries = _json_entries(body, allow_empty=True)
+        else:
+            entries = ((body, None),)
+
+    result = await ctx.store.create(
+        path,
+        CreateRequest(
+            # '' lets a fork inherit its source's type; a plain stream defaults.
+            content_type=content_type or ("" if source else h.DEFAULT_CONTENT_TYPE),
+            ttl=ttl,
+            expires_at=expires_at,
+            closed=closed,
+            entries=entries,
+            fork_source=source,
+            fork_offset=fork_offset.strip() if fork_offset else None,
+            fork_sub_offset=sub_offset,
+        ),
+    )
+    out = ctx.response_headers(
+        content_type=result.content_type,
+        stream_next_offset=result.info_tail,
+        stream_closed="true" if result.closed else None,
+        cache_control="no-store",
+    )
+    if result.created:
+        out.append((b"location", (req.base_url() + req.path).encode()))
+    await send_response(send, 201 if result.created else 200, out)
+
+
+# -- POST: append and close (sections 5.2, 5.2.1, 5.3) ---------------------------
+
+
+async def append(ctx: Context, req: Request, path: str, send: Send) -> None:
+    close = h.is_closed(req.header("stream-closed"))
+    producer = h.parse_producer(
+        req.header("producer-id"), req.header("producer-epoch"), req.header("producer-seq")
+    )
+    stream_seq = h.parse_stream_seq(req.header("stream-seq"))
+    body = await req.body(ctx.settings.max_body_bytes)
+    media_type = ""
+    json_count = None
+    data: bytes | None = None
+    if body:
+        content_type = h.normalize_content_type(req.header("content-type"))
+        if content_type is None:
+            raise BadRequest("Content-Type is required with a body")
+        media_type = h.media_type(content_type)
+        if h.is_json(content_type):
+            messages = jsonmode.flatten(body, allow_empty=False)
+            data, json_count = jsonmode.join(messages), len(messages)
+        else:
+            data = body
+    elif not close:
+        raise BadRequest("empty body: send data, or Stream-Closed: true to close")
+
+    result = await ctx.store.append(
+        path,
+        AppendRequest(
+            media_type=media_type,
+            body=data,
+            json_count=json_count,
+            close=close,
+            stream_seq=stream_seq,
+            producer=producer,
+        ),
+    )
+    out = ctx.response_headers(
+        stream_next_offset=result.tail,
+        stream_closed="true" if result.closed else None,
+        producer_epoch=result.producer_epoch,
+        producer_seq=result.producer_seq,
+        cache_control="no-store",
+    )
+    # Section 5.2.1: 200 for newly written producer data, 204 otherwise.
+    status = 200 if producer and result.status == "ok" and data is not None else 204
+    await send_response(send, status, out)
+
+
+# -- DELETE (section 5.4) ----------------------------------------------------------
+
+
+async def delete(ctx: Context, req: Request, path: str, send: Send) -> None:
+    await ctx.store.delete(path)
+    await send_response(send, 204, ctx.response_headers(cache_control="no-store"))
+
+
+# -- HEAD (section 5.5) --------------------------------------------------------------
+
+
+def info_headers(ctx: Context, info: StreamInfo) -> list[tuple[bytes, bytes]]:
+    return ctx.response_headers(
+        content_type=info.content_type,
+        stream_next_offset=info.tail,
+        stream_ttl=str(info.ttl) if info.ttl is not None else None,
+        stream_expires_at=(
+            h.format_expires_at(info.expires_at) if info.expires_at is not None else None
+        ),
+        stream_closed="true" if info.closed else None,
+        cache_control="no-store",
+    )
+
+
+async def head(ctx: Context, req: Request, path: str, send: Send) -> None:
+    info = await ctx.store.head(path)
+    await send_response(send, 200, info_headers(ctx, info), head=True)
+
+
+# -- GET, catch-up (section 5.6) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadParams:
+    offset: str | None  # offset token; None means "now" (the tail)
+    live: str | None  # None, 'long-poll' or 'sse'
+    cursor: str | None
+
+
+def read_params(req: Request) -> ReadParams:
+    raw = req.single("offset")
+    live = req.single("live")
+    if live is not None and live not in ("long-poll", "sse"):
+        raise BadRequest("live must be long-poll or sse")
+    if raw is None:
+        if live is not None:
+            raise BadRequest("live reads need an offset")
+        offset: str | None = off.ZERO
+    elif raw == off.BEGINNING:
+        offset = off.ZERO
+    elif raw == off.NOW:
+        offset = None
+    else:
+        off.parse(raw)
+        offset = raw
+    return ReadParams(offset, live, req.single("cursor"))
+
+
+def page_body(page: Page) -> bytes:
+    return b"[" + page.body + b"]" if page.info.is_json else page.body
+
+
+def page_headers(ctx: Context, page: Page, **extra: str | None) -> list[tuple[bytes, bytes]]:
+    return ctx.response_headers(
+        content_type=page.info.content_type,
+        stream_next_offset=page.next_offset,
+        stream_up_to_date="true" if page.up_to_date else None,
+        stream_closed="true" if page.at_closed_tail else None,
+        **extra,
+    )
+
+
+def etag(start: str, page: Page) -> str:
+    # Varies with closure (section 10.1) so a 304 never hides the EOF signal.
+    return f'"{start}:{page.next_offset}{":c" if page.at_closed_tail else ""}"'
+
+
+def _matches(if_none_match: str | None, tag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = [c.strip().removeprefix("W/") for c in if_none_match.split(",")]
+    return tag in candidates or "*" in candidates
+
+
+async def catch_up(ctx: Context, req: Request, path: str, params: ReadParams, send: Send) -> None:
+    page = await ctx.store.read(path, params.offset)
+    if params.offset is None:
+        # offset=now: no data, the tail, never cached (section 8).
+        out = page_headers(ctx, page, cache_control="no-store")
+        await send_response(send, 200, out, b"[]" if page.info.is_json else b"")
+        return
+    tag = etag(params.offset, page)
+    out = page_headers(ctx, page, etag=tag, cache_control=ctx.catch_up_cache_control)
+    if _matches(req.header("if-none-match"), tag):
+        await send_response(send, 304, out)
+        return
+    await send_response(send, 200, out, page_body(page))
+
+
+async def options(ctx: Context, req: Request, path: str, send: Send) -> None:
+    """CORS preflight, including If-None-Match (section 10.1)."""
+    requested = req.header("access-control-request-headers")
+    out = ctx.response_headers(
+        access_control_allow_methods=ALLOWED_METHODS,
+        access_control_allow_headers=requested or None,
+        access_control_max_age="86400",
+        allow=ALLOWED_METHODS,
+    )
+    if not requested:
+        out.append((b"access-control-allow-headers", ALLOWED_REQUEST_HEADERS.encode()))
+    await send_response(send, 204, out)

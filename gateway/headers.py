@@ -1,0 +1,137 @@
+"""Parsing and validation of the protocol's request headers.
+
+Pure functions: each takes raw header text and returns a typed value or raises
+BadRequest with a short reason. Nothing here touches I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .errors import BadRequest
+
+# Section 5.1: a non-negative decimal integer without leading zeros, signs,
+# decimal points or exponents.
+_CANONICAL_UINT = re.compile(r"\A(0|[1-9][0-9]*)\Z")
+MAX_SAFE_INTEGER = 2**53 - 1  # Producer-Epoch/Seq limit (JavaScript interoperability)
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+MAX_STREAM_SEQ_LENGTH = 256
+MAX_PRODUCER_ID_LENGTH = 256
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def parse_uint(raw: str, name: str, maximum: int = MAX_SAFE_INTEGER) -> int:
+    value = raw.strip()
+    if not _CANONICAL_UINT.match(value):
+        raise BadRequest(f"{name} must be a non-negative integer without leading zeros")
+    number = int(value)
+    if number > maximum:
+        raise BadRequest(f"{name} must be at most {maximum}")
+    return number
+
+
+def parse_ttl(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    return parse_uint(raw, "Stream-TTL", MAX_TTL_SECONDS)
+
+
+def parse_expires_at(raw: str | None) -> int | None:
+    """RFC 3339 timestamp -> epoch milliseconds."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    # RFC 3339 requires a date, a 'T' (or space) and a zone; fromisoformat alone
+    # would also accept bare dates and naive times.
+    if not re.match(
+        r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z", text
+    ):
+        raise BadRequest("Stream-Expires-At must be an RFC 3339 timestamp")
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadRequest("Stream-Expires-At must be an RFC 3339 timestamp") from exc
+    return int(moment.timestamp() * 1000)
+
+
+def format_expires_at(epoch_ms: int) -> str:
+    moment = datetime.fromtimestamp(epoch_ms // 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def is_closed(raw: str | None) -> bool:
+    """Section 4.1: only the exact value ``true`` (any case) means closed."""
+    return raw is not None and raw.strip().lower() == "true"
+
+
+def media_type(content_type: str) -> str:
+    """``"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str) -> bool:
+    return media_type(content_type) == "application/json"
+
+
+def is_text(content_type: str) -> bool:
+    """SSE carries text/* and application/json natively; everything else is base64."""
+    mt = media_type(content_type)
+    return mt.startswith("text/") or mt == "application/json"
+
+
+def normalize_content_type(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not value:
+        return None
+    mt = media_type(value)
+    if not re.match(r"\A[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\Z", mt):
+        raise BadRequest("malformed Content-Type")
+    return value
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Section 5.2.1: the (Producer-Id, Producer-Epoch, Producer-Seq) triple."""
+
+    id: str
+    epoch: int
+    seq: int
+
+
+def parse_producer(pid: str | None, epoch: str | None, seq: str | None) -> Producer | None:
+    present = [v is not None for v in (pid, epoch, seq)]
+    if not any(present):
+        return None
+    if not all(present):
+        raise BadRequest("Producer-Id, Producer-Epoch and Producer-Seq must be sent together")
+    assert pid is not None and epoch is not None and seq is not None
+    if not pid.strip():
+        raise BadRequest("Producer-Id must not be empty")
+    if len(pid) > MAX_PRODUCER_ID_LENGTH:
+        raise BadRequest(f"Producer-Id must be at most {MAX_PRODUCER_ID_LENGTH} bytes")
+    return Producer(
+        id=pid,
+        epoch=parse_uint(epoch, "Producer-Epoch"),
+        seq=parse_uint(seq, "Producer-Seq"),
+    )
+
+
+def parse_stream_seq(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if raw == "":
+        raise BadRequest("Stream-Seq must not be empty")
+    if len(raw) > MAX_STREAM_SEQ_LENGTH:
+        raise BadRequest(f"Stream-Seq must be at most {MAX_STREAM_SEQ_LENGTH} bytes")
+    return raw
+
+
+def parse_sub_offset(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    return parse_uint(raw, "Stream-Fork-Sub-Offset")

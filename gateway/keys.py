@@ -1,0 +1,45 @@
+"""Redis key layout.
+
+Every key of one stream shares the hash tag ``{<path>}`` so that all of them live
+in one Redis Cluster slot and every multi-key change is one Lua script:
+
+    ds:{<path>}:meta       hash    content type, tail id, closure, TTL/expiry, fork links
+    ds:{<path>}:data       stream  one entry per append (field d = bytes, n = JSON count)
+    ds:{<path>}:producers  hash    producer id -> "epoch:last_seq"
+    ds:{<path>}:wake       channel pub/sub wake-ups for live readers
+
+``{``, ``}`` and ``%`` in a path are percent-encoded so a path can never end the
+hash tag early (which would scatter one stream's keys across slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAYOUT_VERSION = 1
+
+
+def _tag(path: str) -> str:
+    return path.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    meta: str
+    data: str
+    producers: str
+    wake: str
+
+    @property
+    def all(self) -> list[str]:
+        return [self.meta, self.data, self.producers]
+
+
+def stream_keys(prefix: str, path: str) -> StreamKeys:
+    base = f"{prefix}:{{{_tag(path)}}}"
+    return StreamKeys(
+        meta=f"{base}:meta",
+        data=f"{base}:data",
+        producers=f"{base}:producers",
+        wake=f"{base}:wake",
+    )

@@ -1,0 +1,65 @@
+"""The Lua scripts: loaded once at start-up, called by SHA.
+
+One file per atomic operation lives in ``lua/``; ``_lib.lua`` (shared helpers) is
+prepended to each. Each script is registered with ``SCRIPT LOAD`` when the
+gateway starts and called with ``EVALSHA``; if Redis has lost its script cache
+(a restart, ``SCRIPT FLUSH``, a failover) the call falls back to loading it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+OPERATIONS = ("create", "append", "read", "delete", "fork_acquire", "fork_release")
+
+
+def _lua_dir() -> Path:
+    # Installed wheels carry the scripts as gateway/lua; a source checkout keeps
+    # them at the repository root.
+    packaged = resources.files("gateway") / "lua"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+class Script:
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class Scripts:
+    def __init__(self) -> None:
+        directory = _lua_dir()
+        lib = (directory / "_lib.lua").read_text()
+        for name in OPERATIONS:
+            body = (directory / f"{name}.lua").read_text()
+            setattr(self, name, Script(name, lib + "\n" + body))
+
+    def all(self) -> list[Script]:
+        return [getattr(self, name) for name in OPERATIONS]
+
+    async def load(self, client: Any) -> None:
+        for script in self.all():
+            await client.script_load(script.source)
+
+    # Attributes set in __init__, declared for readers and type checkers.
+    create: Script
+    append: Script
+    read: Script
+    delete: Script
+    fork_acquire: Script
+    fork_release: Script

@@ -1,0 +1,446 @@
+"""The storage seam: every stream operation, backed by Redis.
+
+The HTTP layer talks only to ``Store``. Each method is one atomic Lua script on
+the stream's own hash slot, except the operations that span two streams (fork
+creation, the deletes that cascade up a fork chain, and reads that stitch a fork
+onto its source), which are sequences of single-slot scripts ordered so that a
+crash between steps can only leak a reference, never lose data. Redis errors are
+translated to protocol errors here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from . import headers, jsonmode
+from . import offsets as off
+from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unavailable
+from .keys import StreamKeys, stream_keys
+from .scripts import Scripts
+
+# A fork chain is walked one level per round trip; bound it against cycles and
+# absurd depths (a fork of a fork of ... 64 deep).
+MAX_FORK_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What HEAD reports (section 5.5); also the metadata of every read."""
+
+    content_type: str
+    tail: str  # offset token
+    closed: bool
+    ttl: int | None
+    expires_at: int | None  # epoch ms
+
+    @property
+    def is_json(self) -> bool:
+        return headers.is_json(self.content_type)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One read: the stream's metadata and the data after an offset."""
+
+    info: StreamInfo
+    body: bytes  # concatenated bytes, or comma-joined JSON messages
+    next_offset: str
+    more: bool  # True when the page was cut at the size limit
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.more and self.next_offset >= self.info.tail
+
+    @property
+    def at_closed_tail(self) -> bool:
+        return self.info.closed and self.up_to_date
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    content_type: str
+    ttl: int | None = None
+    expires_at: int | None = None
+    closed: bool = False
+    entries: tuple[tuple[bytes, int | None], ...] = ()  # (data, JSON message count)
+    fork_source: str | None = None
+    fork_offset: str | None = None  # offset token, None for the source's tail
+    fork_sub_offset: int | None = None
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    created: bool
+    info_tail: str
+    closed: bool
+    content_type: str
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    media_type: str
+    body: bytes | None  # None for close-only
+    json_count: int | None
+    close: bool
+    stream_seq: str | None
+    producer: headers.Producer | None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    status: str  # 'ok', 'dup', 'closed_noop'
+    tail: str
+    closed: bool
+    producer_epoch: str | None
+    producer_seq: str | None
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@asynccontextmanager
+async def _storage_errors():
+    """Translate Redis failures into the protocol's 503, once, at this boundary."""
+    try:
+        yield
+    except (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        redis_errors.BusyLoadingError,
+        redis_errors.ReadOnlyError,
+        redis_errors.ClusterDownError,
+        redis_errors.TryAgainError,
+        asyncio.TimeoutError,
+        OSError,
+    ) as exc:
+        raise Unavailable() from exc
+    except redis_errors.ResponseError as exc:
+        if str(exc).startswith(("OOM", "MASTERDOWN", "LOADING", "NOREPLICAS")):
+            raise Unavailable() from exc
+        raise
+
+
+class Store:
+    def __init__(self, client: Any, key_prefix: str, max_read_bytes: int) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.max_read_bytes = max_read_bytes
+        self.scripts = Scripts()
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[Page]] = {}
+
+    def keys(self, path: str) -> StreamKeys:
+        return stream_keys(self.key_prefix, path)
+
+    async def load_scripts(self) -> None:
+        async with _storage_errors():
+            await self.scripts.load(self.client)
+
+    async def ping(self) -> bool:
+        async with _storage_errors():
+            return bool(await self.client.ping())
+
+    # -- create (section 5.1) and fork (section 4.2) ----------------------------
+
+    async def create(self, path: str, req: CreateRequest) -> CreateResult:
+        async with _storage_errors():
+            if req.fork_source is None:
+                if req.fork_sub_offset is not None:
+                    raise BadRequest("Stream-Fork-Sub-Offset requires Stream-Forked-From")
+                return await self._create(path, req, base_tail=off.ZERO_ID)
+            return await self._create_fork(path, req)
+
+    async def _create(
+        self,
+        path: str,
+        req: CreateRequest,
+        *,
+        base_tail: str,
+        fork_offset_id: str = "",
+        prefix: tuple[bytes, int | None] | None = None,
+    ) -> CreateResult:
+        k = self.keys(path)
+        entries = ([prefix] if prefix else []) + list(req.entries)
+        args: list[Any] = [
+            req.content_type,
+            headers.media_type(req.content_type),
+            "" if req.ttl is None else str(req.ttl),
+            "" if req.expires_at is None else str(req.expires_at),
+            "1" if req.closed else "",
+            req.fork_source or "",
+            fork_offset_id,
+            "" if not req.fork_sub_offset else str(req.fork_sub_offset),
+            base_tail,
+        ]
+        for data, count in entries:
+            args += [data, "" if count is None else str(count)]
+        reply = await self.scripts.create(self.client, k.all, args)
+        status = _s(reply[0])
+        if status == "conflict":
+            raise Conflict("stream exists with a different configuration")
+        if status == "gone":
+            raise Conflict("stream was deleted and its path is still in use by forks")
+        tail = off.from_entry_id(_s(reply[1]))
+        content_type = _s(reply[3]) if status == "exists" else req.content_type
+        return CreateResult(status == "created", tail, _s(reply[2]) == "1", content_type)
+
+    async def _create_fork(self, path: str, req: CreateRequest) -> CreateResult:
+        assert req.fork_source is not None
+        source = req.fork_source
+        if source == path:
+            raise BadRequest("a stream cannot be forked from itself")
+        sub = req.fork_sub_offset or 0
+        if sub > 0 and req.fork_offset is None:
+            raise BadRequest("Stream-Fork-Sub-Offset needs an explicit Stream-Fork-Offset")
+        offset_id = "" if req.fork_offset is None else off.parse(req.fork_offset, "fork offset")
+        requested_mt = headers.media_type(req.content_type) if req.content_type else ""
+        sk = self.keys(source)
+        reply = await self.scripts.fork_acquire(self.client, sk.all, [requested_mt, offset_id])
+        status = _s(reply[0])
+        if status == "not_found":
+            raise NotFound("fork source stream not found")
+        if status == "gone":
+            raise Conflict("fork source stream has been deleted")
+        if status == "ct_mismatch":
+            raise Conflict("Content-Type differs from the source stream's")
+        if status == "beyond_tail":
+            raise BadRequest("Stream-Fork-Offset is beyond the source stream's tail")
+        content_type, fork_offset_id = _s(reply[1]), _s(reply[3])
+        source_ttl, source_exp = _s(reply[4]), _s(reply[5])
+        created = False
+        try:
+            prefix = None
+            if sub > 0:
+                prefix = await self._sub_offset_prefix(source, fork_offset_id, sub)
+            ttl, expires_at = req.ttl, req.expires_at
+            if ttl is None and expires_at is None:
+                # Section 4.2's table: a fork without its own expiry inherits the source's.
+                ttl = int(source_ttl) if source_ttl else None
+                expires_at = int(source_exp) if source_exp else None
+            fork_req = CreateRequest(
+                content_type=req.content_type or content_type,
+                ttl=ttl,
+                expires_at=expires_at,
+                closed=req.closed,
+                entries=req.entries,
+                fork_source=source,
+                fork_offset=None,
+                fork_sub_offset=sub or None,
+            )
+            result = await self._create(
+                path,
+                fork_req,
+                base_tail=fork_offset_id,
+                fork_offset_id=fork_offset_id,
+                prefix=prefix,
+            )
+            created = result.created
+            return result
+        finally:
+            if not created:
+                # The fork was not made (it existed already, or the request was
+                # refused): give the reference back.
+                await self._release(source)
+
+    async def _sub_offset_prefix(
+        self, source: str, anchor_id: str, sub: int
+    ) -> tuple[bytes, int | None]:
+        """The part of the source's next append that a sub-offset fork inherits."""
+        page = await self._read(source, anchor_id, "", 1, "source")
+        if page.next_offset == off.from_entry_id(anchor_id) or not page.body:
+            raise BadRequest("Stream-Fork-Sub-Offset points past the end of the source")
+        if page.info.is_json:
+            messages = jsonmode.split(page.body)
+            if sub > len(messages):
+                raise BadRequest("Stream-Fork-Sub-Offset is past the next message boundary")
+            return jsonmode.join(messages[:sub]), sub
+        if sub > len(page.body):
+            raise BadRequest("Stream-Fork-Sub-Offset is past the next data boundary")
+        return page.body[:sub], None
+
+    # -- append and close (sections 5.2, 5.3) ----------------------------------
+
+    async def append(self, path: str, req: AppendRequest) -> AppendResult:
+        k = self.keys(path)
+        p = req.producer
+        args = [
+            req.media_type,
+            "1" if req.body is not None else "",
+            "1" if req.close else "",
+            req.stream_seq or "",
+            p.id if p else "",
+            str(p.epoch) if p else "",
+            str(p.seq) if p else "",
+            req.body or b"",
+            "" if req.json_count is None else str(req.json_count),
+            k.wake,
+        ]
+        async with _storage_errors():
+            reply = await self.scripts.append(self.client, k.all, args)
+        status = _s(reply[0])
+        if status == "not_found":
+            raise NotFound("stream not found")
+        if status == "gone":
+            raise Gone("stream has been deleted")
+        reply = [*reply, "", "", "", ""]  # replies vary in length; pad the tail fields
+        tail = off.from_entry_id(_s(reply[1]))
+        closed = _s(reply[2]) == "1"
+        base: dict[str, str] = {"Stream-Next-Offset": tail}
+        if closed:
+            base["Stream-Closed"] = "true"
+        if status == "closed":
+            raise Conflict("stream is closed", base)
+        if status == "ct_mismatch":
+            raise Conflict("Content-Type does not match the stream's", base)
+        if status == "seq_conflict":
+            raise Conflict("Stream-Seq must increase", base)
+        if status == "stale_epoch":
+            raise Forbidden("stale producer epoch", {**base, "Producer-Epoch": _s(reply[3])})
+        if status == "epoch_seq":
+            raise BadRequest("a new producer epoch must start at Producer-Seq 0")
+        if status == "seq_gap":
+            raise Conflict(
+                "producer sequence gap",
+                {
+                    **base,
+                    "Producer-Expected-Seq": _s(reply[3]),
+                    "Producer-Received-Seq": _s(reply[4]),
+                },
+            )
+        epoch = _s(reply[3]) if p else None
+        seq = _s(reply[4]) if p else None
+        return AppendResult(status, tail, closed, epoch, seq)
+
+    # -- delete (section 5.4) --------------------------------------------------
+
+    async def delete(self, path: str) -> None:
+        k = self.keys(path)
+        async with _storage_errors():
+            reply = await self.scripts.delete(self.client, k.all, [k.wake])
+            status = _s(reply[0])
+            if status == "not_found":
+                raise NotFound("stream not found")
+            if status == "gone":
+                raise Gone("stream has been deleted")
+            if status == "deleted" and _s(reply[1]):
+                await self._release(_s(reply[1]))
+
+    async def _release(self, source: str) -> None:
+        """Give back one fork reference; cascade clean-up up the fork chain."""
+        async with _storage_errors():
+            for _ in range(MAX_FORK_DEPTH):
+                reply = await self.scripts.fork_release(self.client, self.keys(source).all, [])
+                if _s(reply[0]) != "deleted" or not _s(reply[1]):
+                    return
+                source = _s(reply[1])
+
+    # -- reads (sections 5.5-5.8) ----------------------------------------------
+
+    async def head(self, path: str) -> StreamInfo:
+        async with _storage_errors():
+            page = await self._read(path, "", "", 1, "head")
+        return page.info
+
+    async def read(self, path: str, offset: str | None) -> Page:
+        """One page after ``offset`` (a token), or metadata only at the tail (None)."""
+        after = "" if offset is None else off.to_entry_id(offset)
+        async with _storage_errors():
+            return await self._read(path, after, "", 1 << 30, "read")
+
+    async def read_coalesced(self, path: str, offset: str | None) -> Page:
+        """Like read, but identical concurrent reads share one Redis round trip.
+
+        Woken live readers of one stream all re-read the same offset at once;
+        this makes that one read per replica instead of one per reader.
+        """
+        key = (path, offset)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            page = await self.read(path, offset)
+            future.set_result(page)
+            return page
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters may all have gone
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _read(
+        self, path: str, after: str, upto: str, max_entries: int, mode: str
+    ) -> Page:
+        r = await self._read_range(
+            path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
+        )
+        return Page(r.info, r.body, off.from_entry_id(r.last), r.more)
+
+    async def _read_range(
+        self,
+        path: str,
+        after: str,
+        upto: str,
+        budget: int,
+        max_entries: int,
+        mode: str,
+        depth: int,
+    ) -> _Range:
+        """Entries of ``path`` after id ``after`` (and not after id ``upto``),
+        stitching in the fork source's entries when the range starts before the
+        fork offset (forks share their source's offset space, section 8)."""
+        if depth > MAX_FORK_DEPTH:
+            raise Conflict("fork chain too deep")
+        reply = await self.scripts.read(
+            self.client, self.keys(path).all, [after, budget, max_entries, upto, mode]
+        )
+        status = _s(reply[0])
+        if status == "not_found":
+            raise NotFound("stream not found")
+        if status == "gone":
+            raise Gone("stream has been deleted")
+        info = StreamInfo(
+            content_type=_s(reply[1]),
+            tail=off.from_entry_id(_s(reply[2])),
+            closed=_s(reply[3]) == "1",
+            ttl=int(reply[4]) if _s(reply[4]) else None,
+            expires_at=int(reply[5]) if _s(reply[5]) else None,
+        )
+        if status == "ok":
+            return _Range(info, reply[8], _s(reply[9]), int(reply[11]), _s(reply[10]) == "1")
+        # status == 'fork': the range starts in data inherited from the source.
+        source, fork_offset = _s(reply[6]), _s(reply[7])
+        bound = fork_offset
+        if upto and off.id_key(upto) < off.id_key(fork_offset):
+            bound = upto
+        src = await self._read_range(
+            source, after, bound, budget, max_entries, "source", depth + 1
+        )
+        if src.more or bound != fork_offset:
+            return _Range(info, src.body, src.last, src.count, src.more)
+        # The inherited range ends at the fork offset; go on with the fork's own
+        # entries while the page has room (a page may exceed the byte budget by
+        # at most one entry, as every page must hold at least one).
+        room, entries_left = budget - len(src.body), max_entries - src.count
+        if entries_left <= 0 or room <= 0:
+            own_data = info.tail > off.from_entry_id(fork_offset)
+            return _Range(info, src.body, fork_offset, src.count, own_data)
+        own = await self._read_range(path, fork_offset, upto, room, entries_left, mode, depth)
+        sep = b"," if info.is_json and src.body and own.body else b""
+        return _Range(info, src.body + sep + own.body, own.last, src.count + own.count, own.more)
+
+
+@dataclass(frozen=True)
+class _Range:
+    info: StreamInfo
+    body: bytes
+    last: str  # entry id of the last entry read (or where the range started)
+    count: int
+    more: bool

@@ -1,0 +1,226 @@
+"""Wake-ups for live readers without a Redis connection per reader.
+
+Every append script PUBLISHes the stream's new tail on the stream's wake channel.
+Each replica holds ONE pub/sub connection, subscribed to the channels of the
+streams that have live readers on this replica (and for a short while after the
+last one leaves, so a client's next long-poll does not pay a new SUBSCRIBE).
+A message bumps that stream's ``Watch``, which wakes every waiting reader; the
+readers then re-read through ``Store.read_coalesced``, so one append costs one
+Redis read per replica, however many readers wait.
+
+No wake-up can be lost:
+- a reader captures the watch's current event *before* it reads, so an append
+  that lands between its read and its wait still sets the event it waits on;
+- a reader only reads after its channel's subscription is confirmed;
+- when the pub/sub connection drops, the listener reconnects, re-subscribes and
+  then wakes every watch, so readers re-check whatever they might have missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+log = logging.getLogger("gateway.wakeups")
+
+# How long a channel stays subscribed after its last reader left.
+LINGER_S = 10.0
+# Ping the pub/sub connection this often; reconnect if it stays silent 3x as long.
+HEALTH_INTERVAL_S = 5.0
+HUB_CHANNEL = "ds:wake-hub"
+
+
+class Watch:
+    """The wake-up state of one stream on this replica."""
+
+    __slots__ = ("channel", "event", "idle_since", "readers", "subscribed")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.event = asyncio.Event()
+        self.readers = 0
+        self.subscribed = asyncio.Event()
+        self.idle_since = time.monotonic()
+
+    def wake(self) -> None:
+        # Replace, then set: readers that captured the old event wake up, readers
+        # that capture from now on wait for the next change.
+        event, self.event = self.event, asyncio.Event()
+        event.set()
+
+
+class WakeHub:
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        """``connect()`` returns a new redis.asyncio PubSub object."""
+        self._connect = connect
+        self._watches: dict[str, Watch] = {}
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._last_heard = time.monotonic()
+        self.reconnects = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life cycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="wake-hub")
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._drop_connection()
+        for watch in self._watches.values():
+            watch.wake()
+
+    def wake_all(self) -> None:
+        for watch in list(self._watches.values()):
+            watch.wake()
+
+    @property
+    def channels(self) -> int:
+        return len(self._watches)
+
+    # -- readers -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch(self, channel: str, timeout: float) -> AsyncIterator[Watch]:
+        """Hold a watch on ``channel``; returns once its subscription is active.
+
+        Raises asyncio.TimeoutError if the subscription cannot be confirmed in
+        ``timeout`` seconds (Redis unreachable).
+        """
+        watch = self._watches.get(channel)
+        if watch is None:
+            watch = self._watches[channel] = Watch(channel)
+            # While disconnected, the listener subscribes it when it reconnects.
+            if self._conn is not None:
+                await self._send("SUBSCRIBE", channel)
+        watch.readers += 1
+        try:
+            await asyncio.wait_for(watch.subscribed.wait(), timeout)
+            yield watch
+        finally:
+            watch.readers -= 1
+            if watch.readers == 0:
+                watch.idle_since = time.monotonic()
+
+    # -- the listener --------------------------------------------------------------
+
+    async def _send(self, command: str, *channels: str) -> None:
+        pubsub = self._conn
+        if pubsub is None:
+            return
+        try:
+            if command == "SUBSCRIBE":
+                await pubsub.subscribe(*channels)
+            elif command == "UNSUBSCRIBE":
+                await pubsub.unsubscribe(*channels)
+            else:
+                await pubsub.ping()
+        except Exception:  # the listener notices the broken connection and recovers
+            log.debug("pub/sub %s failed", command, exc_info=True)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        for watch in self._watches.values():
+            watch.subscribed.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.aclose()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closing:
+            try:
+                await self._listen()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("wake-up listener lost its Redis connection: %s", exc)
+            await self._drop_connection()
+            if self._closing:
+                return
+            # Whatever was published while we were away, readers re-check now
+            # (they re-read, find nothing new, and wait again).
+            self.wake_all()
+            self.reconnects += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _listen(self) -> None:
+        pubsub = self._connect()
+        self._conn = pubsub
+        self._last_heard = time.monotonic()
+        # The hub's own channel keeps the connection subscribed (so reads block)
+        # even while no stream has live readers here.
+        await pubsub.subscribe(HUB_CHANNEL, *self._watches)
+        self._connected.set()
+        housekeeping = asyncio.create_task(self._housekeeping(pubsub))
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                self._last_heard = time.monotonic()
+                if message is not None:
+                    self._dispatch(message)
+        finally:
+            housekeeping.cancel()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        watch = self._watches.get(channel) if isinstance(channel, str) else None
+        if kind == "message":
+            if watch is not None:
+                watch.wake()
+        elif kind == "subscribe":
+            if watch is not None:
+                watch.subscribed.set()
+                # Readers re-check on every (re-)subscription: whatever was
+                # published while the channel was not subscribed is read now.
+                watch.wake()
+            elif channel != HUB_CHANNEL:
+                self._spawn(self._send("UNSUBSCRIBE", channel))
+        elif kind == "unsubscribe":
+            if watch is not None:
+                # A reader arrived while this channel was being dropped as idle.
+                self._spawn(self._send("SUBSCRIBE", channel))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _housekeeping(self, conn: Any) -> None:
+        """Health pings and lazy unsubscription of idle channels."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            if time.monotonic() - self._last_heard > 3 * HEALTH_INTERVAL_S:
+                log.warning("wake-up listener heard nothing for %.0f s; reconnecting",
+                            3 * HEALTH_INTERVAL_S)
+                with contextlib.suppress(Exception):
+                    await conn.aclose()
+                return
+            await self._send("PING")
+            now = time.monotonic()
+            idle = [
+                w.channel
+                for w in self._watches.values()
+                if w.readers == 0 and now - w.idle_since > LINGER_S
+            ]
+            for channel in idle:
+                del self._watches[channel]
+            if idle:
+                await self._send("UNSUBSCRIBE", *idle)

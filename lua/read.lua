@@ -1,0 +1,61 @@
+-- read.lua: stream metadata plus one page of entries (GET and HEAD, sections
+-- 5.5-5.8). Entries are concatenated here so a page is one reply, not one
+-- reply element per append.
+-- KEYS: 1 meta, 2 data, 3 producers
+-- ARGV: 1 read entries after this id, or '' for metadata only,
+--       2 page size in bytes, 3 most entries in the page,
+--       4 read no entry after this id, or '' (bounds reads of a fork's source),
+--       5 mode: 'read' (a client read: resets a sliding TTL), 'head' (does not),
+--               'source' (a fork reading its source: sees soft-deleted streams too)
+-- Reply: {status, content type, tail, closed, ttl, expires-at, fork source,
+--         fork offset, body, last id, '1' if more entries follow in range, count}
+--   The body joins entries with ',' for JSON streams (each entry holds
+--   comma-joined messages) and with nothing otherwise.
+--   status: 'ok', 'fork' (the range starts before the fork offset: read the
+--   source first), 'not_found', 'gone'
+local meta_key, data_key = KEYS[1], KEYS[2]
+local after, max_bytes, max_entries = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local upto, mode = ARGV[4], ARGV[5]
+
+local m = hgetall(meta_key)
+if next(m) == nil then return {'not_found'} end
+local now = now_ms()
+if mode ~= 'source' then
+  if is_gone(meta_key, m, now) then return {'gone'} end
+  if mode == 'read' and m.ttl then touch(KEYS, m, now) end
+end
+
+local function reply(status, body, last, more, count)
+  return {status, m.ct, m.tail, m.closed or '', m.ttl or '', m.exp or '',
+          m.fsrc or '', m.foff or '', body, last, more, count}
+end
+
+if after == '' then return reply('ok', '', m.tail, '', 0) end
+if m.foff and id_cmp(after, m.foff) < 0 then return reply('fork', '', after, '', 0) end
+local sep = m.mt == 'application/json' and ',' or ''
+
+local parts, size, count, last, more = {}, 0, 0, after, ''
+local start, stop = '(' .. after, upto ~= '' and upto or '+'
+local batch_size = math.min(max_entries, 128)
+while true do
+  local batch = redis.call('XRANGE', data_key, start, stop, 'COUNT', batch_size)
+  for _, entry in ipairs(batch) do
+    local fields = entry[2]
+    local data = fields[2]
+    if count > 0 and (size + #data > max_bytes or count >= max_entries) then
+      more = '1'
+      break
+    end
+    parts[#parts + 1] = data
+    size = size + #data
+    count = count + 1
+    last = entry[1]
+  end
+  if more == '1' or #batch < batch_size then break end
+  if count >= max_entries then
+    more = '1'
+    break
+  end
+  start = '(' .. last
+end
+return reply('ok', table.concat(parts, sep), last, more, count)
