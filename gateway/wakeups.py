@@ -64,6 +64,7 @@ class WakeHub:
         self._closing = False
         self._last_heard = time.monotonic()
         self.reconnects = 0
+        self._was_connected = True  # so the first failure is reported
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle ------------------------------------------------------------
@@ -147,7 +148,10 @@ class WakeHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("wake-up listener lost its Redis connection: %s", exc)
+                # Warn once per outage, not once per reconnection attempt.
+                level = logging.WARNING if self._was_connected else logging.DEBUG
+                log.log(level, "wake-up listener lost its Redis connection: %s", exc)
+                self._was_connected = False
             await self._drop_connection()
             if self._closing:
                 return
@@ -166,6 +170,9 @@ class WakeHub:
         # even while no stream has live readers here.
         await pubsub.subscribe(HUB_CHANNEL, *self._watches)
         self._connected.set()
+        if not self._was_connected:
+            log.info("wake-up listener connected (%d channels)", len(self._watches))
+            self._was_connected = True
         housekeeping = asyncio.create_task(self._housekeeping(pubsub))
         try:
             while True:
