@@ -85,8 +85,11 @@ class Gateway:
         except ProtocolError as exc:
             if started:
                 return
-            out = [*base, (b"content-type", b"text/plain; charset=utf-8"),
-                   (b"cache-control", b"no-store")]
+            out = [
+                *base,
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"cache-control", b"no-store"),
+            ]
             out += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             if isinstance(exc, MethodNotAllowed):
                 out.append((b"allow", ALLOWED_METHODS.encode()))
@@ -103,7 +106,7 @@ class Gateway:
     async def route(self, req: Request, send: Send) -> None:
         path = req.path
         if path.startswith(self._prefix):
-            await self.stream_request(req, stream_path(path[len(self._prefix):]), send)
+            await self.stream_request(req, stream_path(path[len(self._prefix) :]), send)
         elif path == "/healthz":
             await send_response(send, 200, [(b"content-type", b"text/plain")], b"ok\n")
         elif path == "/readyz":
@@ -148,8 +151,12 @@ class Gateway:
             with contextlib.suppress(Exception):
                 ok = await asyncio.wait_for(self.ctx.store.ping(), 1.0)
         status = 200 if ok else 503
-        await send_response(send, status, [(b"content-type", b"text/plain")],
-                            b"ready\n" if ok else b"redis unreachable\n")
+        await send_response(
+            send,
+            status,
+            [(b"content-type", b"text/plain")],
+            b"ready\n" if ok else b"redis unreachable\n",
+        )
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class Gateway:
 
     async def shutdown(self) -> None:
         if self.live is not None:
-            self.live.draining.set()
+            self.live.drain()
         if self.hub is not None:
             await self.hub.stop()
         for client in (self.client, self.listener_client):

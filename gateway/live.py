@@ -18,7 +18,7 @@ from .errors import ProtocolError, Unavailable
 from .handlers import Context, ReadParams, page_body, page_headers
 from .http import Request, Send, send_response
 from .store import Page
-from .wakeups import Watch, WakeHub
+from .wakeups import WakeHub, Watch
 
 
 class Live:
@@ -26,6 +26,11 @@ class Live:
         self.ctx = ctx
         self.hub = hub
         self.draining = asyncio.Event()  # set on shutdown: end live reads now
+
+    def drain(self) -> None:
+        """End every live read promptly with a valid response (shutdown)."""
+        self.draining.set()
+        self.hub.wake_all()
 
     def cursor(self, params: ReadParams) -> str:
         return next_cursor(params.cursor, self.ctx.settings.cursor_interval_s)
@@ -61,7 +66,7 @@ class Live:
         deadline = time.monotonic() + settings.long_poll_timeout_ms / 1000
         channel = self.ctx.store.keys(path).wake
         try:
-            async with self.hub.watch(channel, timeout=_remaining(deadline)) as watch:
+            async with self.hub.watch(channel, within_s=_remaining(deadline)) as watch:
                 while True:
                     event = watch.event
                     page = await self.ctx.store.read_coalesced(path, offset)
@@ -70,7 +75,7 @@ class Live:
                     remaining = _remaining(deadline)
                     if remaining <= 0:
                         return page
-                    await _wait_event(event, self.draining, remaining)
+                    await _wait_event(event, remaining)
         except TimeoutError as exc:
             raise Unavailable() from exc
 
@@ -95,7 +100,7 @@ class Live:
         deadline = time.monotonic() + settings.sse_max_duration_ms / 1000
         channel = store.keys(path).wake
         try:
-            async with self.hub.watch(channel, timeout=_remaining(deadline)) as watch:
+            async with self.hub.watch(channel, within_s=_remaining(deadline)) as watch:
                 # `event` is always captured before the read that produced `page`,
                 # so an append after that read cannot be missed. The first page
                 # was read before subscribing, hence None: read again first.
@@ -108,8 +113,9 @@ class Live:
                         event = watch.event
                         page = await store.read(path, page.next_offset)
                         continue
-                    found = await self._next_page(path, page.next_offset, deadline, watch,
-                                                  event, send)
+                    found = await self._next_page(
+                        path, page.next_offset, deadline, watch, event, send
+                    )
                     if found is None:
                         return  # connection lifetime over, or shutting down
                     page, event = found
@@ -138,10 +144,9 @@ class Live:
                 remaining = _remaining(deadline)
                 if remaining <= 0 or self.draining.is_set():
                     return None
-                if await _wait_event(event, self.draining, min(remaining, keepalive)):
+                if await _wait_event(event, min(remaining, keepalive)):
                     break
-                await send({"type": "http.response.body", "body": sse.KEEPALIVE,
-                            "more_body": True})
+                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
             if self.draining.is_set():
                 return None
             event = watch.event
@@ -177,15 +182,14 @@ def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
-async def _wait_event(event: asyncio.Event, draining: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` (True), shutdown, or the timeout (False)."""
+async def _wait_event(event: asyncio.Event, wait_s: float) -> bool:
+    """Wait up to ``wait_s`` seconds for ``event``; True if it was set.
+
+    Shutdown sets every watch's event (Live.drain), so waits end promptly then.
+    """
     if event.is_set():
         return True
-    waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(draining.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s):
+            await event.wait()
     return event.is_set()
-

@@ -110,13 +110,13 @@ async def _storage_errors():
     try:
         yield
     except (
+        TimeoutError,
         redis_errors.ConnectionError,
         redis_errors.TimeoutError,
         redis_errors.BusyLoadingError,
         redis_errors.ReadOnlyError,
         redis_errors.ClusterDownError,
         redis_errors.TryAgainError,
-        asyncio.TimeoutError,
         OSError,
     ) as exc:
         raise Unavailable() from exc
@@ -375,9 +375,7 @@ class Store:
         finally:
             del self._inflight[key]
 
-    async def _read(
-        self, path: str, after: str, upto: str, max_entries: int, mode: str
-    ) -> Page:
+    async def _read(self, path: str, after: str, upto: str, max_entries: int, mode: str) -> Page:
         r = await self._read_range(
             path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
         )
@@ -420,9 +418,7 @@ class Store:
         bound = fork_offset
         if upto and off.id_key(upto) < off.id_key(fork_offset):
             bound = upto
-        src = await self._read_range(
-            source, after, bound, budget, max_entries, "source", depth + 1
-        )
+        src = await self._read_range(source, after, bound, budget, max_entries, "source", depth + 1)
         if src.more or bound != fork_offset:
             return _Range(info, src.body, src.last, src.count, src.more)
         # The inherited range ends at the fork offset; go on with the fork's own

@@ -93,11 +93,11 @@ class WakeHub:
     # -- readers -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def watch(self, channel: str, timeout: float) -> AsyncIterator[Watch]:
+    async def watch(self, channel: str, within_s: float) -> AsyncIterator[Watch]:
         """Hold a watch on ``channel``; returns once its subscription is active.
 
         Raises asyncio.TimeoutError if the subscription cannot be confirmed in
-        ``timeout`` seconds (Redis unreachable).
+        ``within_s`` seconds (Redis unreachable).
         """
         watch = self._watches.get(channel)
         if watch is None:
@@ -107,7 +107,7 @@ class WakeHub:
                 await self._send("SUBSCRIBE", channel)
         watch.readers += 1
         try:
-            await asyncio.wait_for(watch.subscribed.wait(), timeout)
+            await asyncio.wait_for(watch.subscribed.wait(), within_s)
             yield watch
         finally:
             watch.readers -= 1
@@ -215,8 +215,9 @@ class WakeHub:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             if time.monotonic() - self._last_heard > 3 * HEALTH_INTERVAL_S:
-                log.warning("wake-up listener heard nothing for %.0f s; reconnecting",
-                            3 * HEALTH_INTERVAL_S)
+                log.warning(
+                    "wake-up listener heard nothing for %.0f s; reconnecting", 3 * HEALTH_INTERVAL_S
+                )
                 with contextlib.suppress(Exception):
                     await conn.aclose()
                 return
