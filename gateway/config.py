@@ -66,11 +66,12 @@ class Settings:
         if visibility not in ("public", "private"):
             raise ValueError("DS_CACHE_VISIBILITY must be 'public' or 'private'")
         prefix = "/" + _str("DS_STREAM_PREFIX", "/v1/stream").strip("/")
+        key_prefix = _str("DS_KEY_PREFIX", "ds")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
             data_dir=_str("DS_DATA_DIR", ".durable-streams-data"),
-            key_prefix=_str("DS_KEY_PREFIX", "ds"),
+            key_prefix=key_prefix,
             stream_prefix=prefix,
             max_body_bytes=_int("DS_MAX_BODY_BYTES", 16 * 1024 * 1024, 1),
             max_read_bytes=_int("DS_MAX_READ_BYTES", 1024 * 1024, 1024),

@@ -21,7 +21,12 @@ def current_interval(interval_s: int, now_s: float | None = None) -> int:
 
 def next_cursor(client_cursor: str | None, interval_s: int, now_s: float | None = None) -> str:
     current = current_interval(interval_s, now_s)
-    if client_cursor is not None and client_cursor.isdigit() and len(client_cursor) <= 18:
+    if (
+        client_cursor is not None
+        and client_cursor.isascii()
+        and client_cursor.isdigit()
+        and len(client_cursor) <= 18
+    ):
         echoed = int(client_cursor)
         if echoed >= current:
             jitter_intervals = max(1, random.randint(1, 3600) // interval_s)

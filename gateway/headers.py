@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from .errors import BadRequest
 
@@ -21,6 +21,7 @@ MAX_STREAM_SEQ_LENGTH = 256
 MAX_PRODUCER_ID_LENGTH = 256
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_uint(raw: str, name: str, maximum: int = MAX_SAFE_INTEGER) -> int:
@@ -54,7 +55,8 @@ def parse_expires_at(raw: str | None) -> int | None:
         moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError as exc:
         raise BadRequest("Stream-Expires-At must be an RFC 3339 timestamp") from exc
-    return int(moment.timestamp() * 1000)
+    # Integer arithmetic: float timestamps lose a millisecond past 2038.
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 def format_expires_at(epoch_ms: int) -> str:

@@ -4,52 +4,110 @@ An append body is validated and flattened one level: a top-level array stores
 each element as its own message, anything else is one message. Messages are
 stored compactly serialised and joined with commas, so a read is just the stored
 fragments joined with commas and wrapped in ``[...]``.
+
+Numbers are kept exactly. orjson (the fast path) turns integers beyond 64 bits
+and out-of-range exponents into doubles, so bodies with long digit runs or large
+exponents take an exact path that keeps every number's text.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from .errors import BadRequest
 
+# Numbers orjson might not round-trip exactly: 16+ digit runs, 3-digit exponents.
+_RISKY_NUMBER = re.compile(rb"[0-9]{16}|[eE][+-]?[0-9]{3}")
+
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _loads(body: bytes) -> Any:
+class _ExactNumber(Decimal):
+    """A JSON number as written (Decimal keeps every digit and exponent)."""
+
+
+def _loads_exact(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers beyond 64 bits, which JSON allows; the standard
-    # library parses them (and we keep rejecting NaN/Infinity, which JSON does not).
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        text = body.decode("utf-8")
+        return json.loads(
+            text,
+            parse_float=_ExactNumber,
+            parse_int=_ExactNumber,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise BadRequest("body is not valid JSON") from exc
 
 
-def _dumps(value: Any) -> bytes:
+def _dumps_exact(value: Any) -> bytes:
+    parts: list[str] = []
+    _write_exact(value, parts)
+    return "".join(parts).encode("utf-8")
+
+
+def _write_exact(value: Any, out: list[str]) -> None:
+    if isinstance(value, _ExactNumber):
+        out.append(str(value))
+    elif isinstance(value, list):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _write_exact(item, out)
+        out.append("]")
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            if i:
+                out.append(",")
+            out.append(_string(key))
+            out.append(":")
+            _write_exact(item, out)
+        out.append("}")
+    elif isinstance(value, str):
+        out.append(_string(value))
+    else:  # true, false, null
+        out.append(json.dumps(value))
+
+
+def _string(value: str) -> str:
+    text = json.dumps(value, ensure_ascii=False)
     try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (valid JSON as an escape, not encodable as UTF-8).
+        text = json.dumps(value)
+    return text
+
+
+def _parse(body: bytes) -> tuple[Any, bool]:
+    """The parsed body and whether it took the exact path."""
+    if not _RISKY_NUMBER.search(body):
+        try:
+            return orjson.loads(body), False
+        except orjson.JSONDecodeError:
+            pass  # maybe valid JSON orjson refuses (lone surrogates): try exactly
+    return _loads_exact(body), True
 
 
 def flatten(body: bytes, *, allow_empty: bool) -> list[bytes]:
     """Validate ``body`` and return its messages, one serialised fragment each."""
     if not body.strip():
         raise BadRequest("body is not valid JSON")
-    value = _loads(body)
+    value, exact = _parse(body)
+    dumps = _dumps_exact if exact else orjson.dumps
     if isinstance(value, list):
         if not value and not allow_empty:
             raise BadRequest("empty JSON array: nothing to append")
-        return [_dumps(item) for item in value]
-    return [_dumps(value)]
+        return [dumps(item) for item in value]
+    return [dumps(value)]
 
 
 def join(messages: list[bytes]) -> bytes:
@@ -61,7 +119,7 @@ def split(fragment: bytes) -> list[bytes]:
     """Inverse of join: the messages of one stored entry."""
     if not fragment:
         return []
-    return [_dumps(item) for item in _loads(b"[" + fragment + b"]")]
+    return flatten(b"[" + fragment + b"]", allow_empty=True)
 
 
 def as_array(fragments: list[bytes]) -> bytes:

@@ -36,7 +36,8 @@ class StreamKeys:
 
 
 def stream_keys(prefix: str, path: str) -> StreamKeys:
-    base = f"{prefix}:{{{_tag(path)}}}"
+    # The prefix is escaped too: braces in it would become the hash tag.
+    base = f"{_tag(prefix)}:{{{_tag(path)}}}"
     return StreamKeys(
         meta=f"{base}:meta",
         data=f"{base}:data",

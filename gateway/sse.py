@@ -20,7 +20,13 @@ def data_event(payload: bytes, *, base64_encoded: bool) -> bytes:
         lines = [base64.b64encode(payload)]
     else:
         lines = _LINE_BREAK.split(payload)
-    return b"event: data\n" + b"".join(b"data:" + line + b"\n" for line in lines) + b"\n"
+    return b"event: data\n" + b"".join(_data_line(line) for line in lines) + b"\n"
+
+
+def _data_line(line: bytes) -> bytes:
+    # SSE parsers drop one space after "data:"; a line that itself starts with a
+    # space gets an extra one so that the line's own space survives.
+    return (b"data: " if line[:1] == b" " else b"data:") + line + b"\n"
 
 
 def control_event(
