@@ -1,0 +1,137 @@
+"""Run the gateway as a real ``hypercorn`` subprocess for end-to-end tests.
+
+Usage::
+
+    with GatewayServer(redis_url=redis.url, env={"DS_LONG_POLL_TIMEOUT_MS": "3000"}) as gw:
+        httpx.get(f"{gw.url}/v1/stream/foo")
+
+Its stdout/stderr go to a log file (``.log_path``) that survives the run and is
+named in every failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+from .procs import die_with_parent, free_port, stop_process, tail
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class GatewayServer:
+    """``python -m hypercorn gateway.main:app`` on a free loopback port."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        env: Mapping[str, str] | None = None,
+        app: str = "gateway.main:app",
+        start_timeout: float = 20.0,
+    ) -> None:
+        self.redis_url = redis_url
+        self.extra_env = dict(env or {})
+        self.app = app
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.dir = tempfile.mkdtemp(prefix="ds-gateway-")
+        self.log_path = os.path.join(self.dir, "gateway.log")
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:PORT`` (streams live under /v1/stream/)."""
+        if self.port is None:
+            raise RuntimeError("GatewayServer is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> GatewayServer:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            # A stray embedded Redis would hide a wrong REDIS_URL: always pass one,
+            # and keep any data dir the gateway creates out of the work tree.
+            "REDIS_URL": self.redis_url,
+            "DS_DATA_DIR": os.path.join(self.dir, "data"),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        args = [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}"]
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(args)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last = "no answer yet"
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"gateway exited with code {self.proc.returncode} before /healthz "
+                        f"answered; log {self.log_path}:\n{tail(self.log_path)}"
+                    )
+                try:
+                    response = client.get(f"{self.url}/healthz")
+                    if response.status_code == 200:
+                        return
+                    last = f"HTTP {response.status_code}: {response.text[:200]}"
+                except httpx.TransportError as exc:
+                    last = repr(exc)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"gateway /healthz not 200 within {self.start_timeout}s ({last}); "
+                        f"log {self.log_path}:\n{tail(self.log_path)}"
+                    )
+                time.sleep(0.05)  # poll interval, not a wait for readiness
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """Stop by pid: SIGTERM (graceful hypercorn shutdown), SIGKILL fallback.
+
+        The log file is kept so that a failure after the run can still point at it.
+        """
+        if self.proc is None:
+            return None
+        code = stop_process(self.proc)
+        self.proc = None
+        return code
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"GatewayServer(url={self.url if self.port else None!r}, log={self.log_path!r})"
