@@ -8,11 +8,7 @@ import contextlib
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
-from . import handlers
+from . import backend, handlers
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, NotImplementedYet, ProtocolError, Unavailable
 from .handlers import Context
@@ -56,8 +52,7 @@ class Gateway:
         self.ctx: Context | None = None
         self.live: Live | None = None
         self.hub: WakeHub | None = None
-        self.client: Any = None
-        self.listener_client: Any = None
+        self.backend: backend.Backend | None = None
         self.embedded: Any = None
         self._prefix = self.settings.stream_prefix + "/"
 
@@ -71,7 +66,7 @@ class Gateway:
             await self.lifespan(receive, send)
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        base = base_headers(self.settings.cors_origin)
+        base = base_headers(self.settings.cors_origin, self.settings.instance_id)
         started = False
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -176,55 +171,48 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def redis_url(self) -> str:
+    def redis_target(self) -> tuple[str, bool]:
+        """(url, is_cluster); starts the embedded Redis when none is configured."""
         settings = self.settings
         if settings.redis_cluster_url:
-            raise NotImplementedError("REDIS_CLUSTER_URL is not supported yet")
+            return settings.redis_cluster_url, True
         if settings.redis_url:
-            return settings.redis_url
+            return settings.redis_url, False
         from .embedded import start_embedded
 
         self.embedded = start_embedded(settings)
-        return self.embedded.url
+        return self.embedded.url, False
 
     async def startup(self) -> None:
         settings = self.settings
-        url = await asyncio.to_thread(self.redis_url)
-        common = {
-            "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=settings.redis_pool_size,
-            timeout=settings.redis_command_timeout_ms / 1000,
-            socket_timeout=settings.redis_command_timeout_ms / 1000,
-            **common,
+        url, cluster = await asyncio.to_thread(self.redis_target)
+        self.backend = backend.connect(settings, url, cluster=cluster)
+        self.hub = WakeHub(self.backend.pubsub)
+        store = Store(
+            self.backend.client, settings.key_prefix, settings.max_read_bytes, self.backend.limiter
         )
-        self.client = aioredis.Redis(connection_pool=pool)
-        # The wake-up listener's connection idles for long stretches: no read timeout.
-        listener_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, **common)
-        self.listener_client = aioredis.Redis(connection_pool=listener_pool)
-        self.hub = WakeHub(self.listener_client.pubsub)
-        store = Store(self.client, settings.key_prefix, settings.max_read_bytes)
         try:
             await store.load_scripts()
         except Unavailable:
             # Start anyway: requests get 503 until Redis is back, then recover.
             log.warning("Redis is unreachable at start-up; serving 503 until it is back")
-        self.ctx = Context(settings, store, base_headers(settings.cors_origin))
+        self.ctx = Context(
+            settings, store, base_headers(settings.cors_origin, settings.instance_id)
+        )
         self.live = Live(self.ctx, self.hub)
         await self.hub.start()
-        log.info("durable streams gateway ready; streams under %s/", settings.stream_prefix)
+        log.info(
+            "durable streams gateway ready; streams under %s/ on %s",
+            settings.stream_prefix,
+            "Redis Cluster" if cluster else "Redis",
+        )
 
     async def shutdown(self) -> None:
         if self.live is not None:
             self.live.drain()
         if self.hub is not None:
             await self.hub.stop()
-        for client in (self.client, self.listener_client):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+        if self.backend is not None:
+            await self.backend.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)

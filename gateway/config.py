@@ -59,6 +59,9 @@ class Settings:
     cors_origin: str = "*"
     # Cursor interval for CDN collapsing (protocol section 10.1).
     cursor_interval_s: int = 20
+    # When set, every response carries X-DS-Instance with this value (debugging
+    # which replica answered behind a load balancer).
+    instance_id: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -84,4 +87,5 @@ class Settings:
             cache_visibility=visibility,
             cors_origin=_str("DS_CORS_ORIGIN", "*"),
             cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),
+            instance_id=os.environ.get("DS_INSTANCE_ID") or None,
         )

@@ -58,15 +58,18 @@ ALLOWED_REQUEST_HEADERS = ", ".join(
 )
 
 
-def base_headers(cors_origin: str) -> list[tuple[bytes, bytes]]:
+def base_headers(cors_origin: str, instance_id: str | None = None) -> list[tuple[bytes, bytes]]:
     """Headers on every response: MIME-sniffing and embedding protection
-    (section 12.7) and CORS."""
-    return [
+    (section 12.7), CORS, and optionally which replica answered."""
+    headers = [
         (b"x-content-type-options", b"nosniff"),
         (b"cross-origin-resource-policy", b"cross-origin"),
         (b"access-control-allow-origin", cors_origin.encode()),
         (b"access-control-expose-headers", EXPOSED_HEADERS.encode()),
     ]
+    if instance_id:
+        headers.append((b"x-ds-instance", instance_id.encode()))
+    return headers
 
 
 class Request:

@@ -21,7 +21,7 @@ from . import headers, jsonmode
 from . import offsets as off
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unavailable
 from .keys import StreamKeys, stream_keys
-from .scripts import Scripts
+from .scripts import Script, Scripts
 
 # A fork chain is walked one level per round trip; bound it against cycles and
 # absurd depths (a fork of a fork of ... 64 deep).
@@ -117,6 +117,8 @@ async def _storage_errors():
         redis_errors.ReadOnlyError,
         redis_errors.ClusterDownError,
         redis_errors.TryAgainError,
+        redis_errors.MaxConnectionsError,
+        redis_errors.RedisClusterException,
         OSError,
     ) as exc:
         raise Unavailable() from exc
@@ -127,12 +129,25 @@ async def _storage_errors():
 
 
 class Store:
-    def __init__(self, client: Any, key_prefix: str, max_read_bytes: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        key_prefix: str,
+        max_read_bytes: int,
+        limiter: asyncio.Semaphore | None = None,
+    ) -> None:
         self.client = client
+        self._limiter = limiter
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
         self.scripts = Scripts()
         self._inflight: dict[tuple[Any, ...], asyncio.Future[Page]] = {}
+
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        if self._limiter is None:
+            return await script(self.client, keys, args)
+        async with self._limiter:
+            return await script(self.client, keys, args)
 
     def keys(self, path: str) -> StreamKeys:
         return stream_keys(self.key_prefix, path)
@@ -179,7 +194,7 @@ class Store:
         ]
         for data, count in entries:
             args += [data, "" if count is None else str(count)]
-        reply = await self.scripts.create(self.client, k.all, args)
+        reply = await self._run(self.scripts.create, k.all, args)
         status = _s(reply[0])
         if status == "conflict":
             raise Conflict("stream exists with a different configuration")
@@ -200,7 +215,7 @@ class Store:
         offset_id = "" if req.fork_offset is None else off.parse(req.fork_offset, "fork offset")
         requested_mt = headers.media_type(req.content_type) if req.content_type else ""
         sk = self.keys(source)
-        reply = await self.scripts.fork_acquire(self.client, sk.all, [requested_mt, offset_id])
+        reply = await self._run(self.scripts.fork_acquire, sk.all, [requested_mt, offset_id])
         status = _s(reply[0])
         if status == "not_found":
             raise NotFound("fork source stream not found")
@@ -281,7 +296,7 @@ class Store:
             k.wake,
         ]
         async with _storage_errors():
-            reply = await self.scripts.append(self.client, k.all, args)
+            reply = await self._run(self.scripts.append, k.all, args)
         status = _s(reply[0])
         if status == "not_found":
             raise NotFound("stream not found")
@@ -321,7 +336,7 @@ class Store:
     async def delete(self, path: str) -> None:
         k = self.keys(path)
         async with _storage_errors():
-            reply = await self.scripts.delete(self.client, k.all, [k.wake])
+            reply = await self._run(self.scripts.delete, k.all, [k.wake])
             status = _s(reply[0])
             if status == "not_found":
                 raise NotFound("stream not found")
@@ -334,7 +349,7 @@ class Store:
         """Give back one fork reference; cascade clean-up up the fork chain."""
         async with _storage_errors():
             for _ in range(MAX_FORK_DEPTH):
-                reply = await self.scripts.fork_release(self.client, self.keys(source).all, [])
+                reply = await self._run(self.scripts.fork_release, self.keys(source).all, [])
                 if _s(reply[0]) != "deleted" or not _s(reply[1]):
                     return
                 source = _s(reply[1])
@@ -396,8 +411,8 @@ class Store:
         fork offset (forks share their source's offset space, section 8)."""
         if depth > MAX_FORK_DEPTH:
             raise Conflict("fork chain too deep")
-        reply = await self.scripts.read(
-            self.client, self.keys(path).all, [after, budget, max_entries, upto, mode]
+        reply = await self._run(
+            self.scripts.read, self.keys(path).all, [after, budget, max_entries, upto, mode]
         )
         status = _s(reply[0])
         if status == "not_found":

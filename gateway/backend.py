@@ -1,0 +1,97 @@
+"""Redis connections: standalone (REDIS_URL) or Redis Cluster (REDIS_CLUSTER_URL).
+
+Two kinds of connection per gateway process:
+- a bounded pool for commands (every stream operation is one EVALSHA routed by
+  its keys, which share one hash slot);
+- one pub/sub connection for wake-ups (gateway/wakeups.py). In a cluster a
+  PUBLISH reaches every node, so one subscription on any node hears all of them;
+  after a failure the listener moves on to the next node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .config import Settings
+
+
+@dataclass
+class Backend:
+    client: Any  # redis.asyncio.Redis or RedisCluster
+    cluster: bool
+    # Called by the wake-up listener for each (re)connection: a new PubSub.
+    settings: Settings
+    _pubsub_clients: list[Any] = field(default_factory=list)
+    _node_cycle: Any = None
+    _standalone_url: str | None = None
+    # Caps concurrent commands per process (and so connections per node).
+    limiter: asyncio.Semaphore | None = None
+
+    def pubsub(self) -> Any:
+        if not self.cluster:
+            if not self._pubsub_clients:
+                self._pubsub_clients.append(
+                    aioredis.Redis.from_url(
+                        self._standalone_url, **_listener_options(self.settings)
+                    )
+                )
+            return self._pubsub_clients[0].pubsub()
+        nodes = self.client.get_nodes() or []
+        if self._node_cycle is None or not nodes:
+            self._node_cycle = itertools.cycle(nodes or self.client.startup_nodes.values())
+        node = next(self._node_cycle)
+        client = aioredis.Redis(host=node.host, port=node.port, **_listener_options(self.settings))
+        self._pubsub_clients.append(client)
+        if len(self._pubsub_clients) > 8:  # keep the last few; close the rest
+            old = self._pubsub_clients.pop(0)
+            asyncio.get_running_loop().create_task(old.aclose())
+        return client.pubsub()
+
+    async def aclose(self) -> None:
+        for client in [self.client, *self._pubsub_clients]:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def _common_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
+        # Fail fast: an unreachable Redis must become a 503 within about a second.
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+def _listener_options(settings: Settings) -> dict[str, Any]:
+    # The listener idles for long stretches: no read timeout (it pings instead).
+    return {**_common_options(settings), "socket_timeout": None}
+
+
+def connect(settings: Settings, url: str, *, cluster: bool) -> Backend:
+    command_timeout = settings.redis_command_timeout_ms / 1000
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            max_connections=max(settings.redis_pool_size, 1),
+            socket_timeout=command_timeout,
+            **_common_options(settings),
+        )
+        # The cluster client opens connections per node on demand and raises
+        # when a node's limit is reached; a semaphore makes callers wait instead.
+        return Backend(client, True, settings, limiter=asyncio.Semaphore(settings.redis_pool_size))
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_pool_size,
+        timeout=command_timeout,
+        socket_timeout=command_timeout,
+        **_common_options(settings),
+    )
+    return Backend(aioredis.Redis(connection_pool=pool), False, settings, _standalone_url=url)
