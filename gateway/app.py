@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+from collections.abc import Callable
 from typing import Any
 
 from . import backend, handlers
@@ -44,6 +47,44 @@ def stream_path(raw: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
         raise NotFound("stream paths may not contain control characters")
     return raw
+
+
+def _drain_on_signals(drain: Callable[[], None]) -> None:
+    """End live reads as soon as SIGTERM/SIGINT arrives, then let the server's own
+    handler run.
+
+    Servers stop accepting on SIGTERM but wait for open requests before they run
+    the lifespan shutdown; without this, every long-poll and SSE connection would
+    hold a stopping replica for up to its full lifetime. Readers get a valid
+    protocol response (a 204, or a final SSE control event) and resume elsewhere.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # The server's asyncio handler, if it installed one (hypercorn does).
+        server_handle = getattr(loop, "_signal_handlers", {}).get(sig)
+        python_handler = signal.getsignal(sig)
+
+        def on_signal(sig: int = sig, handle: Any = server_handle, prev: Any = python_handler):
+            log.info("signal %s: ending live reads", signal.Signals(sig).name)
+            drain()
+            if handle is not None:
+                handle._run()
+            elif callable(prev):
+                prev(sig, None)
+            else:
+                # Nobody else handles it: exit the way the default action would,
+                # after giving live readers a moment to receive their responses.
+                loop.call_later(1.0, _exit_now, sig)
+
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return  # not the main thread, or no signal support: lifespan shutdown drains
+
+
+def _exit_now(sig: int) -> None:
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 
 
 class Gateway:
@@ -201,6 +242,7 @@ class Gateway:
         )
         self.live = Live(self.ctx, self.hub)
         await self.hub.start()
+        _drain_on_signals(self.live.drain)
         log.info(
             "durable streams gateway ready; streams under %s/ on %s",
             settings.stream_prefix,

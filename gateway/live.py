@@ -45,7 +45,17 @@ class Live:
         if params.offset is None:
             page = _empty_at(page, offset)
         if not _has_data(page) and not page.at_closed_tail:
-            page = await self._wait(path, offset, page)
+            try:
+                page = await self._wait(path, offset, page)
+            except asyncio.CancelledError:
+                # The server is stopping and gave up waiting for us: still answer
+                # with a valid 204 so the client simply polls again elsewhere.
+                out = page_headers(
+                    self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(send_response(send, 204, out))
+                raise
         cursor = None if page.at_closed_tail else self.cursor(params)
         if _has_data(page):
             out = page_headers(
