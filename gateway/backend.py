@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +64,14 @@ class Backend:
                 await client.aclose()
 
 
+def client_name(settings: Settings) -> str:
+    """How this process's connections appear in CLIENT LIST."""
+    return f"ds-gateway:{settings.instance_id or socket.gethostname()}:{os.getpid()}"
+
+
 def _common_options(settings: Settings) -> dict[str, Any]:
     return {
+        "client_name": client_name(settings),
         "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
         # Fail fast: an unreachable Redis must become a 503 within about a second.
         "retry": Retry(NoBackoff(), 0),

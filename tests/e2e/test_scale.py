@@ -1,0 +1,207 @@
+"""Scale-out guarantees of live reads, end to end over real sockets.
+
+Two gateway replicas (A and B) share one Redis. These tests show that an append
+through A wakes readers on B within milliseconds; that B holds a small, fixed
+number of Redis connections however many SSE readers wait on it (2,000 here);
+that one append costs B O(1) Redis reads however many readers it wakes; and that
+killing B's pub/sub connection loses no wake-up. Figures are printed (run with
+-s to see them); the assertions are deliberately loose bounds, not benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from support.gateway_server import GatewayServer
+from support.redis_server import RedisServer, redis7_binary, redis62_binary
+
+READERS = 2000
+MAX_CONNECTIONS_PER_REPLICA = 4
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[tuple[RedisServer, GatewayServer, GatewayServer]]:
+    binary = redis7_binary() or redis62_binary()
+    env = {"DS_SSE_MAX_DURATION_MS": "120000", "DS_LONG_POLL_TIMEOUT_MS": "20000"}
+    with (
+        RedisServer(binary) as redis,
+        GatewayServer(redis_url=redis.url, env={**env, "DS_INSTANCE_ID": "a"}) as a,
+        GatewayServer(redis_url=redis.url, env={**env, "DS_INSTANCE_ID": "b"}) as b,
+    ):
+        yield redis, a, b
+
+
+async def _connections_of(client: aioredis.Redis, instance: str) -> int:
+    clients = await client.client_list()
+    return sum(1 for c in clients if c.get("name", "").startswith(f"ds-gateway:{instance}:"))
+
+
+async def _evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and its descendants (hypercorn runs a worker child)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                pending.extend(int(c) for c in children.read().split())
+        except FileNotFoundError:
+            continue
+    return total
+
+
+async def test_append_on_a_wakes_long_poll_on_b_within_milliseconds(replicas) -> None:
+    _, a, b = replicas
+    latencies = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        url_a, url_b = f"{a.url}/v1/stream/xwake", f"{b.url}/v1/stream/xwake"
+        assert (await http.put(url_a, headers={"content-type": "text/plain"})).status_code == 201
+        for i in range(40):
+            tail = (await http.head(url_b)).headers["stream-next-offset"]
+            poll = asyncio.create_task(
+                http.get(url_b, params={"offset": tail, "live": "long-poll"})
+            )
+            await asyncio.sleep(0.05)  # let the long-poll reach its wait
+            started = time.perf_counter()
+            posted = await http.post(url_a, content=f"m{i}", headers={"content-type": "text/plain"})
+            assert posted.status_code == 204
+            response = await poll
+            latencies.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200
+            assert response.headers["x-ds-instance"] == "b"
+            assert response.text == f"m{i}"
+    latencies.sort()
+    p50 = statistics.median(latencies)
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(
+        f"\ncross-replica append->long-poll delivery (incl. the POST): p50 {p50:.1f} ms, "
+        f"p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms over {len(latencies)}"
+    )
+    assert p50 < 100
+    assert p99 < 500
+
+
+async def _open_sse(
+    host: str, port: int, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_until(reader: asyncio.StreamReader, needle: bytes, within_s: float) -> bytes:
+    seen = b""
+    async with asyncio.timeout(within_s):
+        while needle not in seen:
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed before {needle!r}; got {seen[-300:]!r}")
+            seen += chunk
+    return seen
+
+
+async def test_thousands_of_sse_readers_share_a_few_connections_and_one_read(replicas) -> None:
+    redis, a, b = replicas
+    client = aioredis.Redis.from_url(redis.url)
+    host, port = "127.0.0.1", int(b.url.rsplit(":", 1)[1])
+    path = "/v1/stream/fanout"
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            put = await http.put(f"{a.url}{path}", headers={"content-type": "text/plain"})
+            assert put.status_code == 201
+            rss_before = _tree_rss_kib(b.pid)
+
+            # Open the readers in batches; each is caught up once its first
+            # control event (upToDate) has arrived.
+            for start in range(0, READERS, 250):
+                batch = await asyncio.gather(
+                    *(
+                        _open_sse(host, port, f"{path}?offset=now&live=sse")
+                        for _ in range(start, min(start + 250, READERS))
+                    )
+                )
+                await asyncio.gather(*(_read_until(r, b'"upToDate":true', 30) for r, _ in batch))
+                connections.extend(batch)
+            rss_after = _tree_rss_kib(b.pid)
+            held = await _connections_of(client, "b")
+            per_reader = (rss_after - rss_before) * 1024 / READERS
+            print(
+                f"\n{READERS} SSE readers on replica b: {held} Redis connections; "
+                f"memory {per_reader / 1024:.1f} KiB per idle reader"
+            )
+            assert held <= MAX_CONNECTIONS_PER_REPLICA
+
+            calls_before = await _evalsha_calls(client)
+            started = time.perf_counter()
+            posted = await http.post(
+                f"{a.url}{path}", content="hello-all", headers={"content-type": "text/plain"}
+            )
+            assert posted.status_code == 204
+            await asyncio.gather(*(_read_until(r, b"hello-all", 60) for r, _ in connections))
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            calls = await _evalsha_calls(client) - calls_before
+            print(
+                f"one append reached all {READERS} readers in {elapsed_ms:.0f} ms; "
+                f"Redis script calls for it: {calls} (1 append + reads)"
+            )
+            # One append plus a handful of coalesced reads, not one read per reader.
+            assert calls <= 10
+            assert await _connections_of(client, "b") <= MAX_CONNECTIONS_PER_REPLICA
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await client.aclose()
+
+
+async def test_killing_the_pubsub_connection_loses_no_wake_up(replicas) -> None:
+    redis, a, b = replicas
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            url_a, url_b = f"{a.url}/v1/stream/killwake", f"{b.url}/v1/stream/killwake"
+            assert (
+                await http.put(url_a, headers={"content-type": "text/plain"})
+            ).status_code == 201
+            tail = (await http.head(url_b)).headers["stream-next-offset"]
+            polls = [
+                asyncio.create_task(http.get(url_b, params={"offset": tail, "live": "long-poll"}))
+                for _ in range(20)
+            ]
+            await asyncio.sleep(0.3)  # all twenty are waiting on replica b
+            killed = await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert int(killed) >= 1
+            # Appended while b's listener is (probably) still reconnecting.
+            posted = await http.post(
+                url_a, content="after-kill", headers={"content-type": "text/plain"}
+            )
+            assert posted.status_code == 204
+            responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
+            assert [r.status_code for r in responses] == [200] * 20
+            assert all(r.text == "after-kill" for r in responses)
+    finally:
+        await client.aclose()
+
+
+def test_replica_pids_are_distinct(replicas) -> None:
+    _, a, b = replicas
+    assert a.pid != b.pid and os.path.exists(f"/proc/{b.pid}")
