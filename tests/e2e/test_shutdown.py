@@ -1,0 +1,107 @@
+"""Graceful shutdown: on SIGTERM a replica ends its live reads with valid protocol
+responses (so clients resume on another replica) and exits within a bound.
+
+Bound stated in deploy/README.md: live readers are answered within about one
+second of SIGTERM and the process exits within five.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support.procs import free_port, stop_process
+
+ANSWER_BOUND_S = 2.0
+EXIT_BOUND_S = 5.0
+
+
+def _launch(kind: str, redis_url: str, port: int, log_path: str) -> subprocess.Popen:
+    if kind == "console-script":
+        command = [
+            os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    else:  # hypercorn serving in its own process, as `hypercorn --workers 0`
+        command = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--workers",
+            "0",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "gateway.main:app",
+        ]
+    env = {**os.environ, "REDIS_URL": redis_url, "DS_LONG_POLL_TIMEOUT_MS": "30000"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(params=["console-script", "hypercorn-workers-0"])
+def server(request, redis_url: str, tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    proc = _launch(request.param, redis_url, port, str(tmp_path / "gateway.log"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        stop_process(proc)
+        pytest.fail("gateway did not start: " + (tmp_path / "gateway.log").read_text()[-2000:])
+    yield proc, url
+    if proc.poll() is None:
+        stop_process(proc)
+
+
+async def test_sigterm_answers_live_readers_and_exits(server) -> None:
+    proc, url = server
+    stream = f"{url}/v1/stream/shutdown-{os.getpid()}-{time.monotonic_ns()}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.put(stream, headers={"content-type": "text/plain"})).status_code == 201
+        poll = asyncio.create_task(http.get(stream, params={"offset": "now", "live": "long-poll"}))
+
+        async def sse_events() -> str:
+            received = ""
+            params = {"offset": "now", "live": "sse"}
+            async with http.stream("GET", stream, params=params) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_text():
+                    received += chunk
+            return received
+
+        sse = asyncio.create_task(sse_events())
+        await asyncio.sleep(0.5)  # both are waiting for data
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+
+        response = await asyncio.wait_for(poll, ANSWER_BOUND_S)
+        answered = time.monotonic() - signalled
+        assert response.status_code == 204
+        assert response.headers["stream-up-to-date"] == "true"
+        assert response.headers["stream-next-offset"]
+        events = await asyncio.wait_for(sse, ANSWER_BOUND_S)
+        # The SSE stream ended after a control event a client can resume from.
+        assert "event: control" in events and "streamNextOffset" in events
+
+    exit_code = await asyncio.to_thread(proc.wait, EXIT_BOUND_S)
+    exited = time.monotonic() - signalled
+    print(
+        f"\nlong-poll answered {answered:.2f} s after SIGTERM; process exited after "
+        f"{exited:.2f} s with code {exit_code}"
+    )
+    assert exited < EXIT_BOUND_S
