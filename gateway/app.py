@@ -50,36 +50,41 @@ def stream_path(raw: str) -> str:
 
 
 def _drain_on_signals(drain: Callable[[], None]) -> None:
-    """End live reads as soon as SIGTERM/SIGINT arrives, then let the server's own
-    handler run.
+    """End live reads as soon as SIGTERM/SIGINT arrives, and let the server's own
+    handling go on as before.
 
     Servers stop accepting on SIGTERM but wait for open requests before they run
     the lifespan shutdown; without this, every long-poll and SSE connection would
     hold a stopping replica for up to its full lifetime. Readers get a valid
     protocol response (a 204, or a final SSE control event) and resume elsewhere.
+
+    The hook is a Python-level signal handler that calls the previous one. Event
+    loops (asyncio, uvloop) learn of signals through the wake-up fd, which the
+    interpreter writes whichever Python handler is installed, so a server's
+    ``loop.add_signal_handler`` keeps working underneath.
     """
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        # The server's asyncio handler, if it installed one (hypercorn does).
-        server_handle = getattr(loop, "_signal_handlers", {}).get(sig)
-        python_handler = signal.getsignal(sig)
+        previous = signal.getsignal(sig)
 
-        def on_signal(sig: int = sig, handle: Any = server_handle, prev: Any = python_handler):
-            log.info("signal %s: ending live reads", signal.Signals(sig).name)
-            drain()
-            if handle is not None:
-                handle._run()
-            elif callable(prev):
-                prev(sig, None)
-            else:
+        def on_signal(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(_announce_and_drain, signum, drain)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
                 # Nobody else handles it: exit the way the default action would,
                 # after giving live readers a moment to receive their responses.
-                loop.call_later(1.0, _exit_now, sig)
+                loop.call_soon_threadsafe(loop.call_later, 1.0, _exit_now, signum)
 
         try:
-            loop.add_signal_handler(sig, on_signal)
-        except (NotImplementedError, RuntimeError, ValueError):
-            return  # not the main thread, or no signal support: lifespan shutdown drains
+            signal.signal(sig, on_signal)
+        except ValueError:
+            return  # not the main thread: lifespan shutdown drains instead
+
+
+def _announce_and_drain(signum: int, drain: Callable[[], None]) -> None:
+    log.info("signal %s: ending live reads", signal.Signals(signum).name)
+    drain()
 
 
 def _exit_now(sig: int) -> None:
@@ -144,7 +149,7 @@ class Gateway:
         if path.startswith(self._prefix):
             await self.stream_request(req, stream_path(path[len(self._prefix) :]), send)
         elif path == "/healthz":
-            await send_response(send, 200, [(b"content-type", b"text/plain")], b"ok\n")
+            await send_response(send, 200, self._plain_headers(), b"ok\n")
         elif path == "/readyz":
             await self.readyz(send)
         else:
@@ -181,6 +186,10 @@ class Gateway:
         else:
             raise MethodNotAllowed(f"method {method} is not allowed")
 
+    def _plain_headers(self) -> list[tuple[bytes, bytes]]:
+        base = base_headers(self.settings.cors_origin, self.settings.instance_id)
+        return [*base, (b"content-type", b"text/plain"), (b"cache-control", b"no-store")]
+
     async def readyz(self, send: Send) -> None:
         ok = False
         if self.ctx is not None:
@@ -190,7 +199,7 @@ class Gateway:
         await send_response(
             send,
             status,
-            [(b"content-type", b"text/plain")],
+            self._plain_headers(),
             b"ready\n" if ok else b"redis unreachable\n",
         )
 
