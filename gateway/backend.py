@@ -17,6 +17,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -24,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .config import Settings
+from .resp import PipelinedClient
 
 
 @dataclass
@@ -95,6 +97,16 @@ def connect(settings: Settings, url: str, *, cluster: bool) -> Backend:
         # The cluster client opens connections per node on demand and raises
         # when a node's limit is reached; a semaphore makes callers wait instead.
         return Backend(client, True, settings, limiter=asyncio.Semaphore(settings.redis_pool_size))
+    if urlparse(url).scheme in ("redis", "unix"):
+        client = PipelinedClient(
+            url,
+            connections=settings.redis_pool_size,
+            connect_timeout=settings.redis_connect_timeout_ms / 1000,
+            command_timeout=command_timeout,
+            client_name=client_name(settings),
+        )
+        return Backend(client, False, settings, _standalone_url=url)
+    # TLS (rediss://) and anything else: redis-py's pool.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_pool_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_to_bytes
 
 from .errors import BadRequest, PayloadTooLarge
 
@@ -72,6 +72,10 @@ def base_headers(cors_origin: str, instance_id: str | None = None) -> list[tuple
     return headers
 
 
+# How much of an oversized body we read past the limit before answering 413.
+DISCARD_BUDGET = 64 * 1024 * 1024
+
+
 class Request:
     __slots__ = ("_query", "headers", "method", "path", "query_string", "receive", "scope")
 
@@ -79,7 +83,7 @@ class Request:
         self.scope = scope
         self.receive = receive
         self.method: str = scope["method"]
-        self.path: str = scope["path"]
+        self.path: str = _decoded_path(scope)
         self.query_string: bytes = scope.get("query_string", b"")
         self._query: dict[str, list[str]] | None = None
         # Header names are lower case in ASGI; a repeated header keeps its last value.
@@ -135,11 +139,40 @@ class Request:
             if chunk:
                 size += len(chunk)
                 if size > limit:
+                    await self._discard_rest(message, limit)
                     raise PayloadTooLarge(f"body larger than {limit} bytes")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _discard_rest(self, message: Message, limit: int) -> None:
+        """Read (and drop) a little more of an oversized chunked body, so that a
+        client still sending it reads our 413 instead of a connection reset."""
+        budget = max(limit, DISCARD_BUDGET)
+        while message.get("more_body", False) and budget > 0:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            budget -= len(message.get("body", b""))
+
+
+def _decoded_path(scope: Scope) -> str:
+    """The URL path, percent-decoded strictly as UTF-8.
+
+    Servers decode ``path`` leniently (invalid bytes become U+FFFD), which would
+    make ``/x%ff`` and ``/x%fe`` the same stream; we decode ``raw_path`` ourselves.
+    """
+    raw = scope.get("raw_path")
+    if raw is None:
+        path: str = scope["path"]
+        if "\ufffd" in path:
+            raise BadRequest("URL path is not valid UTF-8")
+        return path
+    try:
+        return unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("URL path is not valid UTF-8") from exc
 
 
 class ClientGone(Exception):

@@ -1,0 +1,111 @@
+"""The pipelined Redis client (gateway/resp.py) against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from gateway.resp import PipelinedClient
+
+
+def _client(url: str, **overrides: float) -> PipelinedClient:
+    options = {"connections": 2, "connect_timeout": 1.0, "command_timeout": 2.0}
+    options.update(overrides)
+    return PipelinedClient(url, client_name="resp-test", **options)  # type: ignore[arg-type]
+
+
+async def test_concurrent_commands_are_pipelined_and_answered_in_order(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    client = _client(redis_url)
+    try:
+        replies = await asyncio.gather(
+            *(client.execute_command("INCRBY", "resp:counter", 1) for _ in range(2000))
+        )
+        # Every reply belongs to its own command: the values are a permutation 1..2000.
+        assert sorted(replies) == list(range(1, 2001))
+        assert int(await redis_client.get("resp:counter")) == 2000
+        names = [c.get("name") for c in await redis_client.client_list()]
+        assert names.count("resp-test") == 2  # two pipelined connections, no more
+    finally:
+        await client.aclose()
+
+
+async def test_errors_keep_redis_py_types(redis_url: str) -> None:
+    client = _client(redis_url)
+    try:
+        with pytest.raises(redis_errors.NoScriptError):
+            await client.evalsha("0" * 40, 0)
+        with pytest.raises(redis_errors.ResponseError):
+            await client.execute_command("NO-SUCH-COMMAND")
+        sha = await client.script_load("return ARGV[1] .. KEYS[1]")
+        assert await client.evalsha(sha.decode(), 1, "k", "v") == b"vk"
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_killed_connection_fails_its_commands_and_reconnects(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    client = _client(redis_url, connections=1)
+    try:
+        await client.ping()
+        await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        # The first command may find the connection dead; the next ones reconnect.
+        try:
+            await client.ping()
+        except redis_errors.ConnectionError:
+            pass
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_stalled_redis_becomes_a_timeout_not_a_hang(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    client = _client(redis_url, connections=1, command_timeout=0.5)
+    try:
+        await client.ping()
+        await redis_client.execute_command("CLIENT", "PAUSE", 1500)
+        started = time.monotonic()
+        with pytest.raises((redis_errors.TimeoutError, redis_errors.ConnectionError)):
+            await client.execute_command("SET", "resp:paused", "1")
+        assert time.monotonic() - started < 1.2
+        await asyncio.sleep(1.2)  # the pause ends
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    client = _client("redis://127.0.0.1:1/0", connect_timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis_errors.ConnectionError):
+            await client.ping()
+        assert time.monotonic() - started < 1.0
+    finally:
+        await client.aclose()
+
+
+def test_urls_are_parsed_with_credentials_and_database() -> None:
+    client = PipelinedClient(
+        "redis://user:p%40ss@db.internal:6380/3",
+        connections=1,
+        connect_timeout=1,
+        command_timeout=1,
+    )
+    assert (client.host, client.port, client.db) == ("db.internal", 6380, 3)
+    assert (client.username, client.password) == ("user", "p@ss")
+    unix = PipelinedClient(
+        "unix:///tmp/redis.sock?db=2", connections=1, connect_timeout=1, command_timeout=1
+    )
+    assert (unix.unix_path, unix.db) == ("/tmp/redis.sock", 2)
+    with pytest.raises(ValueError):
+        PipelinedClient("rediss://x:6379/0", connections=1, connect_timeout=1, command_timeout=1)
