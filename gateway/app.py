@@ -121,8 +121,10 @@ class Gateway:
                 started = True
             await send(message)
 
+        request = None
         try:
-            await self.route(Request(scope, receive), tracking_send)
+            request = Request(scope, receive)
+            await self.route(request, tracking_send)
         except ProtocolError as exc:
             if started:
                 return
@@ -134,6 +136,13 @@ class Gateway:
             out += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             if isinstance(exc, MethodNotAllowed):
                 out.append((b"allow", ALLOWED_METHODS.encode()))
+            if (request is None or request.unread_body) and scope.get("http_version", "1.1") in (
+                "1.0",
+                "1.1",
+            ):
+                # The body we did not read is still on the wire: tell the client
+                # not to reuse this connection (RFC 9112 section 9.6).
+                out.append((b"connection", b"close"))
             body = (exc.reason + "\n").encode()
             await send_response(send, exc.status, out, body, head=scope["method"] == "HEAD")
         except ClientGone:

@@ -11,7 +11,7 @@ from . import headers as h
 from . import jsonmode
 from . import offsets as off
 from .config import Settings
-from .errors import BadRequest
+from .errors import BadRequest, Conflict, Gone
 from .http import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Request, Send, send_response
 from .store import AppendRequest, CreateRequest, Page, Store, StreamInfo
 
@@ -80,7 +80,10 @@ async def create(ctx: Context, req: Request, path: str, send: Send) -> None:
     if body and content_type is None and source is not None:
         # A fork without Content-Type inherits its source's; the initial body is
         # parsed according to that type.
-        content_type = (await ctx.store.head(source)).content_type
+        try:
+            content_type = (await ctx.store.head(source)).content_type
+        except Gone as exc:
+            raise Conflict("fork source stream has been deleted") from exc
     entries: tuple[tuple[bytes, int | None], ...] = ()
     if body:
         if h.is_json(content_type or h.DEFAULT_CONTENT_TYPE):

@@ -72,12 +72,21 @@ def base_headers(cors_origin: str, instance_id: str | None = None) -> list[tuple
     return headers
 
 
-# How much of an oversized body we read past the limit before answering 413.
+# How much of an oversized body we read (and drop) past the limit before the 413.
 DISCARD_BUDGET = 64 * 1024 * 1024
 
 
 class Request:
-    __slots__ = ("_query", "headers", "method", "path", "query_string", "receive", "scope")
+    __slots__ = (
+        "_query",
+        "body_read",
+        "headers",
+        "method",
+        "path",
+        "query_string",
+        "receive",
+        "scope",
+    )
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -86,6 +95,7 @@ class Request:
         self.path: str = _decoded_path(scope)
         self.query_string: bytes = scope.get("query_string", b"")
         self._query: dict[str, list[str]] | None = None
+        self.body_read = False
         # Header names are lower case in ASGI; a repeated header keeps its last value.
         self.headers: dict[str, str] = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
@@ -139,12 +149,23 @@ class Request:
             if chunk:
                 size += len(chunk)
                 if size > limit:
+                    self.body_read = True
                     await self._discard_rest(message, limit)
                     raise PayloadTooLarge(f"body larger than {limit} bytes")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        self.body_read = True
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def unread_body(self) -> bool:
+        """True when a request refused on its headers may still have a body in
+        flight; its HTTP/1.1 connection cannot carry another request."""
+        if self.body_read or self.method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return False
+        declared = self.headers.get("content-length")
+        return declared != "0" and (declared is not None or "transfer-encoding" in self.headers)
 
     async def _discard_rest(self, message: Message, limit: int) -> None:
         """Read (and drop) a little more of an oversized chunked body, so that a

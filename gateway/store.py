@@ -405,6 +405,7 @@ class Store:
         max_entries: int,
         mode: str,
         depth: int,
+        continuing: bool = False,
     ) -> _Range:
         """Entries of ``path`` after id ``after`` (and not after id ``upto``),
         stitching in the fork source's entries when the range starts before the
@@ -412,7 +413,9 @@ class Store:
         if depth > MAX_FORK_DEPTH:
             raise Conflict("fork chain too deep")
         reply = await self._run(
-            self.scripts.read, self.keys(path).all, [after, budget, max_entries, upto, mode]
+            self.scripts.read,
+            self.keys(path).all,
+            [after, budget, max_entries, upto, mode, "1" if continuing else ""],
         )
         status = _s(reply[0])
         if status == "not_found":
@@ -437,13 +440,15 @@ class Store:
         if src.more or bound != fork_offset:
             return _Range(info, src.body, src.last, src.count, src.more)
         # The inherited range ends at the fork offset; go on with the fork's own
-        # entries while the page has room (a page may exceed the byte budget by
-        # at most one entry, as every page must hold at least one).
+        # entries while the page has room (only an empty page takes an entry
+        # larger than the budget: every page holds at least one).
         room, entries_left = budget - len(src.body), max_entries - src.count
         if entries_left <= 0 or room <= 0:
             own_data = info.tail > off.from_entry_id(fork_offset)
             return _Range(info, src.body, fork_offset, src.count, own_data)
-        own = await self._read_range(path, fork_offset, upto, room, entries_left, mode, depth)
+        own = await self._read_range(
+            path, fork_offset, upto, room, entries_left, mode, depth, continuing=src.count > 0
+        )
         sep = b"," if info.is_json and src.body and own.body else b""
         return _Range(info, src.body + sep + own.body, own.last, src.count + own.count, own.more)
 

@@ -164,6 +164,9 @@ class WakeHub:
 
     async def _listen(self) -> None:
         pubsub = self._connect()
+        # Connect before publishing the PubSub to readers: a SUBSCRIBE sent while
+        # it has no connection yet would open a second one that nobody reads.
+        await pubsub.connect()
         self._conn = pubsub
         self._last_heard = time.monotonic()
         # The hub's own channel keeps the connection subscribed (so reads block)

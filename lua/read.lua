@@ -6,7 +6,9 @@
 --       2 page size in bytes, 3 most entries in the page,
 --       4 read no entry after this id, or '' (bounds reads of a fork's source),
 --       5 mode: 'read' (a client read: resets a sliding TTL), 'head' (does not),
---               'source' (a fork reading its source: sees soft-deleted streams too)
+--               'source' (a fork reading its source: sees soft-deleted streams too),
+--       6 '1' if the page already holds entries (then even the first entry here
+--         must fit the byte budget)
 -- Reply: {status, content type, tail, closed, ttl, expires-at, fork source,
 --         fork offset, body, last id, '1' if more entries follow in range, count}
 --   The body joins entries with ',' for JSON streams (each entry holds
@@ -15,7 +17,7 @@
 --   source first), 'not_found', 'gone'
 local meta_key, data_key = KEYS[1], KEYS[2]
 local after, max_bytes, max_entries = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local upto, mode = ARGV[4], ARGV[5]
+local upto, mode, continuing = ARGV[4], ARGV[5], ARGV[6] == '1'
 
 local m = hgetall(meta_key)
 if next(m) == nil then return {'not_found'} end
@@ -42,7 +44,7 @@ while true do
   for _, entry in ipairs(batch) do
     local fields = entry[2]
     local data = fields[2]
-    if count > 0 and (size + #data > max_bytes or count >= max_entries) then
+    if (count > 0 or continuing) and (size + #data > max_bytes or count >= max_entries) then
       more = '1'
       break
     end

@@ -1,0 +1,483 @@
+"""Live reads over a real socket: long-poll (section 5.7) and SSE (section 5.8).
+
+The module runs its own gateway with short live timings (long-poll 1 s, SSE
+connections 1.5 s, keep-alive every 200 ms) against the session redis-server.
+A reader counts as "parked" once the gateway has subscribed the stream's wake
+channel in Redis (``PUBSUB NUMSUB``), so no test guesses with a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from support.gateway_server import GatewayServer
+
+pytestmark = pytest.mark.timeout(60)
+
+LONG_POLL_S = 1.0
+SSE_MAX_S = 1.5
+KEEPALIVE_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def gw(redis_url: str) -> Iterator[GatewayServer]:
+    env = {
+        "DS_LONG_POLL_TIMEOUT_MS": str(int(LONG_POLL_S * 1000)),
+        "DS_SSE_MAX_DURATION_MS": str(int(SSE_MAX_S * 1000)),
+        "DS_SSE_KEEPALIVE_MS": str(int(KEEPALIVE_S * 1000)),
+    }
+    with GatewayServer(redis_url=redis_url, env=env) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(gw: GatewayServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"{gw.url}/v1/stream/", timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def path() -> str:
+    """A fresh stream path (wake channels linger, so never reuse one)."""
+    return f"live-{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 3.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} not reached within {within_s}s"
+        await asyncio.sleep(0.005)
+
+
+async def parked(redis: aioredis.Redis, path: str, subscribers: int = 1) -> None:
+    """Wait until the gateway listens on the stream's wake channel."""
+    channel = f"ds:{{{path}}}:wake"
+
+    async def subscribed() -> bool:
+        return dict(await redis.pubsub_numsub(channel))[channel.encode()] >= subscribers
+
+    await eventually(subscribed, 3, f"subscription of {channel}")
+
+
+async def create(client: httpx.AsyncClient, path: str, body: bytes = b"",
+                 content_type: str = "text/plain", **headers: str) -> str:
+    r = await client.put(path, content=body, headers={"Content-Type": content_type, **headers})
+    assert r.status_code == 201, r.text
+    return r.headers["stream-next-offset"]
+
+
+async def append(client: httpx.AsyncClient, path: str, body: bytes,
+                 content_type: str = "text/plain", **headers: str) -> str:
+    r = await client.post(path, content=body, headers={"Content-Type": content_type, **headers})
+    assert r.status_code in (200, 204), r.text
+    return r.headers["stream-next-offset"]
+
+
+# -- SSE parsing (per the HTML living standard's event-stream rules) -----------------------
+
+
+@dataclass
+class Event:
+    type: str  # "data", "control", ... or "comment"
+    data: str
+    at: float  # time.monotonic() when it arrived
+
+    def json(self) -> dict:
+        return json.loads(self.data)
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """Lines as an event stream defines them: ended by CRLF, LF or CR only
+    (httpx's aiter_lines would also split on U+2028 and friends)."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        while True:
+            cr, lf = buffer.find(b"\r"), buffer.find(b"\n")
+            if cr < 0 and lf < 0:
+                break
+            if cr >= 0 and (lf < 0 or cr < lf):
+                if cr + 1 == len(buffer):
+                    break  # a CR at the end may be the first half of a CRLF
+                end = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+                line, buffer = buffer[:cr], buffer[end:]
+            else:
+                line, buffer = buffer[:lf], buffer[lf + 1 :]
+            yield line.decode("utf-8")
+    if buffer:
+        yield buffer.removesuffix(b"\r").decode("utf-8")
+
+
+class SSE:
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = sse_lines(response)
+
+    async def next(self) -> Event | None:
+        """The next event (or comment); None once the server closed the stream."""
+        kind, data = "", []
+        async for line in self._lines:
+            if line == "":
+                if data or kind:
+                    return Event(kind or "message", "\n".join(data), time.monotonic())
+                continue
+            if line.startswith(":"):
+                return Event("comment", line[1:].strip(), time.monotonic())
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")  # exactly one leading space is syntax
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+        return None
+
+    async def next_event(self) -> Event:
+        """The next data or control event, skipping comments; fails at end of stream."""
+        while True:
+            event = await self.next()
+            assert event is not None, "the SSE connection closed unexpectedly"
+            if event.type != "comment":
+                return event
+
+
+def sse_params(offset: str) -> dict[str, str]:
+    return {"offset": offset, "live": "sse"}
+
+
+# -- long-poll ----------------------------------------------------------------------------------
+
+
+async def test_long_poll_is_woken_by_an_append_within_milliseconds(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    offset = await create(client, path)
+    latencies = []
+    for i in range(5):
+        poll = asyncio.create_task(client.get(path, params={"offset": offset,
+                                                            "live": "long-poll"}))
+        await parked(redis_client, path)
+        assert not poll.done(), "the long-poll answered before there was data"
+        sent = time.monotonic()
+        tail = await append(client, path, b"msg-%d" % i)
+        response = await poll
+        latencies.append(time.monotonic() - sent)
+        assert response.status_code == 200
+        assert response.content == b"msg-%d" % i
+        assert response.headers["stream-next-offset"] == tail
+        assert response.headers["stream-up-to-date"] == "true"
+        assert response.headers["stream-cursor"].isdigit()
+        assert "stream-closed" not in response.headers
+        offset = tail
+    assert max(latencies) < 0.5, latencies
+
+
+async def test_long_poll_at_now_waits_for_new_data_only(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    await create(client, path, b"old")
+    poll = asyncio.create_task(client.get(path, params={"offset": "now", "live": "long-poll"}))
+    await parked(redis_client, path)
+    tail = await append(client, path, b"new")
+    response = await asyncio.wait_for(poll, 2)
+    assert response.status_code == 200 and response.content == b"new"
+    assert response.headers["stream-next-offset"] == tail
+
+
+async def test_long_poll_times_out_with_204_and_the_tail(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    tail = await create(client, path, b"data")
+    cursors = []
+    for _ in range(2):
+        params = {"offset": tail, "live": "long-poll"}
+        if cursors:
+            params["cursor"] = cursors[-1]
+        start = time.monotonic()
+        response = await client.get(path, params=params)
+        elapsed = time.monotonic() - start
+        assert response.status_code == 204 and response.content == b""
+        assert LONG_POLL_S - 0.05 <= elapsed < LONG_POLL_S + 1.0, elapsed
+        assert response.headers["stream-up-to-date"] == "true"
+        assert response.headers["stream-next-offset"] == tail
+        assert response.headers["stream-cursor"].isdigit()
+        assert "stream-closed" not in response.headers
+        cursors.append(response.headers["stream-cursor"])
+    # Echoing a cursor yields a strictly greater one (section 10.1).
+    assert int(cursors[1]) > int(cursors[0])
+
+
+async def test_long_poll_on_a_closed_stream_at_its_tail_returns_at_once(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    first = await create(client, path, b"a")
+    await append(client, path, b"b")
+    r = await client.post(path, headers={"Stream-Closed": "true"})
+    tail = r.headers["stream-next-offset"]
+    for offset in (tail, "now"):
+        start = time.monotonic()
+        response = await client.get(path, params={"offset": offset, "live": "long-poll"})
+        assert time.monotonic() - start < 0.3
+        assert response.status_code == 204
+        assert response.headers["stream-closed"] == "true"
+        assert response.headers["stream-up-to-date"] == "true"
+        assert response.headers["stream-next-offset"] == tail
+    # Before the tail: the final data at once, marked closed (it reaches the end).
+    start = time.monotonic()
+    response = await client.get(path, params={"offset": first, "live": "long-poll"})
+    assert time.monotonic() - start < 0.3
+    assert response.status_code == 200 and response.content == b"b"
+    assert response.headers["stream-closed"] == "true"
+
+
+async def test_a_waiting_long_poll_sees_the_close(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    tail = await create(client, path, b"x")
+    poll = asyncio.create_task(client.get(path, params={"offset": tail, "live": "long-poll"}))
+    await parked(redis_client, path)
+    sent = time.monotonic()
+    await client.post(path, headers={"Stream-Closed": "true"})
+    response = await poll
+    assert time.monotonic() - sent < 0.5
+    assert response.status_code == 204
+    assert response.headers["stream-closed"] == "true"
+    assert response.headers["stream-next-offset"] == tail
+
+
+async def test_a_waiting_long_poll_of_a_deleted_stream_ends(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    tail = await create(client, path, b"x")
+    poll = asyncio.create_task(client.get(path, params={"offset": tail, "live": "long-poll"}))
+    await parked(redis_client, path)
+    sent = time.monotonic()
+    assert (await client.delete(path)).status_code == 204
+    response = await poll
+    assert time.monotonic() - sent < 0.5
+    assert response.status_code == 404
+
+
+async def _raw_long_poll(port: int, path: str, offset: str) -> tuple[
+    asyncio.StreamReader, asyncio.StreamWriter
+]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /v1/stream/{path}?offset={offset}&live=long-poll HTTP/1.1\r\n"
+                 "Host: t\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def _raw_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, float]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    arrived = time.monotonic()
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body, arrived
+
+
+async def test_many_concurrent_long_polls_all_receive_one_append(
+    gateway_server: GatewayServer, redis_client: aioredis.Redis, path: str
+) -> None:
+    """200 readers on the session gateway (3 s long-poll) share one subscription
+    and all get the one append. (Raw sockets: httpx's pool is slow at 200.)"""
+    async with httpx.AsyncClient(base_url=f"{gateway_server.url}/v1/stream/",
+                                 timeout=10) as client:
+        tail = await create(client, path, b"", "application/json")
+        conns = await asyncio.gather(
+            *(_raw_long_poll(gateway_server.port, path, tail) for _ in range(200))
+        )
+        try:
+            await parked(redis_client, path)
+            # Readers that are not parked yet find the data on their first read
+            # instead: either way each of them must get it exactly once.
+            await asyncio.sleep(0.3)
+            sent = time.monotonic()
+            new_tail = await append(client, path, b'{"to":"everyone"}', "application/json")
+            responses = await asyncio.wait_for(
+                asyncio.gather(*(_raw_response(reader) for reader, _ in conns)), 5
+            )
+        finally:
+            for _, writer in conns:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
+    # Nobody answered early (a 204 would be the first response read): all got the data.
+    assert [status for status, _, _, _ in responses] == [200] * 200
+    assert {body for _, _, body, _ in responses} == {b'[{"to":"everyone"}]'}
+    assert {h["stream-next-offset"] for _, h, _, _ in responses} == {new_tail}
+    slowest = max(arrived for _, _, _, arrived in responses) - sent
+    assert slowest < 1.0, slowest
+    # One subscription for all of them.
+    channel = f"ds:{{{path}}}:wake"
+    assert dict(await redis_client.pubsub_numsub(channel))[channel.encode()] == 1
+
+
+# -- SSE ----------------------------------------------------------------------------------------
+
+
+async def test_sse_text_events_and_closure(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    tail = await create(client, path, b"hello\nworld", "text/plain; charset=utf-8")
+    async with client.stream("GET", path, params=sse_params("-1")) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert "stream-sse-data-encoding" not in response.headers
+        sse = SSE(response)
+
+        data = await sse.next_event()
+        assert (data.type, data.data) == ("data", "hello\nworld")
+        control = await sse.next_event()
+        assert control.type == "control"
+        assert control.json() == {"streamNextOffset": tail, "upToDate": True,
+                                  "streamCursor": control.json()["streamCursor"]}
+        assert control.json()["streamCursor"].isdigit()
+
+        await parked(redis_client, path)
+        # Leading spaces, CRLF and a lone CR survive the SSE framing.
+        tail = await append(client, path, b"  indented\r\nnext\rlast", "text/plain")
+        data = await sse.next_event()
+        assert (data.type, data.data) == ("data", "  indented\nnext\nlast")
+        control = await sse.next_event()
+        assert control.json()["streamNextOffset"] == tail and control.json()["upToDate"]
+
+        closed = await client.post(path, headers={"Stream-Closed": "true"})
+        final = await sse.next_event()
+        assert final.type == "control"
+        assert final.json() == {"streamNextOffset": closed.headers["stream-next-offset"],
+                                "streamClosed": True, "upToDate": True}
+        # The server closes the connection after the final control event.
+        assert await asyncio.wait_for(sse.next(), 1) is None
+
+
+async def test_sse_on_a_closed_stream_at_its_tail(client: httpx.AsyncClient, path: str) -> None:
+    tail = await create(client, path, b"done", **{"Stream-Closed": "true"})
+    for offset in (tail, "now"):
+        start = time.monotonic()
+        async with client.stream("GET", path, params=sse_params(offset)) as response:
+            sse = SSE(response)
+            event = await sse.next_event()
+            assert event.json() == {"streamNextOffset": tail, "streamClosed": True,
+                                    "upToDate": True}
+            assert await sse.next() is None
+        assert time.monotonic() - start < 0.5
+
+
+async def test_sse_base64_for_binary_streams(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    payload = bytes(range(256)) + b"\r\n\n\r\x00data: x\n\n"
+    await create(client, path, payload, "application/octet-stream")
+    async with client.stream("GET", path, params=sse_params("-1")) as response:
+        assert response.headers["stream-sse-data-encoding"] == "base64"
+        sse = SSE(response)
+        data = await sse.next_event()
+        assert data.type == "data"
+        text = data.data.replace("\n", "").replace("\r", "")
+        assert len(text) % 4 == 0
+        assert base64.b64decode(text, validate=True) == payload
+        await sse.next_event()  # control
+
+        await parked(redis_client, path)
+        await append(client, path, b"\xff\xfe", "application/octet-stream")
+        data = await sse.next_event()
+        assert base64.b64decode(data.data, validate=True) == b"\xff\xfe"
+        control = await sse.next_event()
+        assert control.type == "control" and "streamNextOffset" in control.json()
+
+
+async def test_sse_json_events_are_arrays(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    await create(client, path, b'[{"n":1},{"n":2}]', "application/json")
+    async with client.stream("GET", path, params=sse_params("-1")) as response:
+        assert "stream-sse-data-encoding" not in response.headers
+        sse = SSE(response)
+        data = await sse.next_event()
+        assert json.loads(data.data) == [{"n": 1}, {"n": 2}]
+        await sse.next_event()
+        await parked(redis_client, path)
+        await append(client, path, b'[{"n":3},["x","y\\nz"],"line\\u2028sep"]',
+                     "application/json")
+        data = await sse.next_event()
+        assert json.loads(data.data) == [{"n": 3}, ["x", "y\nz"], "line\u2028sep"]
+
+
+async def test_sse_sends_keep_alive_comments_while_idle(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    tail = await create(client, path, b"x")
+    comments: list[float] = []
+    async with client.stream("GET", path, params=sse_params(tail)) as response:
+        sse = SSE(response)
+        opened = time.monotonic()
+        first = await sse.next_event()
+        assert first.type == "control" and first.json()["upToDate"]
+        while (event := await sse.next()) is not None:
+            assert event.type == "comment", event
+            comments.append(event.at)
+        closed_after = time.monotonic() - opened
+    assert len(comments) >= 4, comments
+    gaps = [b - a for a, b in itertools.pairwise(comments)]
+    # One every 200 ms; only the last may come early (the wait is cut by the deadline).
+    assert all(0.1 < gap < 0.5 for gap in gaps[:-1]), " ".join(f"{g:.3f}" for g in gaps)
+    assert gaps[-1] < 0.5
+    # The idle connection still ends at DS_SSE_MAX_DURATION_MS.
+    assert SSE_MAX_S - 0.1 < closed_after < SSE_MAX_S + 1.0, closed_after
+
+
+async def test_sse_connections_end_after_max_duration_and_resume_without_loss(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """A writer appends a numbered message every 20 ms while a reader follows the
+    stream over several SSE connections, each closed by the server after 1.5 s;
+    the reader resumes from the last control event's streamNextOffset and must
+    see every message exactly once, in order."""
+    await create(client, path, b"", "application/json")
+    total = 150  # ~3 s of appends: at least two connection lifetimes
+
+    async def writer() -> None:
+        for i in range(total):
+            await append(client, path, json.dumps({"i": i}).encode(), "application/json")
+            await asyncio.sleep(0.02)  # the pace of the producer, not a wait
+
+    writing = asyncio.create_task(writer())
+    received: list[int] = []
+    durations: list[float] = []
+    offset = "-1"
+    for _ in range(10):
+        opened = time.monotonic()
+        last: Event | None = None
+        async with client.stream("GET", path, params=sse_params(offset)) as response:
+            assert response.status_code == 200
+            sse = SSE(response)
+            while (event := await sse.next()) is not None:
+                if event.type == "data":
+                    received += [m["i"] for m in json.loads(event.data)]
+                if event.type != "comment":
+                    last = event
+        durations.append(time.monotonic() - opened)
+        assert last is not None and last.type == "control", "must end on a control event"
+        offset = last.json()["streamNextOffset"]
+        if writing.done() and len(received) >= total:
+            break
+    await writing
+    assert received == list(range(total))
+    assert len(durations) >= 2
+    for duration in durations[:-1]:
+        assert SSE_MAX_S - 0.1 < duration < SSE_MAX_S + 1.0, durations

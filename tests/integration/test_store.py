@@ -1,0 +1,701 @@
+"""``gateway.store.Store`` against a real redis-server.
+
+Every test drives the store directly (no HTTP) over a ``redis.asyncio`` client and
+then looks at what Redis really holds: key names, key types, stream entries,
+producer state and key expiry. These are the guarantees the HTTP layer builds on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import jsonmode
+from gateway import offsets as off
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.headers import Producer
+from gateway.store import AppendRequest, CreateRequest, Page, Store
+
+pytestmark = pytest.mark.timeout(30)
+
+OCTET = "application/octet-stream"
+JSON = "application/json"
+OFFSET_RE = re.compile(r"\A[0-9]{16}_[0-9]{16}\Z")
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def make_store(client: aioredis.Redis, max_read_bytes: int = 1024 * 1024) -> Store:
+    return Store(client, "ds", max_read_bytes)
+
+
+@pytest.fixture
+async def store(redis_client: aioredis.Redis) -> Store:
+    s = make_store(redis_client)
+    await s.load_scripts()
+    return s
+
+
+def data(body: bytes, *, close: bool = False, seq: str | None = None,
+         producer: tuple[str, int, int] | None = None, media_type: str = OCTET) -> AppendRequest:
+    return AppendRequest(
+        media_type=media_type,
+        body=body,
+        json_count=None,
+        close=close,
+        stream_seq=seq,
+        producer=Producer(*producer) if producer else None,
+    )
+
+
+def json_data(body: bytes, *, producer: tuple[str, int, int] | None = None) -> AppendRequest:
+    """What the HTTP handler builds for a JSON append: validated, flattened once."""
+    messages = jsonmode.flatten(body, allow_empty=False)
+    return AppendRequest(
+        media_type=JSON,
+        body=jsonmode.join(messages),
+        json_count=len(messages),
+        close=False,
+        stream_seq=None,
+        producer=Producer(*producer) if producer else None,
+    )
+
+
+def close_only(producer: tuple[str, int, int] | None = None) -> AppendRequest:
+    return AppendRequest(
+        media_type="",
+        body=None,
+        json_count=None,
+        close=True,
+        stream_seq=None,
+        producer=Producer(*producer) if producer else None,
+    )
+
+
+def json_entries(body: bytes) -> tuple[tuple[bytes, int | None], ...]:
+    messages = jsonmode.flatten(body, allow_empty=True)
+    return ((jsonmode.join(messages), len(messages)),) if messages else ()
+
+
+async def read_all(store: Store, path: str, start: str = off.ZERO) -> tuple[bytes, list[Page]]:
+    """Follow next_offset page by page until up to date; returns the bytes and pages."""
+    pages: list[Page] = []
+    offset = start
+    for _ in range(10_000):
+        page = await store.read(path, offset)
+        pages.append(page)
+        if page.up_to_date:
+            break
+        assert page.next_offset > offset, "a page that is not up to date must advance"
+        offset = page.next_offset
+    else:
+        pytest.fail("read never became up to date")
+    sep = b"," if pages[0].info.is_json else b""
+    return sep.join(p.body for p in pages if p.body), pages
+
+
+async def xrange(client: aioredis.Redis, key: str) -> list[tuple[str, dict[str, bytes]]]:
+    return [
+        (entry_id.decode(), {k.decode(): v for k, v in fields.items()})
+        for entry_id, fields in await client.xrange(key)
+    ]
+
+
+async def meta(client: aioredis.Redis, store: Store, path: str) -> dict[str, str]:
+    raw = await client.hgetall(store.keys(path).meta)
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+# -- round trip and key layout ----------------------------------------------------
+
+
+async def test_create_append_read_round_trip(store: Store) -> None:
+    created = await store.create("rt", CreateRequest(OCTET, entries=((b"hello ", None),)))
+    assert created.created and not created.closed
+    assert OFFSET_RE.match(created.info_tail)
+
+    tails = [created.info_tail]
+    for chunk in (b"brave ", b"new ", b"\x00\xffworld"):
+        result = await store.append("rt", data(chunk))
+        assert result.status == "ok"
+        assert result.tail > tails[-1], "offsets must strictly increase"
+        tails.append(result.tail)
+
+    body, pages = await read_all(store, "rt")
+    assert body == b"hello brave new \x00\xffworld"
+    assert len(pages) == 1
+    assert pages[0].next_offset == tails[-1] == pages[0].info.tail
+    assert pages[0].up_to_date and not pages[0].more
+
+    # Reading from any returned offset gives exactly what came after it.
+    page = await store.read("rt", tails[1])
+    assert page.body == b"new \x00\xffworld"
+    # At the tail: nothing, and up to date.
+    page = await store.read("rt", tails[-1])
+    assert page.body == b"" and page.next_offset == tails[-1] and page.up_to_date
+
+    info = await store.head("rt")
+    assert (info.content_type, info.tail, info.closed) == (OCTET, tails[-1], False)
+
+
+async def test_concurrent_appends_get_distinct_increasing_offsets(
+    store: Store,
+) -> None:
+    await store.create("burst", CreateRequest(OCTET))
+    # 50 concurrent appends: redis.asyncio's default pool allows 100 connections.
+    results = await asyncio.gather(*(store.append("burst", data(b"%03d" % i)) for i in range(50)))
+    tails = [r.tail for r in results]
+    assert len(set(tails)) == 50
+    body, _ = await read_all(store, "burst")
+    # Redis runs the scripts one at a time: the stored order is the offset order.
+    by_offset = [b"%03d" % i for _, i in sorted(zip(tails, range(50), strict=True))]
+    assert body == b"".join(by_offset)
+
+
+async def test_key_layout_and_raw_stream_entries(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("orders/eu", CreateRequest("text/plain", entries=((b"first", None),)))
+    await store.append("orders/eu", data(b"second", media_type="text/plain",
+                                          producer=("writer-1", 0, 0)))
+
+    keys = sorted(k.decode() for k in await redis_client.keys("*"))
+    assert keys == ["ds:{orders/eu}:data", "ds:{orders/eu}:meta", "ds:{orders/eu}:producers"]
+    assert await redis_client.type("ds:{orders/eu}:meta") == b"hash"
+    assert await redis_client.type("ds:{orders/eu}:data") == b"stream"
+    assert await redis_client.type("ds:{orders/eu}:producers") == b"hash"
+
+    entries = await xrange(redis_client, "ds:{orders/eu}:data")
+    assert [fields for _, fields in entries] == [{"d": b"first"}, {"d": b"second"}]
+    info = await store.head("orders/eu")
+    assert off.from_entry_id(entries[-1][0]) == info.tail
+
+    m = await meta(redis_client, store, "orders/eu")
+    assert m["ct"] == "text/plain" and m["mt"] == "text/plain"
+    assert m["tail"] == entries[-1][0]
+    assert await redis_client.hget("ds:{orders/eu}:producers", "writer-1") == b"0:0"
+
+
+async def test_braces_in_a_path_cannot_break_the_hash_tag(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("a}b{c%d", CreateRequest(OCTET, entries=((b"x", None),)))
+    keys = sorted(k.decode() for k in await redis_client.keys("*"))
+    assert keys == ["ds:{a%7Db%7Bc%25d}:data", "ds:{a%7Db%7Bc%25d}:meta"]
+    # The encoding is injective: the literal encoded name is another stream.
+    with pytest.raises(NotFound):
+        await store.head("a%7Db%7Bc%25d")
+
+
+# -- create: idempotency and conflicts --------------------------------------------
+
+
+async def test_idempotent_create_returns_existing_and_writes_nothing(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    first = await store.create("idem", CreateRequest(OCTET, ttl=600, entries=((b"a", None),)))
+    assert first.created
+    # Same configuration: the existing stream is confirmed, the body is not appended.
+    again = await store.create("idem", CreateRequest(OCTET, ttl=600, entries=((b"b", None),)))
+    assert not again.created
+    assert again.info_tail == first.info_tail
+    assert again.content_type == OCTET
+    assert await redis_client.xlen(store.keys("idem").data) == 1
+
+    # Media type comparison ignores parameters and case; the stored type is reported.
+    await store.create("typed", CreateRequest("text/plain; charset=utf-8"))
+    same = await store.create("typed", CreateRequest("Text/Plain"))
+    assert not same.created and same.content_type == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        CreateRequest("text/plain", ttl=600),
+        CreateRequest(OCTET),  # no TTL
+        CreateRequest(OCTET, ttl=601),
+        CreateRequest(OCTET, expires_at=4_102_444_800_000),
+        CreateRequest(OCTET, ttl=600, closed=True),
+    ],
+    ids=["content-type", "ttl-missing", "ttl-differs", "expires-at", "closed"],
+)
+async def test_create_with_a_different_configuration_conflicts(
+    store: Store, redis_client: aioredis.Redis, other: CreateRequest
+) -> None:
+    await store.create("cfg", CreateRequest(OCTET, ttl=600, entries=((b"x", None),)))
+    before = await meta(redis_client, store, "cfg")
+    with pytest.raises(Conflict) as exc:
+        await store.create("cfg", other)
+    assert exc.value.status == 409
+    after = await meta(redis_client, store, "cfg")
+    before.pop("acc", None)
+    after.pop("acc", None)
+    assert after == before
+    assert await redis_client.xlen(store.keys("cfg").data) == 1
+
+
+async def test_closure_status_is_part_of_the_configuration(store: Store) -> None:
+    await store.create("c", CreateRequest(OCTET, closed=True, entries=((b"done", None),)))
+    again = await store.create("c", CreateRequest(OCTET, closed=True))
+    assert not again.created and again.closed
+    with pytest.raises(Conflict):
+        await store.create("c", CreateRequest(OCTET))
+
+    await store.create("o", CreateRequest(OCTET))
+    await store.append("o", close_only())
+    # Closed after creation: a plain PUT no longer matches, a closed one does.
+    with pytest.raises(Conflict):
+        await store.create("o", CreateRequest(OCTET))
+    assert (await store.create("o", CreateRequest(OCTET, closed=True))).closed
+
+
+async def test_append_to_a_missing_stream_is_not_found(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    with pytest.raises(NotFound):
+        await store.append("nope", data(b"x"))
+    with pytest.raises(NotFound):
+        await store.read("nope", off.ZERO)
+    with pytest.raises(NotFound):
+        await store.delete("nope")
+    assert await redis_client.keys("*") == []
+
+
+async def test_content_type_mismatch_is_rejected(store: Store) -> None:
+    await store.create("ct", CreateRequest("text/plain"))
+    with pytest.raises(Conflict):
+        await store.append("ct", data(b"x", media_type="application/octet-stream"))
+    assert (await store.head("ct")).tail == off.ZERO
+
+
+# -- JSON mode ------------------------------------------------------------------------
+
+
+async def test_json_flattening_is_stored_per_append_with_message_counts(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("j", CreateRequest(JSON, entries=json_entries(b'[{"a": 1}, {"b": 2}]')))
+    await store.append("j", json_data(b'{"c": [3, 4]}'))
+    await store.append("j", json_data(b"[[1, 2], [3, 4], 5]"))
+    await store.append("j", json_data(b'[[["deep"]]]'))
+
+    entries = await xrange(redis_client, store.keys("j").data)
+    assert [fields for _, fields in entries] == [
+        {"d": b'{"a":1},{"b":2}', "n": b"2"},
+        {"d": b'{"c":[3,4]}', "n": b"1"},
+        {"d": b"[1,2],[3,4],5", "n": b"3"},
+        {"d": b'[["deep"]]', "n": b"1"},
+    ]
+
+    body, _ = await read_all(store, "j")
+    assert json.loads(b"[" + body + b"]") == [
+        {"a": 1}, {"b": 2}, {"c": [3, 4]}, [1, 2], [3, 4], 5, [["deep"]]
+    ]
+    # Every page from every offset is a valid array (entries joined with commas).
+    for entry_id, _ in entries:
+        page = await store.read("j", off.from_entry_id(entry_id))
+        assert isinstance(json.loads(b"[" + page.body + b"]"), list)
+
+
+async def test_json_create_with_empty_array_makes_an_empty_stream(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("empty", CreateRequest(JSON, entries=json_entries(b"[]")))
+    page = await store.read("empty", off.ZERO)
+    assert page.body == b"" and page.up_to_date
+    assert await redis_client.exists(store.keys("empty").data) == 0
+
+
+# -- page size --------------------------------------------------------------------------
+
+
+async def test_pages_are_cut_between_entries_at_the_size_limit(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client, max_read_bytes=10)
+    await store.create("p", CreateRequest(OCTET))
+    chunks = [b"aaaa", b"bbbb", b"cccc", b"dddd", b"eeeeeeeeeeeeeeee", b"ff"]
+    for chunk in chunks:
+        await store.append("p", data(chunk))
+
+    body, pages = await read_all(store, "p")
+    assert body == b"".join(chunks)
+    assert [p.body for p in pages] == [b"aaaabbbb", b"ccccdddd", b"eeeeeeeeeeeeeeee", b"ff"]
+    # Every page but the last says "more" and is not up to date; the last is.
+    assert [p.more for p in pages] == [True, True, True, False]
+    assert [p.up_to_date for p in pages] == [False, False, False, True]
+    # An entry larger than the page is never split: it comes alone.
+    assert all(len(p.body) <= 10 or p.body in chunks for p in pages)
+
+
+async def test_a_page_that_exactly_fills_the_limit_at_the_tail_is_up_to_date(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client, max_read_bytes=8)
+    await store.create("x", CreateRequest(OCTET))
+    await store.append("x", data(b"1234"))
+    last = await store.append("x", data(b"5678"))
+    page = await store.read("x", off.ZERO)
+    assert page.body == b"12345678"
+    assert not page.more and page.up_to_date and page.next_offset == last.tail
+
+
+async def test_closed_stream_pages_report_closure_only_at_the_tail(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client, max_read_bytes=4)
+    await store.create("c", CreateRequest(OCTET))
+    await store.append("c", data(b"1111"))
+    await store.append("c", data(b"2222", close=True))
+    first = await store.read("c", off.ZERO)
+    assert first.body == b"1111" and first.more and not first.at_closed_tail
+    second = await store.read("c", first.next_offset)
+    assert second.body == b"2222" and second.at_closed_tail
+    eof = await store.read("c", second.next_offset)
+    assert eof.body == b"" and eof.at_closed_tail
+
+
+async def test_json_pages_are_valid_arrays(redis_client: aioredis.Redis) -> None:
+    store = make_store(redis_client, max_read_bytes=20)
+    await store.create("j", CreateRequest(JSON))
+    expected = []
+    for i in range(12):
+        batch = [{"i": i, "k": j} for j in range(i % 3 + 1)]
+        expected += batch
+        await store.append("j", json_data(json.dumps(batch).encode()))
+    body, pages = await read_all(store, "j")
+    assert len(pages) > 3
+    got = []
+    for page in pages:
+        got += json.loads(b"[" + page.body + b"]")
+    assert got == expected
+    assert json.loads(b"[" + body + b"]") == expected
+
+
+# -- Stream-Seq --------------------------------------------------------------------------
+
+
+async def test_stream_seq_is_compared_byte_wise(store: Store, redis_client: aioredis.Redis) -> None:
+    await store.create("s", CreateRequest(OCTET))
+    await store.append("s", data(b"1", seq="a"))
+    # "B" (0x42) sorts before "a" (0x61) byte-wise, although it is "later" in a
+    # case-insensitive or locale collation.
+    for regressed in ("B", "a", "A", "0", "Z"):
+        with pytest.raises(Conflict) as exc:
+            await store.append("s", data(b"no", seq=regressed))
+        assert exc.value.headers["Stream-Next-Offset"]
+    await store.append("s", data(b"2", seq="aa"))
+    await store.append("s", data(b"3", seq="b"))
+    # Numbers are strings: "10" < "9".
+    await store.append("s", data(b"4", seq="c9"))
+    with pytest.raises(Conflict):
+        await store.append("s", data(b"no", seq="c10"))
+    # Bytes above 0x7f sort after ASCII.
+    await store.append("s", data(b"5", seq="c\u00e9"))
+    body, _ = await read_all(store, "s")
+    assert body == b"12345"
+    assert await redis_client.xlen(store.keys("s").data) == 5
+    assert (await meta(redis_client, store, "s"))["seq"] == "c\u00e9"
+
+
+async def test_stream_seq_conflict_does_not_consume_a_producer_seq(store: Store) -> None:
+    await store.create("s", CreateRequest(OCTET))
+    await store.append("s", data(b"1", seq="m", producer=("p", 0, 0)))
+    with pytest.raises(Conflict):
+        await store.append("s", data(b"2", seq="a", producer=("p", 0, 1)))
+    # The rejected request wrote no producer state: seq 1 is still the next one.
+    ok = await store.append("s", data(b"2", seq="n", producer=("p", 0, 1)))
+    assert ok.status == "ok" and ok.producer_seq == "1"
+
+
+# -- idempotent producers (section 5.2.1) -------------------------------------------------
+
+
+async def test_producer_validation_table(store: Store, redis_client: aioredis.Redis) -> None:
+    await store.create("prod", CreateRequest(OCTET))
+    producers_key = store.keys("prod").producers
+
+    # A new producer must start at seq 0.
+    with pytest.raises(Conflict) as exc:
+        await store.append("prod", data(b"x", producer=("p", 0, 1)))
+    assert exc.value.headers["Producer-Expected-Seq"] == "0"
+    assert exc.value.headers["Producer-Received-Seq"] == "1"
+    assert await redis_client.exists(producers_key) == 0
+
+    r = await store.append("prod", data(b"A", producer=("p", 0, 0)))
+    assert (r.status, r.producer_epoch, r.producer_seq) == ("ok", "0", "0")
+    r = await store.append("prod", data(b"B", producer=("p", 0, 1)))
+    assert (r.status, r.producer_seq) == ("ok", "1")
+
+    # Duplicates (retries) write nothing and report the highest accepted seq.
+    for retry in (1, 0):
+        dup = await store.append("prod", data(b"dup", producer=("p", 0, retry)))
+        assert (dup.status, dup.producer_epoch, dup.producer_seq) == ("dup", "0", "1")
+
+    # A gap names the expected and received seq.
+    with pytest.raises(Conflict) as exc:
+        await store.append("prod", data(b"x", producer=("p", 0, 5)))
+    assert exc.value.headers["Producer-Expected-Seq"] == "2"
+    assert exc.value.headers["Producer-Received-Seq"] == "5"
+
+    # A new epoch must start at seq 0.
+    with pytest.raises(BadRequest) as exc:
+        await store.append("prod", data(b"x", producer=("p", 1, 1)))
+    assert exc.value.status == 400
+
+    r = await store.append("prod", data(b"C", producer=("p", 1, 0)))
+    assert (r.status, r.producer_epoch, r.producer_seq) == ("ok", "1", "0")
+    assert await redis_client.hget(producers_key, "p") == b"1:0"
+
+    # The old epoch is fenced off with the current epoch.
+    with pytest.raises(Forbidden) as exc:
+        await store.append("prod", data(b"zombie", producer=("p", 0, 2)))
+    assert exc.value.status == 403
+    assert exc.value.headers["Producer-Epoch"] == "1"
+
+    # Producers are independent of one another.
+    other = await store.append("prod", data(b"D", producer=("q", 7, 0)))
+    assert (other.status, other.producer_epoch) == ("ok", "7")
+
+    body, _ = await read_all(store, "prod")
+    assert body == b"ABCD"
+    assert await redis_client.hgetall(producers_key) == {b"p": b"1:0", b"q": b"7:0"}
+
+
+async def test_producer_limits_at_two_to_the_53(store: Store, redis_client: aioredis.Redis) -> None:
+    big = 2**53 - 1
+    await store.create("big", CreateRequest(OCTET))
+    r = await store.append("big", data(b"a", producer=("p", big, 0)))
+    assert r.producer_epoch == str(big)
+    await store.append("big", data(b"b", producer=("p", big, 1)))
+    with pytest.raises(Conflict) as exc:
+        await store.append("big", data(b"c", producer=("p", big, 3)))
+    assert exc.value.headers["Producer-Expected-Seq"] == "2"
+    with pytest.raises(Forbidden) as exc:
+        await store.append("big", data(b"c", producer=("p", big - 1, 0)))
+    assert exc.value.headers["Producer-Epoch"] == str(big)
+    assert await redis_client.hget(store.keys("big").producers, "p") == f"{big}:1".encode()
+
+
+async def test_concurrent_duplicates_are_written_once(store: Store) -> None:
+    await store.create("race", CreateRequest(OCTET))
+    results = await asyncio.gather(
+        *(store.append("race", data(b"once", producer=("p", 0, 0))) for _ in range(40))
+    )
+    assert sorted(r.status for r in results) == ["dup"] * 39 + ["ok"]
+    body, _ = await read_all(store, "race")
+    assert body == b"once"
+
+
+# -- close and producers --------------------------------------------------------------------
+
+
+async def test_close_with_final_append_and_closer_tuple_dedup(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("cl", CreateRequest(OCTET))
+    await store.append("cl", data(b"a", producer=("p", 0, 0)))
+    final = await store.append("cl", data(b"z", close=True, producer=("p", 1, 0)))
+    assert (final.status, final.closed) == ("ok", True)
+    assert (await meta(redis_client, store, "cl"))["closer"] == "p:1:0"
+
+    # A retry of the closing request is a duplicate, reported closed.
+    retry = await store.append("cl", data(b"z", close=True, producer=("p", 1, 0)))
+    assert (retry.status, retry.closed, retry.producer_seq) == ("dup", True, "0")
+    assert retry.tail == final.tail
+
+    # Any other tuple gets 409 with Stream-Closed and the final offset.
+    for other in (("p", 1, 1), ("p", 2, 0), ("q", 0, 0)):
+        with pytest.raises(Conflict) as exc:
+            await store.append("cl", data(b"late", producer=other))
+        assert exc.value.headers == {"Stream-Next-Offset": final.tail, "Stream-Closed": "true"}
+    # A zombie of an older epoch is still fenced as stale.
+    with pytest.raises(Forbidden) as exc:
+        await store.append("cl", data(b"late", producer=("p", 0, 1)))
+    assert exc.value.headers["Producer-Epoch"] == "1"
+    # Plain appends get 409 closed; a plain close-only is an idempotent no-op.
+    with pytest.raises(Conflict) as exc:
+        await store.append("cl", data(b"late"))
+    assert exc.value.headers["Stream-Closed"] == "true"
+    noop = await store.append("cl", close_only())
+    assert (noop.status, noop.closed, noop.tail) == ("closed_noop", True, final.tail)
+
+    body, _ = await read_all(store, "cl")
+    assert body == b"az"
+    assert (await store.read("cl", final.tail)).at_closed_tail
+    assert await redis_client.hget(store.keys("cl").producers, "p") == b"1:0"
+
+
+async def test_close_only_by_a_producer_is_idempotent(store: Store) -> None:
+    await store.create("co", CreateRequest(OCTET, entries=((b"data", None),)))
+    first = await store.append("co", close_only(producer=("p", 0, 0)))
+    assert (first.status, first.closed) == ("ok", True)
+    again = await store.append("co", close_only(producer=("p", 0, 0)))
+    assert (again.status, again.closed, again.tail) == ("dup", True, first.tail)
+    assert (await store.head("co")).tail == first.tail
+
+
+async def test_closed_stream_rejects_appends_before_checking_content_type(store: Store) -> None:
+    await store.create("cc", CreateRequest("text/plain", closed=True))
+    with pytest.raises(Conflict) as exc:
+        await store.append("cc", data(b"x", media_type="application/json"))
+    assert exc.value.headers.get("Stream-Closed") == "true"
+
+
+# -- TTL and Expires-At ---------------------------------------------------------------------
+
+
+async def _pttls(client: aioredis.Redis, store: Store, path: str) -> list[int]:
+    k = store.keys(path)
+    return [await client.pttl(key) for key in (k.meta, k.data, k.producers)]
+
+
+async def test_ttl_sets_expiry_on_every_key(store: Store, redis_client: aioredis.Redis) -> None:
+    await store.create("t", CreateRequest(OCTET, ttl=100, entries=((b"a", None),)))
+    await store.append("t", data(b"b", producer=("p", 0, 0)))
+    for pttl in await _pttls(redis_client, store, "t"):
+        assert 90_000 < pttl <= 100_000
+
+
+async def test_reads_refresh_the_ttl_and_head_does_not(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("t", CreateRequest(OCTET, ttl=100, entries=((b"a", None),)))
+    await store.append("t", data(b"b", producer=("p", 0, 0)))
+    k = store.keys("t")
+
+    async def age_keys() -> None:
+        for key in (k.meta, k.data, k.producers):
+            await redis_client.pexpire(key, 5_000)
+
+    await age_keys()
+    await store.head("t")
+    assert all(0 < p <= 5_000 for p in await _pttls(redis_client, store, "t")), "HEAD refreshed"
+
+    await store.read("t", off.ZERO)
+    assert all(90_000 < p <= 100_000 for p in await _pttls(redis_client, store, "t"))
+
+    await age_keys()
+    await store.read("t", None)  # a metadata-only read (offset=now) is a read, too
+    assert all(90_000 < p <= 100_000 for p in await _pttls(redis_client, store, "t"))
+
+    await age_keys()
+    await store.append("t", data(b"c"))
+    assert all(90_000 < p <= 100_000 for p in await _pttls(redis_client, store, "t"))
+
+
+async def test_a_stream_without_expiry_has_persistent_keys(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("forever", CreateRequest(OCTET, entries=((b"a", None),)))
+    await store.append("forever", data(b"b", producer=("p", 0, 0)))
+    await store.read("forever", off.ZERO)
+    assert await _pttls(redis_client, store, "forever") == [-1, -1, -1]
+
+
+async def test_expires_at_sets_an_absolute_expiry_that_reads_do_not_extend(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    now_ms = int(time.time() * 1000)
+    expires_at = now_ms + 60_000
+    await store.create("abs", CreateRequest(OCTET, expires_at=expires_at, entries=((b"a", None),)))
+    await store.append("abs", data(b"b", producer=("p", 0, 0)))
+    await store.read("abs", off.ZERO)
+    await store.append("abs", data(b"c"))
+    for pttl in await _pttls(redis_client, store, "abs"):
+        remaining = expires_at - int(time.time() * 1000)
+        assert abs(pttl - remaining) < 2_000, (pttl, remaining)
+    assert (await store.head("abs")).expires_at == expires_at
+    assert (await meta(redis_client, store, "abs"))["exp"] == str(expires_at)
+
+
+async def test_a_ttl_stream_really_expires(store: Store, redis_client: aioredis.Redis) -> None:
+    await store.create("short", CreateRequest(OCTET, ttl=1, entries=((b"a", None),)))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await store.head("short")  # HEAD does not keep it alive
+        except NotFound:
+            break
+        assert time.monotonic() < deadline, "stream with Stream-TTL 1 still there after 5 s"
+        await asyncio.sleep(0.05)
+    assert await redis_client.keys("*") == []
+    # Its path is free again.
+    assert (await store.create("short", CreateRequest("text/plain"))).created
+
+
+# -- delete and re-create --------------------------------------------------------------------
+
+
+async def test_recreate_after_delete_has_no_old_data_or_producer_state(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("re", CreateRequest(OCTET, entries=((b"old", None),)))
+    for seq in range(3):
+        await store.append("re", data(b"old", seq=f"z{seq}", producer=("p", 4, seq)))
+    await store.append("re", close_only())
+
+    await store.delete("re")
+    k = store.keys("re")
+    assert await redis_client.exists(k.meta, k.data, k.producers) == 0
+    with pytest.raises(NotFound):
+        await store.read("re", off.ZERO)
+
+    created = await store.create("re", CreateRequest("text/plain"))
+    assert created.created and not created.closed and created.info_tail == off.ZERO
+    page = await store.read("re", off.ZERO)
+    assert page.body == b"" and page.info.content_type == "text/plain"
+
+    # Producer (epoch 0 < old epoch 4) and Stream-Seq ("a" < old "z2") start fresh.
+    r = await store.append("re", data(b"new", seq="a", media_type="text/plain",
+                                       producer=("p", 0, 0)))
+    assert (r.status, r.producer_epoch, r.producer_seq) == ("ok", "0", "0")
+    body, _ = await read_all(store, "re")
+    assert body == b"new"
+
+
+async def test_create_clears_leftover_keys_of_a_previous_incarnation(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """A meta hash that vanished alone (e.g. evicted) must not resurrect old data."""
+    await store.create("left", CreateRequest(OCTET, entries=((b"old", None),)))
+    await store.append("left", data(b"old", producer=("p", 0, 0)))
+    await redis_client.delete(store.keys("left").meta)
+
+    await store.create("left", CreateRequest(OCTET))
+    page = await store.read("left", off.ZERO)
+    assert page.body == b""
+    assert await redis_client.exists(store.keys("left").producers) == 0
+    r = await store.append("left", data(b"new", producer=("p", 0, 0)))
+    assert r.status == "ok"
+    body, _ = await read_all(store, "left")
+    assert body == b"new"
+
+
+async def test_delete_publishes_on_the_wake_channel(
+    store: Store, redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    await store.create("w", CreateRequest(OCTET))
+    listener = aioredis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    try:
+        await pubsub.subscribe(store.keys("w").wake)
+        assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+        appended = await store.append("w", data(b"x"))
+        message = await pubsub.get_message(timeout=2)
+        assert message["data"] == off.to_entry_id(appended.tail).encode()
+        closed = await store.append("w", close_only())
+        message = await pubsub.get_message(timeout=2)
+        assert message["data"] == f"{off.to_entry_id(closed.tail)} closed".encode()
+        await store.delete("w")
+        message = await pubsub.get_message(timeout=2)
+        assert message["data"] == b"deleted"
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
