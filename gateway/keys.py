@@ -6,6 +6,7 @@ in one Redis Cluster slot and every multi-key change is one Lua script:
     ds:{<path>}:meta       hash    content type, tail id, closure, TTL/expiry, fork links
     ds:{<path>}:data       stream  one entry per append (field d = bytes, n = JSON count)
     ds:{<path>}:producers  hash    producer id -> "epoch:last_seq"
+    ds:{<path>}:forks      set     paths of the forks that read this stream
     ds:{<path>}:wake       channel pub/sub wake-ups for live readers
 
 ``{``, ``}`` and ``%`` in a path are percent-encoded so a path can never end the
@@ -28,11 +29,13 @@ class StreamKeys:
     meta: str
     data: str
     producers: str
+    forks: str
     wake: str
 
     @property
     def all(self) -> list[str]:
-        return [self.meta, self.data, self.producers]
+        """The keys every script takes, in KEYS order."""
+        return [self.meta, self.data, self.producers, self.forks]
 
 
 def stream_keys(prefix: str, path: str) -> StreamKeys:
@@ -42,5 +45,6 @@ def stream_keys(prefix: str, path: str) -> StreamKeys:
         meta=f"{base}:meta",
         data=f"{base}:data",
         producers=f"{base}:producers",
+        forks=f"{base}:forks",
         wake=f"{base}:wake",
     )

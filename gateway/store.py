@@ -178,6 +178,7 @@ class Store:
         base_tail: str,
         fork_offset_id: str = "",
         prefix: tuple[bytes, int | None] | None = None,
+        retry: bool = True,
     ) -> CreateResult:
         k = self.keys(path)
         entries = ([prefix] if prefix else []) + list(req.entries)
@@ -199,6 +200,15 @@ class Store:
         if status == "conflict":
             raise Conflict("stream exists with a different configuration")
         if status == "gone":
+            if retry and await self._collect(path):
+                return await self._create(
+                    path,
+                    req,
+                    base_tail=base_tail,
+                    fork_offset_id=fork_offset_id,
+                    prefix=prefix,
+                    retry=False,
+                )
             raise Conflict("stream was deleted and its path is still in use by forks")
         tail = off.from_entry_id(_s(reply[1]))
         content_type = _s(reply[3]) if status == "exists" else req.content_type
@@ -215,8 +225,11 @@ class Store:
         offset_id = "" if req.fork_offset is None else off.parse(req.fork_offset, "fork offset")
         requested_mt = headers.media_type(req.content_type) if req.content_type else ""
         sk = self.keys(source)
-        reply = await self._run(self.scripts.fork_acquire, sk.all, [requested_mt, offset_id])
+        acquire_args = [requested_mt, offset_id, path]
+        reply = await self._run(self.scripts.fork_acquire, sk.all, acquire_args)
         status = _s(reply[0])
+        if status == "gone" and await self._collect(source):
+            status = "not_found"
         if status == "not_found":
             raise NotFound("fork source stream not found")
         if status == "gone":
@@ -227,6 +240,7 @@ class Store:
             raise BadRequest("Stream-Fork-Offset is beyond the source stream's tail")
         content_type, fork_offset_id = _s(reply[1]), _s(reply[3])
         source_ttl, source_exp = _s(reply[4]), _s(reply[5])
+        registered = _s(reply[6]) == "1"  # False when this fork path held a reference already
         created = False
         try:
             prefix = None
@@ -257,10 +271,12 @@ class Store:
             created = result.created
             return result
         finally:
-            if not created:
-                # The fork was not made (it existed already, or the request was
-                # refused): give the reference back.
-                await self._release(source)
+            if registered and not created and not await self._is_fork_of(path, source):
+                # This request registered the fork but no fork of this source
+                # stands at the path (the request was refused): give the
+                # reference back. (A concurrent identical PUT may have created
+                # it; then the reference is that fork's and stays.)
+                await self._release(source, path)
 
     async def _sub_offset_prefix(
         self, source: str, anchor_id: str, sub: int
@@ -298,6 +314,8 @@ class Store:
         async with _storage_errors():
             reply = await self._run(self.scripts.append, k.all, args)
         status = _s(reply[0])
+        if status == "gone" and await self._collect(path):
+            status = "not_found"
         if status == "not_found":
             raise NotFound("stream not found")
         if status == "gone":
@@ -338,21 +356,46 @@ class Store:
         async with _storage_errors():
             reply = await self._run(self.scripts.delete, k.all, [k.wake])
             status = _s(reply[0])
+            if status == "gone" and await self._collect(path):
+                status = "not_found"
             if status == "not_found":
                 raise NotFound("stream not found")
             if status == "gone":
                 raise Gone("stream has been deleted")
             if status == "deleted" and _s(reply[1]):
-                await self._release(_s(reply[1]))
+                await self._release(_s(reply[1]), path)
 
-    async def _release(self, source: str) -> None:
-        """Give back one fork reference; cascade clean-up up the fork chain."""
+    async def _release(self, source: str, fork: str) -> None:
+        """Drop ``fork``'s reference on ``source``; cascade clean-up up the chain."""
         async with _storage_errors():
             for _ in range(MAX_FORK_DEPTH):
-                reply = await self._run(self.scripts.fork_release, self.keys(source).all, [])
+                keys = self.keys(source).all
+                reply = await self._run(self.scripts.fork_release, keys, [fork])
                 if _s(reply[0]) != "deleted" or not _s(reply[1]):
                     return
-                source = _s(reply[1])
+                source, fork = _s(reply[1]), source
+
+    async def _is_fork_of(self, path: str, source: str) -> bool:
+        async with _storage_errors():
+            owner = await self.client.execute_command("HGET", self.keys(path).meta, "fsrc")
+        return owner is not None and _s(owner) == source
+
+    async def _collect(self, path: str) -> bool:
+        """Drop references held by forks that no longer exist (a fork that
+        expired runs no code that could release its source), then report
+        whether ``path`` was only being kept for them and is now gone.
+
+        Called when a client meets a soft-deleted or expired-but-pinned stream,
+        so such a stream is cleaned up on the next access to its path.
+        """
+        k = self.keys(path)
+        async with _storage_errors():
+            forks = await self.client.execute_command("SMEMBERS", k.forks)
+            for raw in forks or []:
+                fork = _s(raw)
+                if not await self._is_fork_of(fork, path):
+                    await self._release(path, fork)
+            return not await self.client.execute_command("EXISTS", k.meta)
 
     # -- reads (sections 5.5-5.8) ----------------------------------------------
 
@@ -418,6 +461,8 @@ class Store:
             [after, budget, max_entries, upto, mode, "1" if continuing else ""],
         )
         status = _s(reply[0])
+        if status == "gone" and await self._collect(path):
+            status = "not_found"
         if status == "not_found":
             raise NotFound("stream not found")
         if status == "gone":

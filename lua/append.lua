@@ -1,7 +1,7 @@
 -- append.lua: append and/or close, with idempotent-producer validation
 -- (POST, sections 5.2, 5.2.1 and 5.3). Validation and the append are one step,
 -- so requests of one producer may arrive on any replica in any order.
--- KEYS: 1 meta, 2 data, 3 producers
+-- KEYS: 1 meta, 2 data, 3 producers, 4 forks (unused)
 -- ARGV: 1 request media type, 2 '1' if there is a body, 3 '1' to close,
 --       4 Stream-Seq or '', 5 Producer-Id or '', 6 Producer-Epoch, 7 Producer-Seq,
 --       8 data, 9 JSON message count ('' for bytes), 10 wake-up channel

@@ -1,5 +1,5 @@
 -- create.lua: create a stream, or confirm an identical one (PUT, section 5.1).
--- KEYS: 1 meta, 2 data, 3 producers
+-- KEYS: 1 meta, 2 data, 3 producers, 4 forks
 -- ARGV: 1 content type, 2 media type, 3 ttl seconds or '', 4 expires-at ms or '',
 --       5 '1' to create closed, 6 fork source path or '', 7 fork offset id or '',
 --       8 fork sub-offset or '', 9 initial tail id ('0-0', or the fork offset),
@@ -23,7 +23,7 @@ end
 
 -- No meta: clear whatever a previous incarnation may have left behind, so a
 -- re-created stream never shows old entries or old producer state.
-redis.call('DEL', data_key, KEYS[3])
+redis.call('DEL', data_key, KEYS[3], KEYS[4])
 
 local tail = ARGV[9]
 for i = 10, #ARGV, 2 do

@@ -1,7 +1,7 @@
 -- read.lua: stream metadata plus one page of entries (GET and HEAD, sections
 -- 5.5-5.8). Entries are concatenated here so a page is one reply, not one
 -- reply element per append.
--- KEYS: 1 meta, 2 data, 3 producers
+-- KEYS: 1 meta, 2 data, 3 producers, 4 forks (unused)
 -- ARGV: 1 read entries after this id, or '' for metadata only,
 --       2 page size in bytes, 3 most entries in the page,
 --       4 read no entry after this id, or '' (bounds reads of a fork's source),

@@ -43,10 +43,16 @@ def json_data(body: bytes) -> AppendRequest:
     return AppendRequest(JSON, jsonmode.join(messages), len(messages), False, None, None)
 
 
-def fork(source: str, offset: str | None = None, sub: int | None = None,
-         content_type: str = "", **kw: object) -> CreateRequest:
-    return CreateRequest(content_type, fork_source=source, fork_offset=offset,
-                         fork_sub_offset=sub, **kw)  # type: ignore[arg-type]
+def fork(
+    source: str,
+    offset: str | None = None,
+    sub: int | None = None,
+    content_type: str = "",
+    **kw: object,
+) -> CreateRequest:
+    return CreateRequest(
+        content_type, fork_source=source, fork_offset=offset, fork_sub_offset=sub, **kw
+    )  # type: ignore[arg-type]
 
 
 async def read_all(store: Store, path: str, start: str = off.ZERO) -> tuple[bytes, list[Page]]:
@@ -142,8 +148,9 @@ async def test_fork_does_not_inherit_producer_or_stream_seq_state(store: Store) 
     await store.append("src", AppendRequest(OCTET, b"a", None, False, "m", Producer("p", 3, 0)))
     await store.create("f", fork("src"))
     # Epoch 0 < 3 and Stream-Seq "a" < "m" are both fine on the fork.
-    result = await store.append("f", AppendRequest(OCTET, b"b", None, False, "a",
-                                                   Producer("p", 0, 0)))
+    result = await store.append(
+        "f", AppendRequest(OCTET, b"b", None, False, "a", Producer("p", 0, 0))
+    )
     assert (result.status, result.producer_epoch) == ("ok", "0")
 
 
@@ -342,11 +349,11 @@ async def test_fork_of_an_expiring_source_pins_its_keys(
     await store.create("src", CreateRequest(OCTET, ttl=3600, entries=((b"data", None),)))
     await store.append("src", AppendRequest(OCTET, b"+", None, False, None, Producer("p", 0, 0)))
     k = store.keys("src")
-    assert all(p > 0 for p in [await redis_client.pttl(x) for x in k.all])
+    assert all(p > 0 for p in [await redis_client.pttl(x) for x in (k.meta, k.data, k.producers)])
 
     await store.create("f", fork("src"))
     # Pinned: Redis no longer expires the source's keys on its own.
-    assert [await redis_client.pttl(x) for x in k.all] == [-1, -1, -1]
+    assert [await redis_client.pttl(x) for x in (k.meta, k.data, k.producers)] == [-1, -1, -1]
     # The fork inherits the source's TTL (section 4.2 table) and expires on its own.
     assert (await store.head("f")).ttl == 3600
     assert 0 < await redis_client.pttl(store.keys("f").meta) <= 3_600_000
@@ -356,7 +363,10 @@ async def test_fork_of_an_expiring_source_pins_its_keys(
 
     # The last fork gone: expiry is handed back to Redis.
     await store.delete("f")
-    assert all(0 < p <= 3_600_000 for p in [await redis_client.pttl(x) for x in k.all])
+    assert all(
+        0 < p <= 3_600_000
+        for p in [await redis_client.pttl(x) for x in (k.meta, k.data, k.producers)]
+    )
 
 
 async def test_fork_keeps_the_data_of_a_source_that_expired(
@@ -493,16 +503,18 @@ async def test_http_fork_with_a_body_of_a_soft_deleted_source_is_409(
     source's type up)."""
     base = f"{gateway}/v1/stream"
     async with httpx.AsyncClient(timeout=5) as client:
-        assert (await client.put(f"{base}/hs", content=b"x",
-                                 headers={"Content-Type": "text/plain"})).status_code == 201
+        assert (
+            await client.put(f"{base}/hs", content=b"x", headers={"Content-Type": "text/plain"})
+        ).status_code == 201
         forked = await client.put(f"{base}/hs-f1", headers={"Stream-Forked-From": "/v1/stream/hs"})
         assert forked.status_code == 201
         assert (await client.delete(f"{base}/hs")).status_code == 204
 
         without_body = await client.put(f"{base}/hs-f2", headers={"Stream-Forked-From": "hs"})
         assert without_body.status_code == 409
-        with_body = await client.put(f"{base}/hs-f3", content=b"y",
-                                     headers={"Stream-Forked-From": "hs"})
+        with_body = await client.put(
+            f"{base}/hs-f3", content=b"y", headers={"Stream-Forked-From": "hs"}
+        )
         assert with_body.status_code == 409, (with_body.status_code, with_body.text)
     assert await redis_client.exists("ds:{hs-f2}:meta", "ds:{hs-f3}:meta") == 0
 
@@ -510,23 +522,30 @@ async def test_http_fork_with_a_body_of_a_soft_deleted_source_is_409(
 async def test_http_fork_with_a_body_inherits_the_content_type(gateway: str) -> None:
     base = f"{gateway}/v1/stream"
     async with httpx.AsyncClient(timeout=5) as client:
-        await client.put(f"{base}/hj", content=b'[{"a":1}]',
-                         headers={"Content-Type": "application/json"})
-        created = await client.put(f"{base}/hj-f", content=b'[{"b":2},{"c":3}]',
-                                   headers={"Stream-Forked-From": "/v1/stream/hj"})
+        await client.put(
+            f"{base}/hj", content=b'[{"a":1}]', headers={"Content-Type": "application/json"}
+        )
+        created = await client.put(
+            f"{base}/hj-f",
+            content=b'[{"b":2},{"c":3}]',
+            headers={"Stream-Forked-From": "/v1/stream/hj"},
+        )
         assert created.status_code == 201
         assert created.headers["content-type"] == "application/json"
         read = await client.get(f"{base}/hj-f", params={"offset": "-1"})
         assert read.json() == [{"a": 1}, {"b": 2}, {"c": 3}]
         # Long-poll on the fork's tail is not woken by the source (section 5.7).
         tail = read.headers["stream-next-offset"]
-        poll = asyncio.create_task(client.get(
-            f"{base}/hj-f", params={"offset": tail, "live": "long-poll"}, timeout=10))
-        await client.post(f"{base}/hj", content=b'{"src":1}',
-                          headers={"Content-Type": "application/json"})
+        poll = asyncio.create_task(
+            client.get(f"{base}/hj-f", params={"offset": tail, "live": "long-poll"}, timeout=10)
+        )
+        await client.post(
+            f"{base}/hj", content=b'{"src":1}', headers={"Content-Type": "application/json"}
+        )
         await asyncio.sleep(0.3)  # give a wrong wake-up the time to happen
         assert not poll.done()
-        await client.post(f"{base}/hj-f", content=b'{"fork":1}',
-                          headers={"Content-Type": "application/json"})
+        await client.post(
+            f"{base}/hj-f", content=b'{"fork":1}', headers={"Content-Type": "application/json"}
+        )
         woken = await asyncio.wait_for(poll, 2)
         assert woken.status_code == 200 and woken.json() == [{"fork": 1}]

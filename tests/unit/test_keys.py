@@ -41,7 +41,7 @@ def keyslot(key: str) -> int:
 
 
 def _stream_slots(keys: StreamKeys) -> set[int]:
-    return {keyslot(k) for k in (keys.meta, keys.data, keys.producers, keys.wake)}
+    return {keyslot(k) for k in (keys.meta, keys.data, keys.producers, keys.forks, keys.wake)}
 
 
 ADVERSARIAL_PATHS = [
@@ -135,7 +135,7 @@ def test_hash_tag_is_the_whole_escaped_path(path: str) -> None:
     tag = hash_tag(keys.meta.encode()).decode()
     assert "{" not in tag and "}" not in tag
     assert tag.replace("%7B", "{").replace("%7D", "}").replace("%25", "%") == path
-    for key in (keys.data, keys.producers, keys.wake):
+    for key in (keys.data, keys.producers, keys.forks, keys.wake):
         assert hash_tag(key.encode()).decode() == tag
 
 
@@ -157,14 +157,16 @@ def test_key_layout() -> None:
         meta="ds:{orders/eu}:meta",
         data="ds:{orders/eu}:data",
         producers="ds:{orders/eu}:producers",
+        forks="ds:{orders/eu}:forks",
         wake="ds:{orders/eu}:wake",
     )
 
 
 def test_all_lists_the_script_keys_in_script_order() -> None:
-    # The Lua scripts take KEYS 1 meta, 2 data, 3 producers; the channel is an ARGV.
+    # The Lua scripts take KEYS 1 meta, 2 data, 3 producers, 4 forks; the channel
+    # is an ARGV.
     keys = stream_keys("ds", "p")
-    assert keys.all == [keys.meta, keys.data, keys.producers]
+    assert keys.all == [keys.meta, keys.data, keys.producers, keys.forks]
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,8 @@ KEY_POSITIONS: dict[str, tuple[int, ...] | None] = {
     "XRANGE": (1,),
     "PEXPIREAT": (1,),
     "PERSIST": (1,),
+    "SADD": (1,),
+    "SREM": (1,),
     "DEL": None,
 }
 
