@@ -31,6 +31,7 @@ class RespProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.outgoing: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -63,13 +64,24 @@ class RespProtocol(asyncio.Protocol):
                 future.set_exception(error)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         if self.closed or self.transport is None:
             future.set_exception(redis_errors.ConnectionError("connection to Redis closed"))
             return future
-        self.transport.write(packed)
+        # Commands issued in the same loop iteration leave in one write (one
+        # syscall, one TCP segment) instead of one write each.
+        if not self.outgoing:
+            loop.call_soon(self.flush)
+        self.outgoing.append(packed)
         self.pending.append((future, time.monotonic()))
         return future
+
+    def flush(self) -> None:
+        if self.outgoing and self.transport is not None and not self.closed:
+            data = self.outgoing[0] if len(self.outgoing) == 1 else b"".join(self.outgoing)
+            self.transport.write(data)
+        self.outgoing.clear()
 
     def abort(self, error: Exception) -> None:
         self.closed = True
