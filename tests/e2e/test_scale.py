@@ -11,41 +11,72 @@ killing B's pub/sub connection loses no wake-up. Figures are printed (run with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer, redis7_binary, redis62_binary
 
 READERS = 2000
 MAX_CONNECTIONS_PER_REPLICA = 4
 
 
-@pytest.fixture(scope="module")
-def replicas() -> Iterator[tuple[RedisServer, GatewayServer, GatewayServer]]:
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def replicas(request) -> Iterator[tuple[list[str], GatewayServer, GatewayServer]]:
+    """(URLs of every Redis node, replica a, replica b)."""
     binary = redis7_binary() or redis62_binary()
     env = {"DS_SSE_MAX_DURATION_MS": "120000", "DS_LONG_POLL_TIMEOUT_MS": "20000"}
-    with (
-        RedisServer(binary) as redis,
-        GatewayServer(redis_url=redis.url, env={**env, "DS_INSTANCE_ID": "a"}) as a,
-        GatewayServer(redis_url=redis.url, env={**env, "DS_INSTANCE_ID": "b"}) as b,
-    ):
-        yield redis, a, b
+    with contextlib.ExitStack() as stack:
+        if request.param == "standalone":
+            redis = stack.enter_context(RedisServer(binary))
+            nodes, redis_url = [redis.url], redis.url
+        else:
+            cluster = stack.enter_context(RedisCluster(binary))
+            nodes = [f"redis://{host}:{port}/0" for host, port in cluster.nodes]
+            redis_url = cluster.url
+            env["REDIS_CLUSTER_URL"] = cluster.url
+        a = stack.enter_context(
+            GatewayServer(redis_url=redis_url, env={**env, "DS_INSTANCE_ID": "a"})
+        )
+        b = stack.enter_context(
+            GatewayServer(redis_url=redis_url, env={**env, "DS_INSTANCE_ID": "b"})
+        )
+        yield nodes, a, b
 
 
-async def _connections_of(client: aioredis.Redis, instance: str) -> int:
-    clients = await client.client_list()
-    return sum(1 for c in clients if c.get("name", "").startswith(f"ds-gateway:{instance}:"))
+async def _on_each_node(nodes: list[str], command: Any) -> list[Any]:
+    results = []
+    for url in nodes:
+        client = aioredis.Redis.from_url(url)
+        try:
+            results.append(await command(client))
+        finally:
+            await client.aclose()
+    return results
 
 
-async def _evalsha_calls(client: aioredis.Redis) -> int:
-    stats = await client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+async def _connections_per_node(nodes: list[str], instance: str) -> list[int]:
+    async def count(client: aioredis.Redis) -> int:
+        clients = await client.client_list()
+        return sum(1 for c in clients if c.get("name", "").startswith(f"ds-gateway:{instance}:"))
+
+    return await _on_each_node(nodes, count)
+
+
+async def _evalsha_calls(nodes: list[str]) -> int:
+    async def calls(client: aioredis.Redis) -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    return sum(await _on_each_node(nodes, calls))
 
 
 def _tree_rss_kib(pid: int) -> int:
@@ -120,8 +151,7 @@ async def _read_until(reader: asyncio.StreamReader, needle: bytes, within_s: flo
 
 
 async def test_thousands_of_sse_readers_share_a_few_connections_and_one_read(replicas) -> None:
-    redis, a, b = replicas
-    client = aioredis.Redis.from_url(redis.url)
+    nodes, a, b = replicas
     host, port = "127.0.0.1", int(b.url.rsplit(":", 1)[1])
     path = "/v1/stream/fanout"
     connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -143,15 +173,15 @@ async def test_thousands_of_sse_readers_share_a_few_connections_and_one_read(rep
                 await asyncio.gather(*(_read_until(r, b'"upToDate":true', 30) for r, _ in batch))
                 connections.extend(batch)
             rss_after = _tree_rss_kib(b.pid)
-            held = await _connections_of(client, "b")
+            held = await _connections_per_node(nodes, "b")
             per_reader = (rss_after - rss_before) * 1024 / READERS
             print(
-                f"\n{READERS} SSE readers on replica b: {held} Redis connections; "
+                f"\n{READERS} SSE readers on replica b: Redis connections per node {held}; "
                 f"memory {per_reader / 1024:.1f} KiB per idle reader"
             )
-            assert held <= MAX_CONNECTIONS_PER_REPLICA
+            assert max(held) <= MAX_CONNECTIONS_PER_REPLICA
 
-            calls_before = await _evalsha_calls(client)
+            calls_before = await _evalsha_calls(nodes)
             started = time.perf_counter()
             posted = await http.post(
                 f"{a.url}{path}", content="hello-all", headers={"content-type": "text/plain"}
@@ -159,47 +189,42 @@ async def test_thousands_of_sse_readers_share_a_few_connections_and_one_read(rep
             assert posted.status_code == 204
             await asyncio.gather(*(_read_until(r, b"hello-all", 60) for r, _ in connections))
             elapsed_ms = (time.perf_counter() - started) * 1000
-            calls = await _evalsha_calls(client) - calls_before
+            calls = await _evalsha_calls(nodes) - calls_before
             print(
                 f"one append reached all {READERS} readers in {elapsed_ms:.0f} ms; "
                 f"Redis script calls for it: {calls} (1 append + reads)"
             )
             # One append plus a handful of coalesced reads, not one read per reader.
             assert calls <= 10
-            assert await _connections_of(client, "b") <= MAX_CONNECTIONS_PER_REPLICA
+            assert max(await _connections_per_node(nodes, "b")) <= MAX_CONNECTIONS_PER_REPLICA
     finally:
         for _, writer in connections:
             writer.close()
-        await client.aclose()
 
 
 async def test_killing_the_pubsub_connection_loses_no_wake_up(replicas) -> None:
-    redis, a, b = replicas
-    client = aioredis.Redis.from_url(redis.url)
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            url_a, url_b = f"{a.url}/v1/stream/killwake", f"{b.url}/v1/stream/killwake"
-            assert (
-                await http.put(url_a, headers={"content-type": "text/plain"})
-            ).status_code == 201
-            tail = (await http.head(url_b)).headers["stream-next-offset"]
-            polls = [
-                asyncio.create_task(http.get(url_b, params={"offset": tail, "live": "long-poll"}))
-                for _ in range(20)
-            ]
-            await asyncio.sleep(0.3)  # all twenty are waiting on replica b
-            killed = await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            assert int(killed) >= 1
-            # Appended while b's listener is (probably) still reconnecting.
-            posted = await http.post(
-                url_a, content="after-kill", headers={"content-type": "text/plain"}
-            )
-            assert posted.status_code == 204
-            responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
-            assert [r.status_code for r in responses] == [200] * 20
-            assert all(r.text == "after-kill" for r in responses)
-    finally:
-        await client.aclose()
+    nodes, a, b = replicas
+    async with httpx.AsyncClient(timeout=30) as http:
+        url_a, url_b = f"{a.url}/v1/stream/killwake", f"{b.url}/v1/stream/killwake"
+        assert (await http.put(url_a, headers={"content-type": "text/plain"})).status_code == 201
+        tail = (await http.head(url_b)).headers["stream-next-offset"]
+        polls = [
+            asyncio.create_task(http.get(url_b, params={"offset": tail, "live": "long-poll"}))
+            for _ in range(20)
+        ]
+        await asyncio.sleep(0.3)  # all twenty are waiting on replica b
+        killed = await _on_each_node(
+            nodes, lambda c: c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        )
+        assert sum(int(k) for k in killed) >= 1
+        # Appended while b's listener is (probably) still reconnecting.
+        posted = await http.post(
+            url_a, content="after-kill", headers={"content-type": "text/plain"}
+        )
+        assert posted.status_code == 204
+        responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
+        assert [r.status_code for r in responses] == [200] * 20
+        assert all(r.text == "after-kill" for r in responses)
 
 
 def test_replica_pids_are_distinct(replicas) -> None:
