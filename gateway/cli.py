@@ -25,6 +25,7 @@ from gateway.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 
 APP = "gateway.main:app"
 DEFAULT_PORT = 4437  # IANA-registered port of the Durable Streams protocol
+DEFAULT_MAX_CONNECTIONS = 100_000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # After its graceful shutdown a hypercorn child gets this long before SIGKILL.
 CHILD_STOP_TIMEOUT_S = 30.0
@@ -63,9 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="granian",
         help="HTTP server (default: granian: faster; serves HTTP/1.1 and HTTP/2)",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="concurrent requests per worker, live readers included "
+        f"(granian; default: {DEFAULT_MAX_CONNECTIONS})",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--app", default=APP, help=f"ASGI app to serve (default: {APP})")
     return parser
+
+
+def _raise_open_file_limit() -> None:
+    """Each live reader is a socket: allow as many as the hard limit permits."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        logger.debug("could not raise the open-file limit", exc_info=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
     except ValueError as exc:
         parser.error(str(exc))
+    _raise_open_file_limit()
     embedded = _start_embedded_if_needed(settings)
     try:
         return SERVERS[args.server](args)
@@ -119,6 +141,11 @@ def _run_granian(args: argparse.Namespace) -> int:
         log_level=LogLevels(args.log_level),
         # uvloop doubles appends/s here compared with the asyncio loop.
         loop=Loops.uvloop if _has_uvloop() else Loops.auto,
+        # Every waiting long-poll and SSE reader is an open request: granian's
+        # default (backlog / workers, i.e. 1024) would stop a worker from
+        # taking any request, appends included, once 1024 readers wait on it.
+        backpressure=args.max_connections,
+        backlog=max(1024, min(args.max_connections, 65535)),
     )
     # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then
     # returns (or raises SystemExit(1) when a worker died unexpectedly).

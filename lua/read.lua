@@ -38,7 +38,9 @@ local sep = m.mt == 'application/json' and ',' or ''
 
 local parts, size, count, last, more = {}, 0, 0, after, ''
 local start, stop = '(' .. after, upto ~= '' and upto or '+'
-local batch_size = math.min(max_entries, 128)
+-- Fetch in batches sized to what the page can still hold: XRANGE copies every
+-- entry it returns, so fetching far past the byte budget costs real time.
+local batch_size = math.min(max_entries, 16)
 while true do
   local batch = redis.call('XRANGE', data_key, start, stop, 'COUNT', batch_size)
   for _, entry in ipairs(batch) do
@@ -59,5 +61,9 @@ while true do
     break
   end
   start = '(' .. last
+  -- Entries seen so far predict how many more fit (plus one to detect the end).
+  local average = math.max(1, size / count)
+  batch_size = math.max(1, math.min(max_entries - count, 256,
+                                    math.floor((max_bytes - size) / average) + 1))
 end
 return reply('ok', table.concat(parts, sep), last, more, count)

@@ -1,0 +1,1 @@
+"""Benchmark suite of the Durable Streams gateway; run it with `bench/run`."""
