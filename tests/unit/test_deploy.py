@@ -625,7 +625,7 @@ def test_nginx_config_keeps_the_contract() -> None:
 def test_nginx_config_is_valid() -> None:
     nginx = nginx_binary()
     if nginx is None:
-        pytest.skip("nginx is not installed (optional): apt-get install -y nginx-light")
+        pytest.fail("nginx is missing: scripts/test installs it (apt-get install nginx-light)")
     result = subprocess.run(
         [nginx, "-t", "-c", str(NGINX_CONF)], capture_output=True, text=True, timeout=30
     )
