@@ -14,12 +14,13 @@ import time
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from support.store_reads import read_all
 
 from gateway import jsonmode
 from gateway import offsets as off
 from gateway.errors import BadRequest, Conflict, Gone, NotFound
 from gateway.headers import Producer
-from gateway.store import AppendRequest, CreateRequest, Page, Store
+from gateway.store import AppendRequest, CreateRequest, Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,22 +54,6 @@ def fork(
     return CreateRequest(
         content_type, fork_source=source, fork_offset=offset, fork_sub_offset=sub, **kw
     )  # type: ignore[arg-type]
-
-
-async def read_all(store: Store, path: str, start: str = off.ZERO) -> tuple[bytes, list[Page]]:
-    pages: list[Page] = []
-    offset = start
-    for _ in range(10_000):
-        page = await store.read(path, offset)
-        pages.append(page)
-        if page.up_to_date:
-            break
-        assert page.next_offset > offset, f"page did not advance: {page}"
-        offset = page.next_offset
-    else:
-        pytest.fail("read never became up to date")
-    sep = b"," if pages[0].info.is_json else b""
-    return sep.join(p.body for p in pages if p.body), pages
 
 
 async def refs(client: aioredis.Redis, store: Store, path: str) -> int:

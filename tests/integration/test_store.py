@@ -14,12 +14,13 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from support.store_reads import read_all
 
 from gateway import jsonmode
 from gateway import offsets as off
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.headers import Producer
-from gateway.store import AppendRequest, CreateRequest, Page, Store
+from gateway.store import AppendRequest, CreateRequest, Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,8 +43,14 @@ async def store(redis_client: aioredis.Redis) -> Store:
     return s
 
 
-def data(body: bytes, *, close: bool = False, seq: str | None = None,
-         producer: tuple[str, int, int] | None = None, media_type: str = OCTET) -> AppendRequest:
+def data(
+    body: bytes,
+    *,
+    close: bool = False,
+    seq: str | None = None,
+    producer: tuple[str, int, int] | None = None,
+    media_type: str = OCTET,
+) -> AppendRequest:
     return AppendRequest(
         media_type=media_type,
         body=body,
@@ -81,23 +88,6 @@ def close_only(producer: tuple[str, int, int] | None = None) -> AppendRequest:
 def json_entries(body: bytes) -> tuple[tuple[bytes, int | None], ...]:
     messages = jsonmode.flatten(body, allow_empty=True)
     return ((jsonmode.join(messages), len(messages)),) if messages else ()
-
-
-async def read_all(store: Store, path: str, start: str = off.ZERO) -> tuple[bytes, list[Page]]:
-    """Follow next_offset page by page until up to date; returns the bytes and pages."""
-    pages: list[Page] = []
-    offset = start
-    for _ in range(10_000):
-        page = await store.read(path, offset)
-        pages.append(page)
-        if page.up_to_date:
-            break
-        assert page.next_offset > offset, "a page that is not up to date must advance"
-        offset = page.next_offset
-    else:
-        pytest.fail("read never became up to date")
-    sep = b"," if pages[0].info.is_json else b""
-    return sep.join(p.body for p in pages if p.body), pages
 
 
 async def xrange(client: aioredis.Redis, key: str) -> list[tuple[str, dict[str, bytes]]]:
@@ -162,8 +152,9 @@ async def test_key_layout_and_raw_stream_entries(
     store: Store, redis_client: aioredis.Redis
 ) -> None:
     await store.create("orders/eu", CreateRequest("text/plain", entries=((b"first", None),)))
-    await store.append("orders/eu", data(b"second", media_type="text/plain",
-                                          producer=("writer-1", 0, 0)))
+    await store.append(
+        "orders/eu", data(b"second", media_type="text/plain", producer=("writer-1", 0, 0))
+    )
 
     keys = sorted(k.decode() for k in await redis_client.keys("*"))
     assert keys == ["ds:{orders/eu}:data", "ds:{orders/eu}:meta", "ds:{orders/eu}:producers"]
@@ -295,7 +286,13 @@ async def test_json_flattening_is_stored_per_append_with_message_counts(
 
     body, _ = await read_all(store, "j")
     assert json.loads(b"[" + body + b"]") == [
-        {"a": 1}, {"b": 2}, {"c": [3, 4]}, [1, 2], [3, 4], 5, [["deep"]]
+        {"a": 1},
+        {"b": 2},
+        {"c": [3, 4]},
+        [1, 2],
+        [3, 4],
+        5,
+        [["deep"]],
     ]
     # Every page from every offset is a valid array (entries joined with commas).
     for entry_id, _ in entries:
@@ -653,8 +650,9 @@ async def test_recreate_after_delete_has_no_old_data_or_producer_state(
     assert page.body == b"" and page.info.content_type == "text/plain"
 
     # Producer (epoch 0 < old epoch 4) and Stream-Seq ("a" < old "z2") start fresh.
-    r = await store.append("re", data(b"new", seq="a", media_type="text/plain",
-                                       producer=("p", 0, 0)))
+    r = await store.append(
+        "re", data(b"new", seq="a", media_type="text/plain", producer=("p", 0, 0))
+    )
     assert (r.status, r.producer_epoch, r.producer_seq) == ("ok", "0", "0")
     body, _ = await read_all(store, "re")
     assert body == b"new"
