@@ -37,10 +37,8 @@ class Context:
 
 
 def _json_entries(body: bytes, *, allow_empty: bool) -> tuple[tuple[bytes, int | None], ...]:
-    messages = jsonmode.flatten(body, allow_empty=allow_empty)
-    if not messages:
-        return ()
-    return ((jsonmode.join(messages), len(messages)),)
+    data, count = jsonmode.entry(body, allow_empty=allow_empty)
+    return ((data, count),) if count else ()
 
 
 def _fork_source(raw: str, stream_prefix: str) -> str:
@@ -135,8 +133,7 @@ async def append(ctx: Context, req: Request, path: str, send: Send) -> None:
             raise BadRequest("Content-Type is required with a body")
         media_type = h.media_type(content_type)
         if h.is_json(content_type):
-            messages = jsonmode.flatten(body, allow_empty=False)
-            data, json_count = jsonmode.join(messages), len(messages)
+            data, json_count = jsonmode.entry(body, allow_empty=False)
         else:
             data = body
     elif not close:

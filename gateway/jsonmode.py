@@ -110,6 +110,29 @@ def flatten(body: bytes, *, allow_empty: bool) -> list[bytes]:
     return [dumps(value)]
 
 
+_JSON_WHITESPACE = b" \t\n\r"
+
+
+def entry(body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
+    """Validate an append body and return what one stream entry stores: the
+    messages, comma-joined, and how many there are.
+
+    The body is parsed only to validate it and count a top-level array; the
+    stored text is the client's own (the inside of the array, or the value), so
+    numbers keep their exact digits and no message is serialised again.
+    """
+    text = body.strip(_JSON_WHITESPACE)
+    if not text:
+        raise BadRequest("body is not valid JSON")
+    value, _ = _parse(text)
+    if isinstance(value, list):
+        if not value and not allow_empty:
+            raise BadRequest("empty JSON array: nothing to append")
+        # The array's inside is its elements joined by commas (and whitespace).
+        return text[1:-1].strip(_JSON_WHITESPACE), len(value)
+    return text, 1
+
+
 def join(messages: list[bytes]) -> bytes:
     """Fragments of one entry, as stored in Redis."""
     return b",".join(messages)

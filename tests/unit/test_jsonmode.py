@@ -242,3 +242,42 @@ def test_as_array_of_stored_entries_lists_every_message_in_order() -> None:
     appends = [b"[1, 2]", b'{"a": 3}', b'["x", [4, 5]]']
     entries = [jsonmode.join(jsonmode.flatten(a, allow_empty=False)) for a in appends]
     assert json.loads(jsonmode.as_array(entries)) == [1, 2, {"a": 3}, "x", [4, 5]]
+
+
+# -- entry: what one append stores ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "stored", "count"),
+    [
+        (b'{"a":1}', b'{"a":1}', 1),
+        (b' \n{"a": 1}\t', b'{"a": 1}', 1),
+        (b"[1, [2, 3]]", b"1, [2, 3]", 2),
+        (b" [ 1 ,\n [2,3] ] ", b"1 ,\n [2,3]", 2),
+        (b"[[[1,2,3]]]", b"[[1,2,3]]", 1),
+        (b'"text"', b'"text"', 1),
+        (b"[18446744073709551616, 1e400, -1e999]", b"18446744073709551616, 1e400, -1e999", 3),
+        (b'["\\ud800"]', b'"\\ud800"', 1),
+    ],
+)
+def test_entry_stores_the_clients_own_text(body: bytes, stored: bytes, count: int) -> None:
+    assert jsonmode.entry(body, allow_empty=False) == (stored, count)
+    # A read wraps entries in one array: it must be valid JSON with the same values.
+    assert json.loads(b"[" + stored + b"]") == _flattened(body)
+
+
+def _flattened(body: bytes) -> list:
+    value = json.loads(body)
+    return value if isinstance(value, list) else [value]
+
+
+def test_entry_of_an_empty_array() -> None:
+    assert jsonmode.entry(b" [ ] ", allow_empty=True) == (b"", 0)
+    with pytest.raises(BadRequest):
+        jsonmode.entry(b"[]", allow_empty=False)
+
+
+@pytest.mark.parametrize("body", [b"", b"  ", b"{", b"[1,]", b"NaN", b"[Infinity]", b"\xff"])
+def test_entry_rejects_invalid_json(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        jsonmode.entry(body, allow_empty=True)
