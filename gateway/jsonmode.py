@@ -1,13 +1,15 @@
 """JSON mode (protocol section 9.1).
 
 An append body is validated and flattened one level: a top-level array stores
-each element as its own message, anything else is one message. Messages are
-stored compactly serialised and joined with commas, so a read is just the stored
-fragments joined with commas and wrapped in ``[...]``.
+each element as its own message, anything else is one message. One append is
+one stream entry holding its messages comma-joined, in the client's own text
+(the inside of the array, or the value), so a read is just the entries joined
+with commas and wrapped in ``[...]``, and every number keeps its exact digits.
 
-Numbers are kept exactly. orjson (the fast path) turns integers beyond 64 bits
-and out-of-range exponents into doubles, so bodies with long digit runs or large
-exponents take an exact path that keeps every number's text.
+Validation uses orjson; bodies with numbers orjson would turn into doubles, or
+with escapes it refuses (lone surrogates), are checked by the standard library.
+``flatten``/``split`` re-serialise messages one by one, exactly, for the rare
+case that needs single messages: a fork at a sub-offset inside an append.
 """
 
 from __future__ import annotations
@@ -143,8 +145,3 @@ def split(fragment: bytes) -> list[bytes]:
     if not fragment:
         return []
     return flatten(b"[" + fragment + b"]", allow_empty=True)
-
-
-def as_array(fragments: list[bytes]) -> bytes:
-    """A JSON read response: every stored message in one array."""
-    return b"[" + b",".join(f for f in fragments if f) + b"]"

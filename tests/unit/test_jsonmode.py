@@ -195,7 +195,7 @@ def test_flatten_keeps_key_order() -> None:
     ]
 
 
-# -- join / split / as_array -----------------------------------------------------------
+# -- join / split -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -221,27 +221,6 @@ def test_join_uses_commas() -> None:
 def test_split_of_empty_fragment_is_no_messages() -> None:
     assert jsonmode.split(b"") == []
     assert jsonmode.join([]) == b""
-
-
-@pytest.mark.parametrize(
-    ("fragments", "expected"),
-    [
-        ([], b"[]"),
-        ([b""], b"[]"),
-        ([b"1"], b"[1]"),
-        ([b"1,2", b"3"], b"[1,2,3]"),
-        ([b"", b"1", b"", b'{"a":[2,3]}', b""], b'[1,{"a":[2,3]}]'),
-    ],
-)
-def test_as_array_wraps_non_empty_fragments(fragments: list[bytes], expected: bytes) -> None:
-    assert jsonmode.as_array(fragments) == expected
-    json.loads(expected)
-
-
-def test_as_array_of_stored_entries_lists_every_message_in_order() -> None:
-    appends = [b"[1, 2]", b'{"a": 3}', b'["x", [4, 5]]']
-    entries = [jsonmode.join(jsonmode.flatten(a, allow_empty=False)) for a in appends]
-    assert json.loads(jsonmode.as_array(entries)) == [1, 2, {"a": 3}, "x", [4, 5]]
 
 
 # -- entry: what one append stores ------------------------------------------------
