@@ -45,7 +45,9 @@ def _launch(kind: str, redis_url: str, port: int, log_path: str) -> subprocess.P
         ]
     env = {**os.environ, "REDIS_URL": redis_url, "DS_LONG_POLL_TIMEOUT_MS": "30000"}
     with open(log_path, "wb") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 @pytest.fixture(params=["console-script", "hypercorn-workers-0"])

@@ -1,0 +1,91 @@
+"""HTTP/2 (cleartext, prior knowledge) through the console script's server.
+
+Browsers open at most six HTTP/1.1 connections per origin, so live readers in
+several tabs need HTTP/2; every operation, SSE and long-poll included, must work
+over it, and no HTTP/1-only header (such as Connection) may appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support.procs import free_port, stop_process
+
+
+@pytest.fixture(scope="module")
+def h2_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("h2") / "gateway.log"
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "REDIS_URL": redis_url, "DS_LONG_POLL_TIMEOUT_MS": "5000"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        stop_process(proc)
+        pytest.fail("gateway did not start: " + log_path.read_text()[-2000:])
+    yield url
+    stop_process(proc)
+
+
+async def test_every_operation_over_http2(h2_gateway: str) -> None:
+    stream = f"{h2_gateway}/v1/stream/h2-{time.monotonic_ns()}"
+    plain = {"content-type": "text/plain"}
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as http:
+        created = await http.put(stream, headers=plain, content=b"first")
+        assert (created.http_version, created.status_code) == ("HTTP/2", 201)
+        appended = await http.post(stream, headers=plain, content=b" second")
+        assert appended.status_code == 204
+        read = await http.get(stream)
+        assert (read.status_code, read.text) == (200, "first second")
+        assert read.headers["stream-up-to-date"] == "true"
+        tail = read.headers["stream-next-offset"]
+
+        # A long-poll and an SSE reader share the connection and are both woken.
+        poll = asyncio.create_task(http.get(stream, params={"offset": tail, "live": "long-poll"}))
+
+        async def sse_until_third() -> str:
+            seen = ""
+            params = {"offset": tail, "live": "sse"}
+            async with http.stream("GET", stream, params=params) as response:
+                assert response.headers["content-type"] == "text/event-stream"
+                async for chunk in response.aiter_text():
+                    seen += chunk
+                    if "third" in seen and seen.count("event: control") >= 2:
+                        return seen
+            return seen
+
+        sse = asyncio.create_task(sse_until_third())
+        await asyncio.sleep(0.3)
+        assert (await http.post(stream, headers=plain, content=b"third")).status_code == 204
+        polled = await asyncio.wait_for(poll, 5)
+        assert (polled.status_code, polled.text) == (200, "third")
+        events = await asyncio.wait_for(sse, 5)
+        assert "data:third" in events
+
+        refused = await http.put(f"{stream}-bad", headers={**plain, "stream-ttl": "abc"})
+        assert refused.status_code == 400
+        assert "connection" not in refused.headers  # connection-specific: not in HTTP/2
+        assert (await http.delete(stream)).status_code == 204
