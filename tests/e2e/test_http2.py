@@ -8,46 +8,19 @@ over it, and no HTTP/1-only header (such as Connection) may appear.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from support.procs import free_port, stop_process
+from support.gateway_server import GatewayServer
 
 
 @pytest.fixture(scope="module")
-def h2_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("h2") / "gateway.log"
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "REDIS_URL": redis_url, "DS_LONG_POLL_TIMEOUT_MS": "5000"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        stop_process(proc)
-        pytest.fail("gateway did not start: " + log_path.read_text()[-2000:])
-    yield url
-    stop_process(proc)
+def h2_gateway(redis_url: str) -> Iterator[str]:
+    env = {"DS_LONG_POLL_TIMEOUT_MS": "5000"}
+    with GatewayServer(redis_url=redis_url, env=env, server="console-script") as gateway:
+        yield gateway.url
 
 
 async def test_every_operation_over_http2(h2_gateway: str) -> None:

@@ -11,63 +11,23 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from support.procs import free_port, stop_process
+from support.gateway_server import GatewayServer
 
 ANSWER_BOUND_S = 2.0
 EXIT_BOUND_S = 5.0
 
 
-def _launch(kind: str, redis_url: str, port: int, log_path: str) -> subprocess.Popen:
-    if kind == "console-script":
-        command = [
-            os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-    else:  # hypercorn serving in its own process, as `hypercorn --workers 0`
-        command = [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--workers",
-            "0",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "gateway.main:app",
-        ]
-    env = {**os.environ, "REDIS_URL": redis_url, "DS_LONG_POLL_TIMEOUT_MS": "30000"}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 @pytest.fixture(params=["console-script", "hypercorn-workers-0"])
-def server(request, redis_url: str, tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    proc = _launch(request.param, redis_url, port, str(tmp_path / "gateway.log"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        stop_process(proc)
-        pytest.fail("gateway did not start: " + (tmp_path / "gateway.log").read_text()[-2000:])
-    yield proc, url
-    if proc.poll() is None:
-        stop_process(proc)
+def server(request, redis_url: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    env = {"DS_LONG_POLL_TIMEOUT_MS": "30000"}
+    with GatewayServer(redis_url=redis_url, env=env, server=request.param) as gateway:
+        assert gateway.proc is not None
+        yield gateway.proc, gateway.url
 
 
 async def test_sigterm_answers_live_readers_and_exits(server) -> None:

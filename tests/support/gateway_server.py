@@ -26,8 +26,22 @@ from .procs import die_with_parent, free_port, stop_process, tail
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _command(server: str, app: str, port: int) -> list[str]:
+    """How the gateway is started: ``hypercorn`` (the run contract's command),
+    ``hypercorn-workers-0`` (hypercorn serving in its own process) or
+    ``console-script`` (``durable-streams-gateway``: granian with uvloop)."""
+    if server == "console-script":
+        script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
+        return [script, "--host", "127.0.0.1", "--port", str(port), "--app", app]
+    workers = ["--workers", "0"] if server == "hypercorn-workers-0" else []
+    if server not in ("hypercorn", "hypercorn-workers-0"):
+        raise ValueError(f"unknown server {server!r}")
+    return [sys.executable, "-m", "hypercorn", *workers, app, "--bind", f"127.0.0.1:{port}"]
+
+
 class GatewayServer:
-    """``python -m hypercorn gateway.main:app`` on a free loopback port."""
+    """The gateway on a free loopback port (``python -m hypercorn gateway.main:app``
+    unless ``server`` says otherwise)."""
 
     def __init__(
         self,
@@ -35,11 +49,13 @@ class GatewayServer:
         redis_url: str,
         env: Mapping[str, str] | None = None,
         app: str = "gateway.main:app",
+        server: str = "hypercorn",
         start_timeout: float = 20.0,
     ) -> None:
         self.redis_url = redis_url
         self.extra_env = dict(env or {})
         self.app = app
+        self.server = server
         self.start_timeout = start_timeout
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -68,7 +84,7 @@ class GatewayServer:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
-        args = [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}"]
+        args = _command(self.server, self.app, self.port)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(args)}\n".encode())
             log.flush()
