@@ -60,7 +60,6 @@ class WakeHub:
         self._watches: dict[str, Watch] = {}
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
         self._closing = False
         self._last_heard = time.monotonic()
         self.reconnects = 0
@@ -132,7 +131,6 @@ class WakeHub:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        self._connected.clear()
         for watch in self._watches.values():
             watch.subscribed.clear()
         if conn is not None:
@@ -172,7 +170,6 @@ class WakeHub:
         # The hub's own channel keeps the connection subscribed (so reads block)
         # even while no stream has live readers here.
         await pubsub.subscribe(HUB_CHANNEL, *self._watches)
-        self._connected.set()
         if not self._was_connected:
             log.info("wake-up listener connected (%d channels)", len(self._watches))
             self._was_connected = True
