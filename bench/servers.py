@@ -170,9 +170,11 @@ class ServerConfig:
                 "--bind", f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning",
             ]  # fmt: skip
         workers = "2" if self.key == "gw-granian-2w" else "1"
+        interface = "rsgi" if self.key == "gw-granian-1w-rsgi" else "asgi"
         return [
             VENV_BIN / "durable-streams-gateway", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", workers, "--server", "granian", "--log-level", "warning",
+            "--workers", workers, "--server", "granian", "--interface", interface,
+            "--log-level", "warning",
         ]  # fmt: skip
 
     def _start_node(self, workdir: str, log: str, start_timeout: float) -> Running:
@@ -212,6 +214,10 @@ CONFIGS: list[ServerConfig] = [
         "durable-streams-gateway --workers 1  (granian)",
     ),
     ServerConfig(
+        "gw-granian-1w-rsgi", "gateway (granian RSGI, 1 worker)", "gateway",
+        "durable-streams-gateway --workers 1 --interface rsgi  (granian)",
+    ),
+    ServerConfig(
         "gw-hypercorn-1w", "gateway (hypercorn, 1 worker)", "gateway",
         "hypercorn gateway.main:app --workers 1",
     ),
@@ -241,7 +247,7 @@ PRIMARY = "gw-granian-1w"
 BY_KEY = {c.key: c for c in [*CONFIGS, *EXTRA_CONFIGS]}
 ALIASES = {
     "gateway": [PRIMARY],
-    "gateways": ["gw-granian-1w", "gw-hypercorn-1w", "gw-granian-2w"],
+    "gateways": ["gw-granian-1w", "gw-granian-1w-rsgi", "gw-hypercorn-1w", "gw-granian-2w"],
     "node": ["node-mem", "node-file"],
     "all": [c.key for c in CONFIGS],
     "extra": [c.key for c in EXTRA_CONFIGS],

@@ -1,4 +1,4 @@
-"""The ASGI application: start-up and shutdown, routing, and the one place where
+"""The application (ASGI and RSGI): start-up and shutdown, routing, and the one place where
 protocol errors become responses."""
 
 from __future__ import annotations
@@ -12,20 +12,23 @@ from collections.abc import Callable
 from typing import Any
 
 from . import backend, handlers
+from .asgi import AsgiRequest, AsgiResponse
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, NotImplementedYet, ProtocolError, Unavailable
 from .handlers import Context
 from .http import (
     ALLOWED_METHODS,
     ClientGone,
+    Headers,
     Receive,
     Request,
+    Response,
     Scope,
     Send,
     base_headers,
-    send_response,
 )
 from .live import Live
+from .rsgi import RsgiRequest, RsgiResponse
 from .store import Store
 from .wakeups import WakeHub
 
@@ -101,112 +104,112 @@ class Gateway:
         self.backend: backend.Backend | None = None
         self.embedded: Any = None
         self._prefix = self.settings.stream_prefix + "/"
+        self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
 
-    # -- ASGI entry point ----------------------------------------------------------
+    # -- server interfaces ------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI."""
         kind = scope["type"]
         if kind == "http":
-            await self.http(scope, receive, send)
+            await self.handle(AsgiRequest(scope, receive), AsgiResponse(send))
         elif kind == "lifespan":
             await self.lifespan(receive, send)
 
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        base = base_headers(self.settings.cors_origin, self.settings.instance_id)
-        started = False
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        """RSGI (granian's native interface)."""
+        await self.handle(RsgiRequest(scope, proto), RsgiResponse(proto))
 
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.startup())
 
-        request = None
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.shutdown())
+
+    # -- requests --------------------------------------------------------------------
+
+    async def handle(self, req: Request, res: Response) -> None:
         try:
-            request = Request(scope, receive)
-            await self.route(request, tracking_send)
+            await self.route(req, res)
         except ProtocolError as exc:
-            if started:
-                return
-            out = [
-                *base,
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"cache-control", b"no-store"),
-            ]
-            out += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            if isinstance(exc, MethodNotAllowed):
-                out.append((b"allow", ALLOWED_METHODS.encode()))
-            if (request is None or request.unread_body) and scope.get("http_version", "1.1") in (
-                "1.0",
-                "1.1",
-            ):
-                # The body we did not read is still on the wire: tell the client
-                # not to reuse this connection (RFC 9112 section 9.6).
-                out.append((b"connection", b"close"))
-            body = (exc.reason + "\n").encode()
-            await send_response(send, exc.status, out, body, head=scope["method"] == "HEAD")
+            if not res.started:
+                await self.send_error(req, res, exc)
         except ClientGone:
             return
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if not started:
-                out = [*base, (b"content-type", b"text/plain; charset=utf-8")]
-                await send_response(send, 500, out, b"internal error\n")
+            log.exception("unhandled error on %s %s", req.method, req.path)
+            if not res.started:
+                out = [*self._base, ("content-type", "text/plain; charset=utf-8")]
+                await res.send(500, out, b"internal error\n")
 
-    async def route(self, req: Request, send: Send) -> None:
+    async def send_error(self, req: Request, res: Response, exc: ProtocolError) -> None:
+        out = [
+            *self._base,
+            ("content-type", "text/plain; charset=utf-8"),
+            ("cache-control", "no-store"),
+        ]
+        out += [(k.lower(), v) for k, v in exc.headers.items()]
+        if isinstance(exc, MethodNotAllowed):
+            out.append(("allow", ALLOWED_METHODS))
+        if req.unread_body and req.http1:
+            # The body we did not read is still on the wire: tell the client
+            # not to reuse this connection (RFC 9112 section 9.6).
+            out.append(("connection", "close"))
+        body = (exc.reason + "\n").encode()
+        await res.send(exc.status, out, body, head=req.method == "HEAD")
+
+    async def route(self, req: Request, res: Response) -> None:
         path = req.path
         if path.startswith(self._prefix):
-            await self.stream_request(req, stream_path(path[len(self._prefix) :]), send)
+            await self.stream_request(req, stream_path(path[len(self._prefix) :]), res)
         elif path == "/healthz":
-            await send_response(send, 200, self._plain_headers(), b"ok\n")
+            await res.send(200, self._plain_headers(), b"ok\n")
         elif path == "/readyz":
-            await self.readyz(send)
+            await self.readyz(res)
         else:
             raise NotFound("not found")
 
-    async def stream_request(self, req: Request, path: str, send: Send) -> None:
+    async def stream_request(self, req: Request, path: str, res: Response) -> None:
         ctx, live = self.ctx, self.live
         if ctx is None or live is None:
             raise Unavailable("gateway is starting")
         if path.split("/", 1)[0] == RESERVED_PREFIX:
             if req.method == "OPTIONS":
-                await handlers.options(ctx, req, path, send)
+                await handlers.options(ctx, req, path, res)
                 return
             raise NotImplementedYet("subscription APIs (__ds) are not supported yet")
         method = req.method
         if method == "GET":
             params = handlers.read_params(req)
             if params.live == "long-poll":
-                await live.long_poll(req, path, params, send)
+                await live.long_poll(req, path, params, res)
             elif params.live == "sse":
-                await live.sse(req, path, params, send)
+                await live.sse(req, path, params, res)
             else:
-                await handlers.catch_up(ctx, req, path, params, send)
+                await handlers.catch_up(ctx, req, path, params, res)
         elif method == "POST":
-            await handlers.append(ctx, req, path, send)
+            await handlers.append(ctx, req, path, res)
         elif method == "PUT":
-            await handlers.create(ctx, req, path, send)
+            await handlers.create(ctx, req, path, res)
         elif method == "HEAD":
-            await handlers.head(ctx, req, path, send)
+            await handlers.head(ctx, req, path, res)
         elif method == "DELETE":
-            await handlers.delete(ctx, req, path, send)
+            await handlers.delete(ctx, req, path, res)
         elif method == "OPTIONS":
-            await handlers.options(ctx, req, path, send)
+            await handlers.options(ctx, req, path, res)
         else:
             raise MethodNotAllowed(f"method {method} is not allowed")
 
-    def _plain_headers(self) -> list[tuple[bytes, bytes]]:
-        base = base_headers(self.settings.cors_origin, self.settings.instance_id)
-        return [*base, (b"content-type", b"text/plain"), (b"cache-control", b"no-store")]
+    def _plain_headers(self) -> Headers:
+        return [*self._base, ("content-type", "text/plain"), ("cache-control", "no-store")]
 
-    async def readyz(self, send: Send) -> None:
+    async def readyz(self, res: Response) -> None:
         ok = False
         if self.ctx is not None:
             with contextlib.suppress(Exception):
                 ok = await asyncio.wait_for(self.ctx.store.ping(), 1.0)
         status = 200 if ok else 503
-        await send_response(
-            send,
+        await res.send(
             status,
             self._plain_headers(),
             b"ready\n" if ok else b"redis unreachable\n",
@@ -255,9 +258,7 @@ class Gateway:
         except Unavailable:
             # Start anyway: requests get 503 until Redis is back, then recover.
             log.warning("Redis is unreachable at start-up; serving 503 until it is back")
-        self.ctx = Context(
-            settings, store, base_headers(settings.cors_origin, settings.instance_id)
-        )
+        self.ctx = Context(settings, store, self._base)
         self.live = Live(self.ctx, self.hub)
         await self.hub.start()
         _drain_on_signals(self.live.drain)

@@ -1,9 +1,9 @@
 """The ``durable-streams-gateway`` console script (also ``python -m gateway``).
 
-Serves the ASGI app with granian (default) or hypercorn. With neither REDIS_URL
-nor REDIS_CLUSTER_URL set it starts the embedded Redis once, here in the parent
-process, and exports its URL as REDIS_URL so every worker shares that server;
-it stops the server after the HTTP server has exited.
+Serves the app with granian (ASGI by default, or its native RSGI) or hypercorn.
+With neither REDIS_URL nor REDIS_CLUSTER_URL set it starts the embedded Redis
+once, here in the parent process, and exports its URL as REDIS_URL so every
+worker shares that server; it stops that server after the HTTP server exits.
 """
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP server (default: granian: faster; serves HTTP/1.1 and HTTP/2)",
     )
     parser.add_argument(
+        "--interface",
+        choices=("asgi", "rsgi"),
+        default="asgi",
+        help="granian's interface to the app (default: asgi). rsgi, granian's native "
+        "interface, costs about 20%% less CPU per request, but granian drops request "
+        "headers whose values are not visible ASCII before the app sees them, so such a "
+        "malformed protocol header reads as absent instead of getting a 400",
+    )
+    parser.add_argument(
         "--max-connections",
         type=_positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
@@ -72,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(granian; default: {DEFAULT_MAX_CONNECTIONS})",
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    parser.add_argument("--app", default=APP, help=f"ASGI app to serve (default: {APP})")
+    parser.add_argument("--app", default=APP, help=f"app to serve, RSGI and ASGI (default: {APP})")
     return parser
 
 
@@ -134,7 +143,8 @@ def _run_granian(args: argparse.Namespace) -> int:
         target=args.app,
         address=args.host,
         port=args.port,
-        interface=Interfaces.ASGI,  # with lifespan
+        # The app object serves both interfaces; see --interface for the trade-off.
+        interface=Interfaces.RSGI if args.interface == "rsgi" else Interfaces.ASGI,
         workers=args.workers,
         http=HTTPModes.auto,
         websockets=False,

@@ -4,15 +4,16 @@ ProtocolError and rendered by the application in one place."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from . import headers as h
 from . import jsonmode
 from . import offsets as off
 from .config import Settings
 from .errors import BadRequest, Conflict, Gone
-from .http import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Request, Send, send_response
+from .http import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Headers, Request, Response
 from .store import AppendRequest, CreateRequest, Page, Store, StreamInfo
 
 
@@ -22,18 +23,27 @@ class Context:
 
     settings: Settings
     store: Store
-    base: list[tuple[bytes, bytes]]
+    base: Headers
 
-    def response_headers(self, **extra: str | None) -> list[tuple[bytes, bytes]]:
+    def response_headers(self, **extra: str | None) -> Headers:
         out = list(self.base)
         for name, value in extra.items():
             if value is not None:
-                out.append((name.replace("_", "-").lower().encode(), value.encode()))
+                out.append((_header_name(name), value))
         return out
 
     @property
     def catch_up_cache_control(self) -> str:
         return f"{self.settings.cache_visibility}, max-age=60, stale-while-revalidate=300"
+
+
+# Characters RFC 3986 allows unescaped in a path; everything else is %-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+@functools.cache
+def _header_name(keyword: str) -> str:
+    return keyword.replace("_", "-").lower()
 
 
 def _json_entries(body: bytes, *, allow_empty: bool) -> tuple[tuple[bytes, int | None], ...]:
@@ -55,7 +65,7 @@ def _fork_source(raw: str, stream_prefix: str) -> str:
 # -- PUT: create (section 5.1) and fork (section 4.2) --------------------------
 
 
-async def create(ctx: Context, req: Request, path: str, send: Send) -> None:
+async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
     ttl = h.parse_ttl(req.header("stream-ttl"))
     expires_at = h.parse_expires_at(req.header("stream-expires-at"))
     if ttl is not None and expires_at is not None:
@@ -110,14 +120,14 @@ async def create(ctx: Context, req: Request, path: str, send: Send) -> None:
         cache_control="no-store",
     )
     if result.created:
-        out.append((b"location", (req.base_url() + req.path).encode()))
-    await send_response(send, 201 if result.created else 200, out)
+        out.append(("location", req.base_url() + quote(req.path, safe=_PATH_SAFE)))
+    await res.send(201 if result.created else 200, out)
 
 
 # -- POST: append and close (sections 5.2, 5.2.1, 5.3) ---------------------------
 
 
-async def append(ctx: Context, req: Request, path: str, send: Send) -> None:
+async def append(ctx: Context, req: Request, path: str, res: Response) -> None:
     close = h.is_closed(req.header("stream-closed"))
     producer = h.parse_producer(
         req.header("producer-id"), req.header("producer-epoch"), req.header("producer-seq")
@@ -159,21 +169,21 @@ async def append(ctx: Context, req: Request, path: str, send: Send) -> None:
     )
     # Section 5.2.1: 200 for newly written producer data, 204 otherwise.
     status = 200 if producer and result.status == "ok" and data is not None else 204
-    await send_response(send, status, out)
+    await res.send(status, out)
 
 
 # -- DELETE (section 5.4) ----------------------------------------------------------
 
 
-async def delete(ctx: Context, req: Request, path: str, send: Send) -> None:
+async def delete(ctx: Context, req: Request, path: str, res: Response) -> None:
     await ctx.store.delete(path)
-    await send_response(send, 204, ctx.response_headers(cache_control="no-store"))
+    await res.send(204, ctx.response_headers(cache_control="no-store"))
 
 
 # -- HEAD (section 5.5) --------------------------------------------------------------
 
 
-def info_headers(ctx: Context, info: StreamInfo) -> list[tuple[bytes, bytes]]:
+def info_headers(ctx: Context, info: StreamInfo) -> Headers:
     return ctx.response_headers(
         content_type=info.content_type,
         stream_next_offset=info.tail,
@@ -186,9 +196,9 @@ def info_headers(ctx: Context, info: StreamInfo) -> list[tuple[bytes, bytes]]:
     )
 
 
-async def head(ctx: Context, req: Request, path: str, send: Send) -> None:
+async def head(ctx: Context, req: Request, path: str, res: Response) -> None:
     info = await ctx.store.head(path)
-    await send_response(send, 200, info_headers(ctx, info), head=True)
+    await res.send(200, info_headers(ctx, info), head=True)
 
 
 # -- GET, catch-up (section 5.6) ---------------------------------------------------
@@ -224,7 +234,7 @@ def page_body(page: Page) -> bytes:
     return b"[" + page.body + b"]" if page.info.is_json else page.body
 
 
-def page_headers(ctx: Context, page: Page, **extra: str | None) -> list[tuple[bytes, bytes]]:
+def page_headers(ctx: Context, page: Page, **extra: str | None) -> Headers:
     return ctx.response_headers(
         content_type=page.info.content_type,
         stream_next_offset=page.next_offset,
@@ -246,22 +256,24 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
     return tag in candidates or "*" in candidates
 
 
-async def catch_up(ctx: Context, req: Request, path: str, params: ReadParams, send: Send) -> None:
+async def catch_up(
+    ctx: Context, req: Request, path: str, params: ReadParams, res: Response
+) -> None:
     page = await ctx.store.read(path, params.offset)
     if params.offset is None:
         # offset=now: no data, the tail, never cached (section 8).
         out = page_headers(ctx, page, cache_control="no-store")
-        await send_response(send, 200, out, b"[]" if page.info.is_json else b"")
+        await res.send(200, out, b"[]" if page.info.is_json else b"")
         return
     tag = etag(params.offset, page)
     out = page_headers(ctx, page, etag=tag, cache_control=ctx.catch_up_cache_control)
     if _matches(req.header("if-none-match"), tag):
-        await send_response(send, 304, out)
+        await res.send(304, out)
         return
-    await send_response(send, 200, out, page_body(page))
+    await res.send(200, out, page_body(page))
 
 
-async def options(ctx: Context, req: Request, path: str, send: Send) -> None:
+async def options(ctx: Context, req: Request, path: str, res: Response) -> None:
     """CORS preflight, including If-None-Match (section 10.1)."""
     requested = req.header("access-control-request-headers")
     out = ctx.response_headers(
@@ -271,5 +283,5 @@ async def options(ctx: Context, req: Request, path: str, send: Send) -> None:
         allow=ALLOWED_METHODS,
     )
     if not requested:
-        out.append((b"access-control-allow-headers", ALLOWED_REQUEST_HEADERS.encode()))
-    await send_response(send, 204, out)
+        out.append(("access-control-allow-headers", ALLOWED_REQUEST_HEADERS))
+    await res.send(204, out)

@@ -16,7 +16,7 @@ from . import sse
 from .cursor import next_cursor
 from .errors import ProtocolError, Unavailable
 from .handlers import Context, ReadParams, page_body, page_headers
-from .http import Request, Send, send_response
+from .http import Request, Response
 from .store import Page
 from .wakeups import WakeHub, Watch
 
@@ -37,7 +37,7 @@ class Live:
 
     # -- long-poll -----------------------------------------------------------------
 
-    async def long_poll(self, req: Request, path: str, params: ReadParams, send: Send) -> None:
+    async def long_poll(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         store = self.ctx.store
         page = await store.read(path, params.offset)
         # offset=now starts waiting at the tail, without returning what is there.
@@ -54,7 +54,7 @@ class Live:
                     self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
                 )
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(send_response(send, 204, out))
+                    await asyncio.shield(res.send(204, out))
                 raise
         cursor = None if page.at_closed_tail else self.cursor(params)
         if _has_data(page):
@@ -64,11 +64,11 @@ class Live:
                 stream_cursor=cursor,
                 cache_control=self.ctx.catch_up_cache_control,
             )
-            await send_response(send, 200, out, page_body(page))
+            await res.send(200, out, page_body(page))
             return
         # Timed out (or closed at the tail): 204 with the tail offset.
         out = page_headers(self.ctx, page, stream_cursor=cursor, cache_control="no-store")
-        await send_response(send, 204, out)
+        await res.send(204, out)
 
     async def _wait(self, path: str, offset: str, page: Page) -> Page:
         """Wait until data after ``offset`` exists, the stream closes, or timeout."""
@@ -91,7 +91,7 @@ class Live:
 
     # -- SSE -------------------------------------------------------------------------
 
-    async def sse(self, req: Request, path: str, params: ReadParams, send: Send) -> None:
+    async def sse(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         settings = self.ctx.settings
         store = self.ctx.store
         page = await store.read(path, params.offset)  # decides 404/410 before any byte
@@ -105,7 +105,7 @@ class Live:
             stream_sse_data_encoding="base64" if binary else None,
             x_accel_buffering="no",
         )
-        await send({"type": "http.response.start", "status": 200, "headers": out})
+        await res.start_stream(200, out)
 
         deadline = time.monotonic() + settings.sse_max_duration_ms / 1000
         channel = store.keys(path).wake
@@ -116,7 +116,7 @@ class Live:
                 # was read before subscribing, hence None: read again first.
                 event: asyncio.Event | None = None
                 while True:
-                    await self._emit(send, page, params, binary)
+                    await self._emit(res, page, params, binary)
                     if page.at_closed_tail:
                         return  # final control event sent: close (section 5.8)
                     if page.more:
@@ -124,7 +124,7 @@ class Live:
                         page = await store.read(path, page.next_offset)
                         continue
                     found = await self._next_page(
-                        path, page.next_offset, deadline, watch, event, send
+                        path, page.next_offset, deadline, watch, event, res
                     )
                     if found is None:
                         return  # connection lifetime over, or shutting down
@@ -135,7 +135,7 @@ class Live:
             pass
         finally:
             with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await res.end_stream()
 
     async def _next_page(
         self,
@@ -144,7 +144,7 @@ class Live:
         deadline: float,
         watch: Watch,
         event: asyncio.Event | None,
-        send: Send,
+        res: Response,
     ) -> tuple[Page, asyncio.Event] | None:
         """The next page with data (or the closure) after ``offset``, sending
         keep-alive comments while waiting; None when the connection should end."""
@@ -156,7 +156,7 @@ class Live:
                     return None
                 if await _wait_event(event, min(remaining, keepalive)):
                     break
-                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+                await res.write(sse.KEEPALIVE)
             if self.draining.is_set():
                 return None
             event = watch.event
@@ -164,7 +164,7 @@ class Live:
             if _has_data(page) or page.at_closed_tail:
                 return page, event
 
-    async def _emit(self, send: Send, page: Page, params: ReadParams, binary: bool) -> None:
+    async def _emit(self, res: Response, page: Page, params: ReadParams, binary: bool) -> None:
         # Every data event is followed by a control event (section 5.8).
         chunks = []
         if _has_data(page):
@@ -177,7 +177,7 @@ class Live:
                 closed=page.at_closed_tail,
             )
         )
-        await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+        await res.write(b"".join(chunks))
 
 
 def _has_data(page: Page) -> bool:

@@ -84,10 +84,15 @@ def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
     if variant in ("redis-6.2", "redis-7"):
         binary = redis62_binary() if variant == "redis-6.2" else _redis7_or_fail()
         redis = stack.enter_context(RedisServer(binary))
-        gateway = stack.enter_context(GatewayServer(redis_url=redis.url, env=GATEWAY_ENV))
+        # Every way to serve the app passes the suite: hypercorn (ASGI) here,
+        # granian's RSGI there, granian's ASGI in the replica topologies.
+        server = "hypercorn" if variant == "redis-6.2" else "console-script-rsgi"
+        gateway = stack.enter_context(
+            GatewayServer(redis_url=redis.url, env=GATEWAY_ENV, server=server)
+        )
         return Topology(
             base_url=gateway.url,
-            description=f"Redis {redis.version}, 1 gateway",
+            description=f"Redis {redis.version}, 1 gateway ({server})",
             gateways=[gateway],
             logs=[gateway.log_path],
             alive_checks=[(f"gateway {gateway.url}", gateway.alive)],
@@ -115,14 +120,16 @@ def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
             GatewayServer(
                 redis_url=gateway_env.get("REDIS_CLUSTER_URL") or gateway_env["REDIS_URL"],
                 env={**gateway_env, "DS_INSTANCE_ID": name},
+                server=server,
             )
         )
-        for name in ("a", "b")
+        # Mixed replicas: every request may land on either interface.
+        for name, server in (("a", "hypercorn"), ("b", "console-script"))
     ]
     lb = stack.enter_context(HAProxy([("127.0.0.1", gw.port) for gw in gateways]))
     return Topology(
         base_url=lb.url,
-        description=f"{redis_desc}, 2 gateways behind HAProxy roundrobin",
+        description=f"{redis_desc}, 2 gateways (hypercorn, granian ASGI) behind HAProxy",
         gateways=gateways,
         logs=[*(gw.log_path for gw in gateways), lb.log_path],
         alive_checks=[

@@ -16,10 +16,10 @@ import pytest
 from support.gateway_server import GatewayServer
 
 
-@pytest.fixture(scope="module")
-def h2_gateway(redis_url: str) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["console-script", "console-script-rsgi"])
+def h2_gateway(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
     env = {"DS_LONG_POLL_TIMEOUT_MS": "5000"}
-    with GatewayServer(redis_url=redis_url, env=env, server="console-script") as gateway:
+    with GatewayServer(redis_url=redis_url, env=env, server=request.param) as gateway:
         yield gateway.url
 
 

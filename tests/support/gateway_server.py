@@ -29,10 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _command(server: str, app: str, port: int) -> list[str]:
     """How the gateway is started: ``hypercorn`` (the run contract's command),
     ``hypercorn-workers-0`` (hypercorn serving in its own process) or
-    ``console-script`` (``durable-streams-gateway``: granian with uvloop)."""
-    if server == "console-script":
+    ``console-script`` (``durable-streams-gateway``: granian with uvloop, ASGI) or
+    ``console-script-rsgi`` (the same over granian's native RSGI interface)."""
+    if server in ("console-script", "console-script-rsgi"):
         script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
-        return [script, "--host", "127.0.0.1", "--port", str(port), "--app", app]
+        interface = "rsgi" if server == "console-script-rsgi" else "asgi"
+        return [script, "--host", "127.0.0.1", "--port", str(port), "--app", app,
+                "--interface", interface]
     workers = ["--workers", "0"] if server == "hypercorn-workers-0" else []
     if server not in ("hypercorn", "hypercorn-workers-0"):
         raise ValueError(f"unknown server {server!r}")
