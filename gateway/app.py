@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import os
 import signal
@@ -38,8 +40,10 @@ MAX_PATH_BYTES = 1024
 RESERVED_PREFIX = "__ds"  # section 6: subscription control APIs
 
 
+@functools.lru_cache(maxsize=4096)
 def stream_path(raw: str) -> str:
-    """Validate the stream path taken from the URL (section 12.2)."""
+    """Validate the stream path taken from the URL (section 12.2). Cached: hot
+    streams are named on every request."""
     if not raw or raw.endswith("/"):
         raise NotFound("no stream at this URL")
     if len(raw.encode()) > MAX_PATH_BYTES:
@@ -262,6 +266,9 @@ class Gateway:
         self.live = Live(self.ctx, self.hub)
         await self.hub.start()
         _drain_on_signals(self.live.drain)
+        # What exists now (modules, scripts, settings) lives as long as the
+        # process: keep it out of every later garbage collection.
+        gc.freeze()
         log.info(
             "durable streams gateway ready; streams under %s/ on %s",
             settings.stream_prefix,

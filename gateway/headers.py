@@ -6,6 +6,7 @@ BadRequest with a short reason. Nothing here touches I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,7 @@ def is_closed(raw: str | None) -> bool:
     return raw is not None and raw.strip().lower() == "true"
 
 
+@functools.lru_cache(maxsize=256)
 def media_type(content_type: str) -> str:
     """``"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
     return content_type.split(";", 1)[0].strip().lower()
@@ -84,6 +86,7 @@ def is_text(content_type: str) -> bool:
     return mt.startswith("text/") or mt == "application/json"
 
 
+@functools.lru_cache(maxsize=256)
 def normalize_content_type(raw: str | None) -> str | None:
     if raw is None:
         return None

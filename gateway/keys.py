@@ -15,6 +15,7 @@ hash tag early (which would scatter one stream's keys across slots).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 LAYOUT_VERSION = 1
@@ -38,7 +39,10 @@ class StreamKeys:
         return [self.meta, self.data, self.producers, self.forks]
 
 
+@functools.lru_cache(maxsize=4096)
 def stream_keys(prefix: str, path: str) -> StreamKeys:
+    """The keys of one stream (cached: every request needs them, and they are
+    immutable)."""
     # The prefix is escaped too: braces in it would become the hash tag.
     base = f"{_tag(prefix)}:{{{_tag(path)}}}"
     return StreamKeys(

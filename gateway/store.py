@@ -11,7 +11,6 @@ translated to protocol errors here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,28 +103,47 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@asynccontextmanager
-async def _storage_errors():
-    """Translate Redis failures into the protocol's 503, once, at this boundary."""
-    try:
-        yield
-    except (
-        TimeoutError,
-        redis_errors.ConnectionError,
-        redis_errors.TimeoutError,
-        redis_errors.BusyLoadingError,
-        redis_errors.ReadOnlyError,
-        redis_errors.ClusterDownError,
-        redis_errors.TryAgainError,
-        redis_errors.MaxConnectionsError,
-        redis_errors.RedisClusterException,
-        OSError,
-    ) as exc:
-        raise Unavailable() from exc
-    except redis_errors.ResponseError as exc:
-        if str(exc).startswith(("OOM", "MASTERDOWN", "LOADING", "NOREPLICAS")):
+_UNAVAILABLE = (
+    TimeoutError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MaxConnectionsError,
+    redis_errors.RedisClusterException,
+    OSError,
+)
+
+
+class _StorageErrors:
+    """Translate Redis failures into the protocol's 503, once, at this boundary.
+
+    A plain class rather than ``@asynccontextmanager``: it wraps every storage
+    call, and a generator-based manager costs a generator per use.
+    """
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, _UNAVAILABLE):
             raise Unavailable() from exc
-        raise
+        if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(
+            ("OOM", "MASTERDOWN", "LOADING", "NOREPLICAS")
+        ):
+            raise Unavailable() from exc
+        return False
+
+
+_STORAGE_ERRORS = _StorageErrors()
+
+
+def _storage_errors() -> _StorageErrors:
+    return _STORAGE_ERRORS
 
 
 class Store:
