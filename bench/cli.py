@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         default=None,
-        help="servers: gw-granian-1w, gw-granian-1w-rsgi, gw-hypercorn-1w, gw-granian-2w, "
+        help="servers: gw-granian-1w, gw-granian-1w-asgi, gw-hypercorn-1w, gw-granian-2w, "
         "node-mem, node-file, "
         "gw-granian-1w-bp (not in 'all'), or the aliases gateway (= gw-granian-1w), gateways, "
         "node, extra, all (default: all)",

@@ -170,7 +170,7 @@ class ServerConfig:
                 "--bind", f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning",
             ]  # fmt: skip
         workers = "2" if self.key == "gw-granian-2w" else "1"
-        interface = "rsgi" if self.key == "gw-granian-1w-rsgi" else "asgi"
+        interface = "asgi" if self.key == "gw-granian-1w-asgi" else "rsgi"
         return [
             VENV_BIN / "durable-streams-gateway", "--host", "127.0.0.1", "--port", str(port),
             "--workers", workers, "--server", "granian", "--interface", interface,
@@ -211,11 +211,11 @@ def _wait_healthz(host: str, port: int, timeout: float) -> None:
 CONFIGS: list[ServerConfig] = [
     ServerConfig(
         "gw-granian-1w", "gateway (granian, 1 worker)", "gateway",
-        "durable-streams-gateway --workers 1  (granian)",
+        "durable-streams-gateway --workers 1  (granian, RSGI)",
     ),
     ServerConfig(
-        "gw-granian-1w-rsgi", "gateway (granian RSGI, 1 worker)", "gateway",
-        "durable-streams-gateway --workers 1 --interface rsgi  (granian)",
+        "gw-granian-1w-asgi", "gateway (granian ASGI, 1 worker)", "gateway",
+        "durable-streams-gateway --workers 1 --interface asgi  (granian)",
     ),
     ServerConfig(
         "gw-hypercorn-1w", "gateway (hypercorn, 1 worker)", "gateway",
@@ -223,7 +223,7 @@ CONFIGS: list[ServerConfig] = [
     ),
     ServerConfig(
         "gw-granian-2w", "gateway (granian, 2 workers)", "gateway",
-        "durable-streams-gateway --workers 2  (granian)",
+        "durable-streams-gateway --workers 2  (granian, RSGI)",
     ),
     ServerConfig(
         "node-mem", "Node reference (in memory)", "node",
@@ -247,7 +247,7 @@ PRIMARY = "gw-granian-1w"
 BY_KEY = {c.key: c for c in [*CONFIGS, *EXTRA_CONFIGS]}
 ALIASES = {
     "gateway": [PRIMARY],
-    "gateways": ["gw-granian-1w", "gw-granian-1w-rsgi", "gw-hypercorn-1w", "gw-granian-2w"],
+    "gateways": ["gw-granian-1w", "gw-granian-1w-asgi", "gw-hypercorn-1w", "gw-granian-2w"],
     "node": ["node-mem", "node-file"],
     "all": [c.key for c in CONFIGS],
     "extra": [c.key for c in EXTRA_CONFIGS],

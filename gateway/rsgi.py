@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .errors import BadRequest
 from .http import ClientGone, Headers, Request, Response, check_decoded_path
 
 
@@ -27,7 +28,12 @@ class RsgiRequest(Request):
         self._headers = scope.headers
 
     def header(self, name: str) -> str | None:
-        return self._headers.get(name)
+        value = self._headers.get(name)
+        if value is None and name in self._headers:
+            # granian hides values that are not visible ASCII (get() gives None)
+            # but still lists the name: refuse instead of reading it as absent.
+            raise BadRequest(f"{_title(name)} must be visible ASCII")
+        return value
 
     def has_header(self, name: str) -> bool:
         return name in self._headers
@@ -83,3 +89,8 @@ class RsgiResponse(Response):
 
     async def end_stream(self) -> None:
         """The stream ends when the application returns."""
+
+
+def _title(name: str) -> str:
+    """``stream-ttl`` -> ``Stream-Ttl``, for error messages."""
+    return "-".join(part.capitalize() for part in name.split("-"))

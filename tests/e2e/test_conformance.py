@@ -86,7 +86,7 @@ def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
         redis = stack.enter_context(RedisServer(binary))
         # Every way to serve the app passes the suite: hypercorn (ASGI) here,
         # granian's RSGI there, granian's ASGI in the replica topologies.
-        server = "hypercorn" if variant == "redis-6.2" else "console-script-rsgi"
+        server = "hypercorn" if variant == "redis-6.2" else "console-script"
         gateway = stack.enter_context(
             GatewayServer(redis_url=redis.url, env=GATEWAY_ENV, server=server)
         )
@@ -124,7 +124,7 @@ def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
             )
         )
         # Mixed replicas: every request may land on either interface.
-        for name, server in (("a", "hypercorn"), ("b", "console-script"))
+        for name, server in (("a", "hypercorn"), ("b", "console-script-asgi"))
     ]
     lb = stack.enter_context(HAProxy([("127.0.0.1", gw.port) for gw in gateways]))
     return Topology(

@@ -29,11 +29,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _command(server: str, app: str, port: int) -> list[str]:
     """How the gateway is started: ``hypercorn`` (the run contract's command),
     ``hypercorn-workers-0`` (hypercorn serving in its own process) or
-    ``console-script`` (``durable-streams-gateway``: granian with uvloop, ASGI) or
-    ``console-script-rsgi`` (the same over granian's native RSGI interface)."""
-    if server in ("console-script", "console-script-rsgi"):
+    ``console-script`` (``durable-streams-gateway``: granian with uvloop over RSGI) or
+    ``console-script-asgi`` (the same over ASGI)."""
+    if server in ("console-script", "console-script-asgi"):
         script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
-        interface = "rsgi" if server == "console-script-rsgi" else "asgi"
+        interface = "asgi" if server == "console-script-asgi" else "rsgi"
         return [script, "--host", "127.0.0.1", "--port", str(port), "--app", app,
                 "--interface", interface]
     workers = ["--workers", "0"] if server == "hypercorn-workers-0" else []
