@@ -85,7 +85,10 @@ class RsgiResponse(Response):
         self._transport = self._proto.response_stream(status, headers)
 
     async def write(self, chunk: bytes) -> None:
-        await self._transport.send_bytes(chunk)
+        try:
+            await self._transport.send_bytes(chunk)
+        except RuntimeError as exc:  # RSGIProtocolClosed: the client went away
+            raise ClientGone() from exc
 
     async def end_stream(self) -> None:
         """The stream ends when the application returns."""

@@ -587,3 +587,32 @@ async def test_distinct_urls_never_share_a_stream(gw: GatewayServer) -> None:
             f"GET {other} answered {status} {body!r}: it reads the stream created at "
             "/v1/stream/alias-%ff"
         )
+
+
+@pytest.mark.parametrize("live", ["sse", "long-poll"])
+async def test_readers_that_leave_are_not_errors(
+    gw: GatewayServer, client: httpx.AsyncClient, live: str
+) -> None:
+    """A live reader whose client hung up gets its data written to a closed
+    connection: that ends the request quietly (no traceback in the log, checked
+    by the autouse fixture) and the stream goes on serving everyone else."""
+    name = f"leave-{live}-{time.monotonic_ns()}"
+    offset = await make_stream(client, name)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        f"GET /v1/stream/{name}?offset={offset}&live={live} HTTP/1.1\r\n"
+        f"Host: t\r\n\r\n".encode()
+    )
+    await writer.drain()
+    if live == "sse":
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    else:
+        await asyncio.sleep(0.3)  # the long-poll is waiting
+    writer.close()
+    await writer.wait_closed()
+    r = await client.post(name, content=b"after", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 204
+    await asyncio.sleep(0.5)  # the reader wakes up and writes to the closed socket
+    r = await client.get(name, params={"offset": offset})
+    assert r.status_code == 200 and r.content == b"after"
