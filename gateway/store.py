@@ -437,7 +437,9 @@ class Store:
         r = await self._read_range(
             path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
         )
-        return Page(r.info, r.body, off.from_entry_id(r.last), r.more)
+        # The page's one copy of its data (a single entry is not even copied).
+        body = (b"," if r.info.is_json else b"").join(r.entries)
+        return Page(r.info, body, off.from_entry_id(r.last), r.more)
 
     async def _read_range(
         self,
@@ -475,7 +477,9 @@ class Store:
             expires_at=int(reply[5]) if _s(reply[5]) else None,
         )
         if status == "ok":
-            return _Range(info, reply[8], _s(reply[9]), int(reply[11]), _s(reply[10]) == "1")
+            entries: list[bytes] = reply[8]
+            size = sum(map(len, entries))
+            return _Range(info, entries, size, _s(reply[9]), _s(reply[10]) == "1")
         # status == 'fork': the range starts in data inherited from the source.
         source, fork_offset = _s(reply[6]), _s(reply[7])
         bound = fork_offset
@@ -483,25 +487,25 @@ class Store:
             bound = upto
         src = await self._read_range(source, after, bound, budget, max_entries, "source", depth + 1)
         if src.more or bound != fork_offset:
-            return _Range(info, src.body, src.last, src.count, src.more)
+            return _Range(info, src.entries, src.size, src.last, src.more)
         # The inherited range ends at the fork offset; go on with the fork's own
         # entries while the page has room (only an empty page takes an entry
         # larger than the budget: every page holds at least one).
-        room, entries_left = budget - len(src.body), max_entries - src.count
+        room, entries_left = budget - src.size, max_entries - len(src.entries)
         if entries_left <= 0 or room <= 0:
             own_data = info.tail > off.from_entry_id(fork_offset)
-            return _Range(info, src.body, fork_offset, src.count, own_data)
+            return _Range(info, src.entries, src.size, fork_offset, own_data)
         own = await self._read_range(
-            path, fork_offset, upto, room, entries_left, mode, depth, continuing=src.count > 0
+            path, fork_offset, upto, room, entries_left, mode, depth, continuing=bool(src.entries)
         )
-        sep = b"," if info.is_json and src.body and own.body else b""
-        return _Range(info, src.body + sep + own.body, own.last, src.count + own.count, own.more)
+        entries = src.entries + own.entries
+        return _Range(info, entries, src.size + own.size, own.last, own.more)
 
 
 @dataclass(frozen=True)
 class _Range:
     info: StreamInfo
-    body: bytes
+    entries: list[bytes]  # the data of each entry read, in order (joined into the page body)
+    size: int  # bytes in entries
     last: str  # entry id of the last entry read (or where the range started)
-    count: int
     more: bool
