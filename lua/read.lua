@@ -1,7 +1,8 @@
 -- read.lua: stream metadata plus one page of entries (GET and HEAD, sections
 -- 5.5-5.8). The entries come back as an array and the gateway joins them:
--- table.concat in Redis' Lua 5.1 copies a large page several times over (its
--- buffer merges partial strings pairwise), which cost more than the XRANGEs.
+-- Redis' Lua hashes every byte of every string it creates, and table.concat
+-- builds a large page through a series of ever longer intermediate strings,
+-- which cost more than the XRANGEs.
 -- KEYS: 1 meta, 2 data, 3 producers, 4 forks (unused)
 -- ARGV: 1 read entries after this id, or '' for metadata only,
 --       2 page size in bytes, 3 most entries in the page,
