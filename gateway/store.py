@@ -27,6 +27,12 @@ from .scripts import Script, Scripts
 # absurd depths (a fork of a fork of ... 64 deep).
 MAX_FORK_DEPTH = 64
 
+# Most appends in one page, whatever the byte budget. Redis turns every entry a
+# script reads into Lua values at a few microseconds each and serves nobody else
+# meanwhile, so a page of tiny appends costs Redis time per entry, not per byte:
+# this keeps one read's script to about ten milliseconds.
+MAX_PAGE_ENTRIES = 4096
+
 
 @dataclass(frozen=True)
 class StreamInfo:
@@ -408,7 +414,7 @@ class Store:
         """One page after ``offset`` (a token), or metadata only at the tail (None)."""
         after = "" if offset is None else off.to_entry_id(offset)
         async with _storage_errors():
-            return await self._read(path, after, "", 1 << 30, "read")
+            return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
 
     async def read_coalesced(self, path: str, offset: str | None) -> Page:
         """Like read, but identical concurrent reads share one Redis round trip.
