@@ -40,8 +40,11 @@ class Settings:
     stream_prefix: str = "/v1/stream"
     # Largest accepted request body (POST/PUT); larger bodies get 413.
     max_body_bytes: int = 16 * 1024 * 1024
-    # Largest response page; a read returns at most this many bytes of data.
-    max_read_bytes: int = 1024 * 1024
+    # Largest response page; a read returns at most this many bytes of data (or
+    # one append, when a single append is larger). 4 MiB amortises the fixed cost
+    # of a request and its script call; larger pages got slower again (Redis hands
+    # script replies through buffers that grow by copying).
+    max_read_bytes: int = 4 * 1024 * 1024
     # How long a long-poll waits for data before answering 204.
     long_poll_timeout_ms: int = 30_000
     # SSE connections are closed after this long so CDNs can collapse clients.
@@ -77,7 +80,7 @@ class Settings:
             key_prefix=key_prefix,
             stream_prefix=prefix,
             max_body_bytes=_int("DS_MAX_BODY_BYTES", 16 * 1024 * 1024, 1),
-            max_read_bytes=_int("DS_MAX_READ_BYTES", 1024 * 1024, 1024),
+            max_read_bytes=_int("DS_MAX_READ_BYTES", 4 * 1024 * 1024, 1024),
             long_poll_timeout_ms=_int("DS_LONG_POLL_TIMEOUT_MS", 30_000, 1),
             sse_max_duration_ms=_int("DS_SSE_MAX_DURATION_MS", 60_000, 1),
             sse_keepalive_ms=_int("DS_SSE_KEEPALIVE_MS", 15_000, 100),

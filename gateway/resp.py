@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 from redis import exceptions as redis_errors
 
+READER_BUFFER_BYTES = 1 << 20
+
 
 class RespProtocol(asyncio.Protocol):
     """One connection: replies arrive in the order the commands were written."""
@@ -30,6 +32,10 @@ class RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
+        # hiredis frees its input buffer whenever more than maxbuf of it is
+        # unused (16 KiB by default), so every large reply (a read page) grew a
+        # new buffer from scratch. Keep up to 1 MiB per connection instead.
+        self.reader.setmaxbuf(READER_BUFFER_BYTES)
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.closed = False

@@ -26,6 +26,12 @@ from .scripts import Script, Scripts
 # absurd depths (a fork of a fork of ... 64 deep).
 MAX_FORK_DEPTH = 64
 
+# Most appends in one page, whatever the byte budget. Redis turns every entry a
+# script reads into Lua values at a few microseconds each and serves nobody else
+# meanwhile, so a page of tiny appends costs Redis time per entry, not per byte:
+# this keeps one read's script to about ten milliseconds.
+MAX_PAGE_ENTRIES = 4096
+
 
 @dataclass(frozen=True)
 class StreamInfo:
@@ -426,7 +432,7 @@ class Store:
         """One page after ``offset`` (a token), or metadata only at the tail (None)."""
         after = "" if offset is None else off.to_entry_id(offset)
         async with _storage_errors():
-            return await self._read(path, after, "", 1 << 30, "read")
+            return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
 
     async def read_coalesced(self, path: str, offset: str | None) -> Page:
         """Like read, but identical concurrent reads share one Redis round trip.
@@ -455,7 +461,9 @@ class Store:
         r = await self._read_range(
             path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
         )
-        return Page(r.info, r.body, off.from_entry_id(r.last), r.more)
+        # The page's one copy of its data (a single entry is not even copied).
+        body = (b"," if r.info.is_json else b"").join(r.entries)
+        return Page(r.info, body, off.from_entry_id(r.last), r.more)
 
     async def _read_range(
         self,
@@ -493,7 +501,9 @@ class Store:
             expires_at=int(reply[5]) if _s(reply[5]) else None,
         )
         if status == "ok":
-            return _Range(info, reply[8], _s(reply[9]), int(reply[11]), _s(reply[10]) == "1")
+            entries: list[bytes] = reply[8]
+            size = sum(map(len, entries))
+            return _Range(info, entries, size, _s(reply[9]), _s(reply[10]) == "1")
         # status == 'fork': the range starts in data inherited from the source.
         source, fork_offset = _s(reply[6]), _s(reply[7])
         bound = fork_offset
@@ -501,25 +511,25 @@ class Store:
             bound = upto
         src = await self._read_range(source, after, bound, budget, max_entries, "source", depth + 1)
         if src.more or bound != fork_offset:
-            return _Range(info, src.body, src.last, src.count, src.more)
+            return _Range(info, src.entries, src.size, src.last, src.more)
         # The inherited range ends at the fork offset; go on with the fork's own
         # entries while the page has room (only an empty page takes an entry
         # larger than the budget: every page holds at least one).
-        room, entries_left = budget - len(src.body), max_entries - src.count
+        room, entries_left = budget - src.size, max_entries - len(src.entries)
         if entries_left <= 0 or room <= 0:
             own_data = info.tail > off.from_entry_id(fork_offset)
-            return _Range(info, src.body, fork_offset, src.count, own_data)
+            return _Range(info, src.entries, src.size, fork_offset, own_data)
         own = await self._read_range(
-            path, fork_offset, upto, room, entries_left, mode, depth, continuing=src.count > 0
+            path, fork_offset, upto, room, entries_left, mode, depth, continuing=bool(src.entries)
         )
-        sep = b"," if info.is_json and src.body and own.body else b""
-        return _Range(info, src.body + sep + own.body, own.last, src.count + own.count, own.more)
+        entries = src.entries + own.entries
+        return _Range(info, entries, src.size + own.size, own.last, own.more)
 
 
 @dataclass(frozen=True)
 class _Range:
     info: StreamInfo
-    body: bytes
+    entries: list[bytes]  # the data of each entry read, in order (joined into the page body)
+    size: int  # bytes in entries
     last: str  # entry id of the last entry read (or where the range started)
-    count: int
     more: bool

@@ -1,6 +1,8 @@
 -- read.lua: stream metadata plus one page of entries (GET and HEAD, sections
--- 5.5-5.8). Entries are concatenated here so a page is one reply, not one
--- reply element per append.
+-- 5.5-5.8). The entries come back as an array and the gateway joins them:
+-- Redis' Lua hashes every byte of every string it creates, and table.concat
+-- builds a large page through a series of ever longer intermediate strings,
+-- which cost more than the XRANGEs.
 -- KEYS: 1 meta, 2 data, 3 producers, 4 forks (unused)
 -- ARGV: 1 read entries after this id, or '' for metadata only,
 --       2 page size in bytes, 3 most entries in the page,
@@ -10,9 +12,10 @@
 --       6 '1' if the page already holds entries (then even the first entry here
 --         must fit the byte budget)
 -- Reply: {status, content type, tail, closed, ttl, expires-at, fork source,
---         fork offset, body, last id, '1' if more entries follow in range, count}
---   The body joins entries with ',' for JSON streams (each entry holds
---   comma-joined messages) and with nothing otherwise.
+--         fork offset, entries, last id, '1' if more entries follow in range, count}
+--   entries: the page's entry data in order (the gateway joins them with ','
+--   for JSON streams, where each entry holds comma-joined messages, and with
+--   nothing otherwise).
 --   status: 'ok', 'fork' (the range starts before the fork offset: read the
 --   source first), 'not_found', 'gone'
 local meta_key, data_key = KEYS[1], KEYS[2]
@@ -27,20 +30,23 @@ if mode ~= 'source' then
   if mode == 'read' and m.ttl then touch(KEYS, m, now) end
 end
 
-local function reply(status, body, last, more, count)
+local function reply(status, entries, last, more, count)
   return {status, m.ct, m.tail, m.closed or '', m.ttl or '', m.exp or '',
-          m.fsrc or '', m.foff or '', body, last, more, count}
+          m.fsrc or '', m.foff or '', entries, last, more, count}
 end
 
-if after == '' then return reply('ok', '', m.tail, '', 0) end
-if m.foff and id_cmp(after, m.foff) < 0 then return reply('fork', '', after, '', 0) end
-local sep = m.mt == 'application/json' and ',' or ''
+if after == '' then return reply('ok', {}, m.tail, '', 0) end
+if m.foff and id_cmp(after, m.foff) < 0 then return reply('fork', {}, after, '', 0) end
 
 local parts, size, count, last, more = {}, 0, 0, after, ''
 local start, stop = '(' .. after, upto ~= '' and upto or '+'
 -- Fetch in batches sized to what the page can still hold: XRANGE copies every
--- entry it returns, so fetching far past the byte budget costs real time.
-local batch_size = math.min(max_entries, 16)
+-- entry it returns, so fetching far past the byte budget costs real time. A
+-- batch also stays near BATCH_BYTES: Redis gathers a command's whole reply in
+-- one growing buffer before handing it to Lua, which gets slower than linear
+-- beyond about a megabyte, while a further XRANGE costs only microseconds.
+local BATCH_BYTES = 262144
+local batch_size = math.min(max_entries, 4)
 while true do
   local batch = redis.call('XRANGE', data_key, start, stop, 'COUNT', batch_size)
   for _, entry in ipairs(batch) do
@@ -64,6 +70,7 @@ while true do
   -- Entries seen so far predict how many more fit (plus one to detect the end).
   local average = math.max(1, size / count)
   batch_size = math.max(1, math.min(max_entries - count, 256,
-                                    math.floor((max_bytes - size) / average) + 1))
+                                    math.floor((max_bytes - size) / average) + 1,
+                                    math.floor(BATCH_BYTES / average)))
 end
-return reply('ok', table.concat(parts, sep), last, more, count)
+return reply('ok', parts, last, more, count)

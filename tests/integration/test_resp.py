@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from gateway.resp import PipelinedClient
+from gateway.resp import READER_BUFFER_BYTES, PipelinedClient
 
 
 def _client(url: str, **overrides: float) -> PipelinedClient:
@@ -31,6 +31,22 @@ async def test_concurrent_commands_are_pipelined_and_answered_in_order(
         assert int(await redis_client.get("resp:counter")) == 2000
         names = [c.get("name") for c in await redis_client.client_list()]
         assert names.count("resp-test") == 2  # two pipelined connections, no more
+    finally:
+        await client.aclose()
+
+
+async def test_replies_larger_and_smaller_than_the_kept_buffer_follow_each_other(
+    redis_url: str,
+) -> None:
+    client = _client(redis_url, connections=1)
+    sizes = [READER_BUFFER_BYTES * 3, 10, READER_BUFFER_BYTES // 2, READER_BUFFER_BYTES * 2, 0]
+    try:
+        for i, size in enumerate(sizes):
+            await client.execute_command("SET", f"resp:big{i}", bytes([i]) * size)
+        replies = await asyncio.gather(
+            *(client.execute_command("GET", f"resp:big{i}") for i in range(len(sizes)))
+        )
+        assert replies == [bytes([i]) * size for i, size in enumerate(sizes)]
     finally:
         await client.aclose()
 

@@ -18,6 +18,7 @@ from support.store_reads import read_all
 
 from gateway import jsonmode
 from gateway import offsets as off
+from gateway import store as store_module
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.headers import Producer
 from gateway.store import AppendRequest, CreateRequest, Store
@@ -356,6 +357,21 @@ async def test_closed_stream_pages_report_closure_only_at_the_tail(
     assert second.body == b"2222" and second.at_closed_tail
     eof = await store.read("c", second.next_offset)
     assert eof.body == b"" and eof.at_closed_tail
+
+
+async def test_pages_hold_at_most_max_page_entries_appends(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "MAX_PAGE_ENTRIES", 3)
+    store = make_store(redis_client)
+    await store.create("n", CreateRequest(OCTET))
+    for i in range(7):
+        await store.append("n", data(b"%d" % i))
+    body, pages = await read_all(store, "n")
+    assert body == b"0123456"
+    assert [p.body for p in pages] == [b"012", b"345", b"6"]
+    assert [p.more for p in pages] == [True, True, False]
+    assert pages[-1].up_to_date
 
 
 async def test_json_pages_are_valid_arrays(redis_client: aioredis.Redis) -> None:
