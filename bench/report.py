@@ -276,7 +276,7 @@ METHOD = [
     "(c) the stream is filled with 64 KiB `application/octet-stream` appends, then read "
     "from `offset=-1` following `Stream-Next-Offset` until `Stream-Up-To-Date: true` on "
     "one keep-alive connection (no `Accept-Encoding`, so no compression); MB = 10^6 bytes. "
-    "The gateway pages at `DS_MAX_READ_BYTES` (1 MiB default); the Node server answers "
+    "The gateway pages at `DS_MAX_READ_BYTES` (4 MiB default); the Node server answers "
     "the whole range in one response.",
     "(d) N raw-socket SSE readers at `offset=now`, spread over several client processes, "
     "each ready once it got its first control event with `upToDate:true`; memory per "
