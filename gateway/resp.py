@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -209,12 +210,25 @@ class PipelinedClient:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def execute_command(self, *args: Any) -> Any:
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        """Send a command; await the result for its reply.
+
+        While the next connection in turn is up (nearly always) this returns the
+        reply's future directly, with no coroutine in between: every storage
+        call of every request comes through here.
+        """
+        protocol = self._slots[self._next]
+        if protocol is not None and not protocol.closed:
+            self._next = (self._next + 1) % len(self._slots)
+            return protocol.send(hiredis.pack_command(args))
+        return self._connect_and_send(args)
+
+    async def _connect_and_send(self, args: tuple[Any, ...]) -> Any:
         protocol = await self._connection()
         return await protocol.send(hiredis.pack_command(args))
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]:
+        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
     async def script_load(self, source: str) -> Any:
         return await self.execute_command("SCRIPT", "LOAD", source)
