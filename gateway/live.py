@@ -117,6 +117,7 @@ class Live:
                 x_accel_buffering="no",
             ),
         )
+        req.release()
         # This one frame is all an idle reader holds (besides the server's own
         # objects): no helper coroutines, no timeout object, no page while idle.
         client_cursor = params.cursor
