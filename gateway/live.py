@@ -41,23 +41,32 @@ class Live:
 
     async def long_poll(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         store = self.ctx.store
-        page = await store.read(path, params.offset)
-        # offset=now starts waiting at the tail, without returning what is there.
-        offset = page.info.tail if params.offset is None else params.offset
-        if params.offset is None:
-            page = _empty_at(page, offset)
-        if not _has_data(page) and not page.at_closed_tail:
-            try:
-                page = await self._wait(path, offset, page)
-            except asyncio.CancelledError:
-                # The server is stopping and gave up waiting for us: still answer
-                # with a valid 204 so the client simply polls again elsewhere.
-                out = page_headers(
-                    self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
-                )
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(res.send(204, out))
-                raise
+        # When this replica already listens to the stream (other readers, or one
+        # that just left), capture the wake-up before the first read: that read
+        # then needs no repeat once we wait.
+        watch = self.hub.try_join(store.keys(path).wake)
+        try:
+            event = None if watch is None else watch.event
+            page = await store.read(path, params.offset)
+            # offset=now starts waiting at the tail, without returning what is there.
+            offset = page.info.tail if params.offset is None else params.offset
+            if params.offset is None:
+                page = _empty_at(page, offset)
+            if not _has_data(page) and not page.at_closed_tail:
+                try:
+                    page = await self._wait(path, offset, page, watch, event)
+                except asyncio.CancelledError:
+                    # The server is stopping and gave up waiting for us: still answer
+                    # with a valid 204 so the client simply polls again elsewhere.
+                    out = page_headers(
+                        self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
+                    )
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(res.send(204, out))
+                    raise
+        finally:
+            if watch is not None:
+                self.hub.leave(watch)
         cursor = None if page.at_closed_tail else self.cursor(params)
         if _has_data(page):
             out = page_headers(
@@ -72,51 +81,71 @@ class Live:
         out = page_headers(self.ctx, page, stream_cursor=cursor, cache_control="no-store")
         await res.send(204, out)
 
-    async def _wait(self, path: str, offset: str, page: Page) -> Page:
-        """Wait until data after ``offset`` exists, the stream closes, or timeout."""
+    async def _wait(
+        self, path: str, offset: str, page: Page, watch: Watch | None, event: Wake | None
+    ) -> Page:
+        """Wait until data after ``offset`` exists, the stream closes, or timeout.
+
+        ``event``, when given, was captured from ``watch`` before ``page`` was read.
+        """
         alarms = self.alarms
         deadline = alarms.time() + self.ctx.settings.long_poll_timeout_ms / 1000
-        channel = self.ctx.store.keys(path).wake
+        joined = None
         try:
-            watch = await self.hub.join(channel, within_s=deadline - alarms.time())
-            try:
-                while True:
+            if watch is None:
+                watch = joined = await self.hub.join(
+                    self.ctx.store.keys(path).wake, within_s=deadline - alarms.time()
+                )
+            while True:
+                if event is None:
                     event = watch.event
                     page = await self.ctx.store.read_coalesced(path, offset)
-                    if _has_data(page) or page.at_closed_tail or self.draining.is_set():
+                    if _has_data(page) or page.at_closed_tail:
                         return page
-                    if alarms.time() >= deadline:
-                        return page
-                    if not event.is_set():
-                        fut, slot = alarms.arm(event, deadline)
-                        try:
-                            await fut
-                        finally:
-                            alarms.disarm(event, fut, slot)
-            finally:
-                self.hub.leave(watch)
+                if self.draining.is_set() or alarms.time() >= deadline:
+                    return page
+                if not event.is_set():
+                    fut, slot = alarms.arm(event, deadline)
+                    try:
+                        await fut
+                    finally:
+                        alarms.disarm(event, fut, slot)
+                event = None
         except TimeoutError as exc:
             raise Unavailable() from exc
+        finally:
+            if joined is not None:
+                self.hub.leave(joined)
 
     # -- SSE -------------------------------------------------------------------------
 
     async def sse(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         settings = self.ctx.settings
         store = self.ctx.store
-        page = await store.read(path, params.offset)  # decides 404/410 before any byte
-        offset = page.info.tail if params.offset is None else params.offset
-        if params.offset is None:
-            page = _empty_at(page, offset)
-        binary = not h.is_text(page.info.content_type)
-        await res.start_stream(
-            200,
-            self.ctx.response_headers(
-                content_type="text/event-stream",
-                cache_control="no-cache",
-                stream_sse_data_encoding="base64" if binary else None,
-                x_accel_buffering="no",
-            ),
-        )
+        # As in long_poll: capture the wake-up before the first read when the
+        # stream is already listened to here, so that read needs no repeat.
+        channel = store.keys(path).wake
+        watch = self.hub.try_join(channel)
+        event = None if watch is None else watch.event
+        try:
+            page = await store.read(path, params.offset)  # decides 404/410 before any byte
+            offset = page.info.tail if params.offset is None else params.offset
+            if params.offset is None:
+                page = _empty_at(page, offset)
+            binary = not h.is_text(page.info.content_type)
+            await res.start_stream(
+                200,
+                self.ctx.response_headers(
+                    content_type="text/event-stream",
+                    cache_control="no-cache",
+                    stream_sse_data_encoding="base64" if binary else None,
+                    x_accel_buffering="no",
+                ),
+            )
+        except BaseException:
+            if watch is not None:
+                self.hub.leave(watch)
+            raise
         req.release()
         # This one frame is all an idle reader holds (besides the server's own
         # objects): no helper coroutines, no timeout object, no page while idle.
@@ -124,13 +153,12 @@ class Live:
         alarms = self.alarms
         keepalive = settings.sse_keepalive_ms / 1000
         deadline = alarms.time() + settings.sse_max_duration_ms / 1000
-        watch: Watch | None = None
         try:
-            watch = await self.hub.join(store.keys(path).wake, deadline - alarms.time())
+            if watch is None:
+                watch = await self.hub.join(channel, deadline - alarms.time())
             # `event` is always captured before the read that produced `page`,
-            # so an append after that read cannot be missed. The first page
-            # was read before subscribing, hence None: read again first.
-            event: Wake | None = None
+            # so an append after that read cannot be missed. A first page read
+            # before subscribing has none: it is read again first.
             while True:
                 await res.write(self._chunk(page, client_cursor, binary))
                 if page.at_closed_tail:

@@ -213,6 +213,15 @@ class WakeHub:
                 raise
         return watch
 
+    def try_join(self, channel: str) -> Watch | None:
+        """``join`` without waiting: the watch on ``channel`` if its subscription
+        is active now, else None (nothing is subscribed then)."""
+        watch = self._watches.get(channel)
+        if watch is None or not watch.subscribed.is_set():
+            return None
+        watch.readers += 1
+        return watch
+
     def leave(self, watch: Watch) -> None:
         watch.readers -= 1
         if watch.readers == 0:
