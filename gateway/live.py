@@ -26,6 +26,9 @@ class Live:
         self.hub = hub
         self.draining = asyncio.Event()  # set on shutdown: end live reads now
         self.alarms = Alarms()  # the timers of every waiting reader
+        # Reads in flight for woken readers: (path, offset) -> the readers' futures.
+        self._reads: dict[tuple[str, str], list[asyncio.Future[Page]]] = {}
+        self._read_tasks: set[asyncio.Task[None]] = set()
         # The last SSE chunk built, kept for the next reader of the same page.
         self._last_chunk: tuple[Page, str | None, bool, bytes] | None = None
 
@@ -99,7 +102,7 @@ class Live:
             while True:
                 if event is None:
                     event = watch.event
-                    page = await self.ctx.store.read_coalesced(path, offset)
+                    page = await self._shared_read(path, offset)
                     if _has_data(page) or page.at_closed_tail:
                         return page
                 if self.draining.is_set() or alarms.time() >= deadline:
@@ -185,7 +188,7 @@ class Live:
                     if self.draining.is_set():
                         return
                     event = watch.event
-                    page = await store.read_coalesced(path, offset)
+                    page = await self._shared_read(path, offset)
                     if _has_data(page) or page.at_closed_tail:
                         break
         except (ProtocolError, TimeoutError):
@@ -197,6 +200,43 @@ class Live:
                 self.hub.leave(watch)
             with contextlib.suppress(Exception):
                 await res.end_stream()
+
+    def _shared_read(self, path: str, offset: str) -> asyncio.Future[Page]:
+        """The page after ``offset``, read once for all readers that ask while
+        the read is in flight (woken readers of one stream all ask at once).
+
+        Each reader gets a future of its own, resolved straight from the one
+        read: cancelling a reader cancels nobody else's read, and a fan-out to
+        thousands of readers costs one future per reader, not a shield (two
+        futures, closures and a callback) per reader.
+        """
+        key = (path, offset)
+        fut: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
+        waiters = self._reads.get(key)
+        if waiters is None:
+            self._reads[key] = [fut]
+            task = asyncio.get_running_loop().create_task(self._read_for(key))
+            self._read_tasks.add(task)
+            task.add_done_callback(self._read_tasks.discard)
+        else:
+            waiters.append(fut)
+        return fut
+
+    async def _read_for(self, key: tuple[str, str]) -> None:
+        try:
+            page = await self.ctx.store.read(*key)
+        except asyncio.CancelledError:
+            for fut in self._reads.pop(key):
+                fut.cancel()
+            raise
+        except Exception as exc:
+            for fut in self._reads.pop(key):
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            for fut in self._reads.pop(key):
+                if not fut.done():
+                    fut.set_result(page)
 
     def _chunk(self, page: Page, client_cursor: str | None, binary: bool) -> bytes:
         """A data event (when the page has data) and its control event (section 5.8).

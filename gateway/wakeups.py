@@ -5,8 +5,8 @@ Each replica holds ONE pub/sub connection, subscribed to the channels of the
 streams that have live readers on this replica (and for a short while after the
 last one leaves, so a client's next long-poll does not pay a new SUBSCRIBE).
 A message bumps that stream's ``Watch``, which wakes every waiting reader; the
-readers then re-read through ``Store.read_coalesced``, so one append costs one
-Redis read per replica, however many readers wait.
+readers then re-read through one shared read (``Live._shared_read``), so one
+append costs one Redis read per replica, however many readers wait.
 
 No wake-up can be lost:
 - a reader captures the watch's current event *before* it reads, so an append
