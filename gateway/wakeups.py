@@ -94,23 +94,19 @@ class Alarms:
     comes first. The caller must ``disarm`` it when done, cancelled or not.
     """
 
-    __slots__ = ("_loop", "_resolution", "_slots")
+    __slots__ = ("_resolution", "_slots")
 
     def __init__(self, resolution_s: float = 0.1) -> None:
         self._resolution = resolution_s
         self._slots: dict[int, set[asyncio.Future[bool]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def time(self) -> float:
-        return self._event_loop().time()
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
+    @staticmethod
+    def time() -> float:
+        """Now, on the clock of ``arm``'s ``when`` (the running loop's)."""
+        return asyncio.get_running_loop().time()
 
     def arm(self, wake: Wake, when: float) -> tuple[asyncio.Future[bool], int]:
-        loop = self._event_loop()
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         slot = math.ceil(when / self._resolution)  # never early
         wake.add_waiter(fut)
