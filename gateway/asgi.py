@@ -35,6 +35,10 @@ class AsgiRequest(Request):
     def header(self, name: str) -> str | None:
         return self._headers.get(name)
 
+    def release(self) -> None:
+        super().release()
+        self._headers = {}
+
     def _decode_path(self) -> str:
         raw = self.scope.get("raw_path")
         if raw is None:

@@ -131,6 +131,13 @@ class Request:
     def base_url(self) -> str:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Forget the parsed query and the headers: called once a long-lived
+        response (SSE) has started and needs neither, so an idle reader does not
+        hold them for the connection's lifetime."""
+        self._query = None
+        self.query_string = ""
+
     # -- common --------------------------------------------------------------------
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 from . import headers as h
 from . import sse
@@ -18,7 +17,7 @@ from .errors import ProtocolError, Unavailable
 from .handlers import Context, ReadParams, page_body, page_headers
 from .http import Request, Response
 from .store import Page
-from .wakeups import WakeHub, Watch
+from .wakeups import Alarms, Wake, WakeHub, Watch
 
 
 class Live:
@@ -26,6 +25,12 @@ class Live:
         self.ctx = ctx
         self.hub = hub
         self.draining = asyncio.Event()  # set on shutdown: end live reads now
+        self.alarms = Alarms()  # the timers of every waiting reader
+        # Reads in flight for woken readers: (path, offset) -> the readers' futures.
+        self._reads: dict[tuple[str, str], list[asyncio.Future[Page]]] = {}
+        self._read_tasks: set[asyncio.Task[None]] = set()
+        # The last SSE chunk built, kept for the next reader of the same page.
+        self._last_chunk: tuple[Page, str | None, bool, bytes] | None = None
 
     def drain(self) -> None:
         """End every live read promptly with a valid response (shutdown)."""
@@ -39,23 +44,32 @@ class Live:
 
     async def long_poll(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         store = self.ctx.store
-        page = await store.read(path, params.offset)
-        # offset=now starts waiting at the tail, without returning what is there.
-        offset = page.info.tail if params.offset is None else params.offset
-        if params.offset is None:
-            page = _empty_at(page, offset)
-        if not _has_data(page) and not page.at_closed_tail:
-            try:
-                page = await self._wait(path, offset, page)
-            except asyncio.CancelledError:
-                # The server is stopping and gave up waiting for us: still answer
-                # with a valid 204 so the client simply polls again elsewhere.
-                out = page_headers(
-                    self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
-                )
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(res.send(204, out))
-                raise
+        # When this replica already listens to the stream (other readers, or one
+        # that just left), capture the wake-up before the first read: that read
+        # then needs no repeat once we wait.
+        watch = self.hub.try_join(store.keys(path).wake)
+        try:
+            event = None if watch is None else watch.event
+            page = await store.read(path, params.offset)
+            # offset=now starts waiting at the tail, without returning what is there.
+            offset = page.info.tail if params.offset is None else params.offset
+            if params.offset is None:
+                page = _empty_at(page, offset)
+            if not _has_data(page) and not page.at_closed_tail:
+                try:
+                    page = await self._wait(path, offset, page, watch, event)
+                except asyncio.CancelledError:
+                    # The server is stopping and gave up waiting for us: still answer
+                    # with a valid 204 so the client simply polls again elsewhere.
+                    out = page_headers(
+                        self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
+                    )
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(res.send(204, out))
+                    raise
+        finally:
+            if watch is not None:
+                self.hub.leave(watch)
         cursor = None if page.at_closed_tail else self.cursor(params)
         if _has_data(page):
             out = page_headers(
@@ -70,114 +84,184 @@ class Live:
         out = page_headers(self.ctx, page, stream_cursor=cursor, cache_control="no-store")
         await res.send(204, out)
 
-    async def _wait(self, path: str, offset: str, page: Page) -> Page:
-        """Wait until data after ``offset`` exists, the stream closes, or timeout."""
-        settings = self.ctx.settings
-        deadline = time.monotonic() + settings.long_poll_timeout_ms / 1000
-        channel = self.ctx.store.keys(path).wake
+    async def _wait(
+        self, path: str, offset: str, page: Page, watch: Watch | None, event: Wake | None
+    ) -> Page:
+        """Wait until data after ``offset`` exists, the stream closes, or timeout.
+
+        ``event``, when given, was captured from ``watch`` before ``page`` was read.
+        """
+        alarms = self.alarms
+        deadline = alarms.time() + self.ctx.settings.long_poll_timeout_ms / 1000
+        joined = None
         try:
-            async with self.hub.watch(channel, within_s=_remaining(deadline)) as watch:
-                while True:
+            if watch is None:
+                watch = joined = await self.hub.join(
+                    self.ctx.store.keys(path).wake, within_s=deadline - alarms.time()
+                )
+            while True:
+                if event is None:
                     event = watch.event
-                    page = await self.ctx.store.read_coalesced(path, offset)
-                    if _has_data(page) or page.at_closed_tail or self.draining.is_set():
+                    page = await self._shared_read(path, offset)
+                    if _has_data(page) or page.at_closed_tail:
                         return page
-                    remaining = _remaining(deadline)
-                    if remaining <= 0:
-                        return page
-                    await _wait_event(event, remaining)
+                if self.draining.is_set() or alarms.time() >= deadline:
+                    return page
+                if not event.is_set():
+                    fut, slot = alarms.arm(event, deadline)
+                    try:
+                        await fut
+                    finally:
+                        alarms.disarm(event, fut, slot)
+                event = None
         except TimeoutError as exc:
             raise Unavailable() from exc
+        finally:
+            if joined is not None:
+                self.hub.leave(joined)
 
     # -- SSE -------------------------------------------------------------------------
 
     async def sse(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
         settings = self.ctx.settings
         store = self.ctx.store
-        page = await store.read(path, params.offset)  # decides 404/410 before any byte
-        offset = page.info.tail if params.offset is None else params.offset
-        if params.offset is None:
-            page = _empty_at(page, offset)
-        binary = not h.is_text(page.info.content_type)
-        out = self.ctx.response_headers(
-            content_type="text/event-stream",
-            cache_control="no-cache",
-            stream_sse_data_encoding="base64" if binary else None,
-            x_accel_buffering="no",
-        )
-        await res.start_stream(200, out)
-
-        deadline = time.monotonic() + settings.sse_max_duration_ms / 1000
+        # As in long_poll: capture the wake-up before the first read when the
+        # stream is already listened to here, so that read needs no repeat.
         channel = store.keys(path).wake
+        watch = self.hub.try_join(channel)
+        event = None if watch is None else watch.event
         try:
-            async with self.hub.watch(channel, within_s=_remaining(deadline)) as watch:
-                # `event` is always captured before the read that produced `page`,
-                # so an append after that read cannot be missed. The first page
-                # was read before subscribing, hence None: read again first.
-                event: asyncio.Event | None = None
+            page = await store.read(path, params.offset)  # decides 404/410 before any byte
+            offset = page.info.tail if params.offset is None else params.offset
+            if params.offset is None:
+                page = _empty_at(page, offset)
+            binary = not h.is_text(page.info.content_type)
+            await res.start_stream(
+                200,
+                self.ctx.response_headers(
+                    content_type="text/event-stream",
+                    cache_control="no-cache",
+                    stream_sse_data_encoding="base64" if binary else None,
+                    x_accel_buffering="no",
+                ),
+            )
+        except BaseException:
+            if watch is not None:
+                self.hub.leave(watch)
+            raise
+        req.release()
+        # This one frame is all an idle reader holds (besides the server's own
+        # objects): no helper coroutines, no timeout object, no page while idle.
+        client_cursor = params.cursor
+        alarms = self.alarms
+        keepalive = settings.sse_keepalive_ms / 1000
+        deadline = alarms.time() + settings.sse_max_duration_ms / 1000
+        try:
+            if watch is None:
+                watch = await self.hub.join(channel, deadline - alarms.time())
+            # `event` is always captured before the read that produced `page`,
+            # so an append after that read cannot be missed. A first page read
+            # before subscribing has none: it is read again first.
+            while True:
+                await res.write(self._chunk(page, client_cursor, binary))
+                if page.at_closed_tail:
+                    return  # final control event sent: close (section 5.8)
+                offset = page.next_offset
+                if page.more:
+                    event = watch.event
+                    page = await store.read(path, offset)
+                    continue
+                del page  # not held while idle
                 while True:
-                    await self._emit(res, page, params, binary)
-                    if page.at_closed_tail:
-                        return  # final control event sent: close (section 5.8)
-                    if page.more:
-                        event = watch.event
-                        page = await store.read(path, page.next_offset)
-                        continue
-                    found = await self._next_page(
-                        path, page.next_offset, deadline, watch, event, res
-                    )
-                    if found is None:
-                        return  # connection lifetime over, or shutting down
-                    page, event = found
+                    # Wait for a wake-up, with keep-alive comments meanwhile.
+                    while event is not None and not event.is_set():
+                        now = alarms.time()
+                        if now >= deadline or self.draining.is_set():
+                            return  # connection lifetime over, or shutting down
+                        fut, slot = alarms.arm(event, min(deadline, now + keepalive))
+                        try:
+                            woken = await fut
+                        finally:
+                            alarms.disarm(event, fut, slot)
+                        if not woken:
+                            await res.write(sse.KEEPALIVE)
+                    if self.draining.is_set():
+                        return
+                    event = watch.event
+                    page = await self._shared_read(path, offset)
+                    if _has_data(page) or page.at_closed_tail:
+                        break
         except (ProtocolError, TimeoutError):
             # The stream went away or storage failed mid-stream: the status is
             # already sent, so end the event stream; the client reconnects.
             pass
         finally:
+            if watch is not None:
+                self.hub.leave(watch)
             with contextlib.suppress(Exception):
                 await res.end_stream()
 
-    async def _next_page(
-        self,
-        path: str,
-        offset: str,
-        deadline: float,
-        watch: Watch,
-        event: asyncio.Event | None,
-        res: Response,
-    ) -> tuple[Page, asyncio.Event] | None:
-        """The next page with data (or the closure) after ``offset``, sending
-        keep-alive comments while waiting; None when the connection should end."""
-        keepalive = self.ctx.settings.sse_keepalive_ms / 1000
-        while True:
-            while event is not None:
-                remaining = _remaining(deadline)
-                if remaining <= 0 or self.draining.is_set():
-                    return None
-                if await _wait_event(event, min(remaining, keepalive)):
-                    break
-                await res.write(sse.KEEPALIVE)
-            if self.draining.is_set():
-                return None
-            event = watch.event
-            page = await self.ctx.store.read_coalesced(path, offset)
-            if _has_data(page) or page.at_closed_tail:
-                return page, event
+    def _shared_read(self, path: str, offset: str) -> asyncio.Future[Page]:
+        """The page after ``offset``, read once for all readers that ask while
+        the read is in flight (woken readers of one stream all ask at once).
 
-    async def _emit(self, res: Response, page: Page, params: ReadParams, binary: bool) -> None:
-        # Every data event is followed by a control event (section 5.8).
-        chunks = []
-        if _has_data(page):
-            chunks.append(sse.data_event(page_body(page), base64_encoded=binary))
-        chunks.append(
-            sse.control_event(
-                page.next_offset,
-                cursor=None if page.at_closed_tail else self.cursor(params),
-                up_to_date=page.up_to_date,
-                closed=page.at_closed_tail,
-            )
+        Each reader gets a future of its own, resolved straight from the one
+        read: cancelling a reader cancels nobody else's read, and a fan-out to
+        thousands of readers costs one future per reader, not a shield (two
+        futures, closures and a callback) per reader.
+        """
+        key = (path, offset)
+        fut: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
+        waiters = self._reads.get(key)
+        if waiters is None:
+            self._reads[key] = [fut]
+            task = asyncio.get_running_loop().create_task(self._read_for(key))
+            self._read_tasks.add(task)
+            task.add_done_callback(self._read_tasks.discard)
+        else:
+            waiters.append(fut)
+        return fut
+
+    async def _read_for(self, key: tuple[str, str]) -> None:
+        try:
+            page = await self.ctx.store.read(*key)
+        except asyncio.CancelledError:
+            for fut in self._reads.pop(key):
+                fut.cancel()
+            raise
+        except Exception as exc:
+            for fut in self._reads.pop(key):
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            for fut in self._reads.pop(key):
+                if not fut.done():
+                    fut.set_result(page)
+
+    def _chunk(self, page: Page, client_cursor: str | None, binary: bool) -> bytes:
+        """A data event (when the page has data) and its control event (section 5.8).
+
+        Readers woken by one append share the coalesced Page object, and
+        usually their cursor: the last chunk is kept and reused for them.
+        """
+        cursor = (
+            None
+            if page.at_closed_tail
+            else next_cursor(client_cursor, self.ctx.settings.cursor_interval_s)
         )
-        await res.write(b"".join(chunks))
+        last = self._last_chunk
+        if last is not None and last[0] is page and last[1] == cursor and last[2] == binary:
+            return last[3]
+        chunk = sse.control_event(
+            page.next_offset,
+            cursor=cursor,
+            up_to_date=page.up_to_date,
+            closed=page.at_closed_tail,
+        )
+        if _has_data(page):
+            chunk = sse.data_event(page_body(page), base64_encoded=binary) + chunk
+        self._last_chunk = (page, cursor, binary, chunk)
+        return chunk
 
 
 def _has_data(page: Page) -> bool:
@@ -186,20 +270,3 @@ def _has_data(page: Page) -> bool:
 
 def _empty_at(page: Page, offset: str) -> Page:
     return Page(page.info, b"", offset, False)
-
-
-def _remaining(deadline: float) -> float:
-    return deadline - time.monotonic()
-
-
-async def _wait_event(event: asyncio.Event, wait_s: float) -> bool:
-    """Wait up to ``wait_s`` seconds for ``event``; True if it was set.
-
-    Shutdown sets every watch's event (Live.drain), so waits end promptly then.
-    """
-    if event.is_set():
-        return True
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(wait_s):
-            await event.wait()
-    return event.is_set()

@@ -5,8 +5,8 @@ Each replica holds ONE pub/sub connection, subscribed to the channels of the
 streams that have live readers on this replica (and for a short while after the
 last one leaves, so a client's next long-poll does not pay a new SUBSCRIBE).
 A message bumps that stream's ``Watch``, which wakes every waiting reader; the
-readers then re-read through ``Store.read_coalesced``, so one append costs one
-Redis read per replica, however many readers wait.
+readers then re-read through one shared read (``Live._shared_read``), so one
+append costs one Redis read per replica, however many readers wait.
 
 No wake-up can be lost:
 - a reader captures the watch's current event *before* it reads, so an append
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -34,6 +35,101 @@ HEALTH_INTERVAL_S = 5.0
 HUB_CHANNEL = "ds:wake-hub"
 
 
+class Wake:
+    """One generation of a stream's wake-ups: set by the next append (or
+    re-check) on the stream, then replaced by a fresh one.
+
+    It answers like an ``asyncio.Event`` (``is_set``, ``wait``), but a waiting
+    reader costs one future in a set instead of a coroutine, a future and a
+    deque entry: with thousands of idle readers per process, that is what their
+    memory is made of.
+    """
+
+    __slots__ = ("_fired", "_waiters")
+
+    def __init__(self) -> None:
+        self._fired = False
+        self._waiters: set[asyncio.Future[bool]] = set()
+
+    def is_set(self) -> bool:
+        return self._fired
+
+    def set(self) -> None:
+        if self._fired:
+            return
+        self._fired = True
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(True)
+
+    def add_waiter(self, fut: asyncio.Future[bool]) -> None:
+        """Resolve ``fut`` with True when this generation is set (at once if it is)."""
+        if self._fired:
+            if not fut.done():
+                fut.set_result(True)
+        else:
+            self._waiters.add(fut)
+
+    def discard_waiter(self, fut: asyncio.Future[bool]) -> None:
+        self._waiters.discard(fut)
+
+    async def wait(self) -> bool:
+        if self._fired:
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            return await fut
+        finally:
+            self._waiters.discard(fut)
+
+
+class Alarms:
+    """Shared timers for waiting readers: one event-loop timer per slot of
+    ``resolution_s`` seconds, however many readers wait for a time in it.
+
+    ``arm`` returns a future that resolves True when ``wake`` is set, or False
+    at (or up to ``resolution_s`` after) ``when`` (event-loop time), whichever
+    comes first. The caller must ``disarm`` it when done, cancelled or not.
+    """
+
+    __slots__ = ("_resolution", "_slots")
+
+    def __init__(self, resolution_s: float = 0.1) -> None:
+        self._resolution = resolution_s
+        self._slots: dict[int, set[asyncio.Future[bool]]] = {}
+
+    @staticmethod
+    def time() -> float:
+        """Now, on the clock of ``arm``'s ``when`` (the running loop's)."""
+        return asyncio.get_running_loop().time()
+
+    def arm(self, wake: Wake, when: float) -> tuple[asyncio.Future[bool], int]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        slot = math.ceil(when / self._resolution)  # never early
+        wake.add_waiter(fut)
+        if not fut.done():
+            waiters = self._slots.get(slot)
+            if waiters is None:
+                waiters = self._slots[slot] = set()
+                loop.call_at(slot * self._resolution, self._fire, slot)
+            waiters.add(fut)
+        return fut, slot
+
+    def disarm(self, wake: Wake, fut: asyncio.Future[bool], slot: int) -> None:
+        wake.discard_waiter(fut)
+        waiters = self._slots.get(slot)
+        if waiters is not None:
+            waiters.discard(fut)
+
+    def _fire(self, slot: int) -> None:
+        for fut in self._slots.pop(slot, ()):
+            if not fut.done():
+                fut.set_result(False)
+
+
 class Watch:
     """The wake-up state of one stream on this replica."""
 
@@ -41,15 +137,15 @@ class Watch:
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
-        self.event = asyncio.Event()
+        self.event = Wake()
         self.readers = 0
         self.subscribed = asyncio.Event()
         self.idle_since = time.monotonic()
 
     def wake(self) -> None:
-        # Replace, then set: readers that captured the old event wake up, readers
-        # that capture from now on wait for the next change.
-        event, self.event = self.event, asyncio.Event()
+        # Replace, then set: readers that captured the old generation wake up,
+        # readers that capture from now on wait for the next change.
+        event, self.event = self.event, Wake()
         event.set()
 
 
@@ -91,11 +187,11 @@ class WakeHub:
 
     # -- readers -----------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def watch(self, channel: str, within_s: float) -> AsyncIterator[Watch]:
+    async def join(self, channel: str, within_s: float) -> Watch:
         """Hold a watch on ``channel``; returns once its subscription is active.
+        Every successful join must be followed by one ``leave``.
 
-        Raises asyncio.TimeoutError if the subscription cannot be confirmed in
+        Raises TimeoutError if the subscription cannot be confirmed in
         ``within_s`` seconds (Redis unreachable).
         """
         watch = self._watches.get(channel)
@@ -105,13 +201,36 @@ class WakeHub:
             if self._conn is not None:
                 await self._send("SUBSCRIBE", channel)
         watch.readers += 1
+        if not watch.subscribed.is_set():
+            try:
+                await asyncio.wait_for(watch.subscribed.wait(), within_s)
+            except BaseException:
+                self.leave(watch)
+                raise
+        return watch
+
+    def try_join(self, channel: str) -> Watch | None:
+        """``join`` without waiting: the watch on ``channel`` if its subscription
+        is active now, else None (nothing is subscribed then)."""
+        watch = self._watches.get(channel)
+        if watch is None or not watch.subscribed.is_set():
+            return None
+        watch.readers += 1
+        return watch
+
+    def leave(self, watch: Watch) -> None:
+        watch.readers -= 1
+        if watch.readers == 0:
+            watch.idle_since = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, channel: str, within_s: float) -> AsyncIterator[Watch]:
+        """``join`` and ``leave`` as a context manager."""
+        watch = await self.join(channel, within_s)
         try:
-            await asyncio.wait_for(watch.subscribed.wait(), within_s)
             yield watch
         finally:
-            watch.readers -= 1
-            if watch.readers == 0:
-                watch.idle_since = time.monotonic()
+            self.leave(watch)
 
     # -- the listener --------------------------------------------------------------
 

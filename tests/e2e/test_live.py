@@ -182,6 +182,36 @@ async def test_long_poll_is_woken_by_an_append_within_milliseconds(
     assert max(latencies) < 0.5, latencies
 
 
+async def _scripts_run(redis: aioredis.Redis) -> int:
+    """EVALSHA calls (reads and appends) since the last CONFIG RESETSTAT."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_long_poll_on_a_listened_stream_reads_once_before_waiting(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    """While the replica already listens to the stream, a long-poll captures its
+    wake-up before its first read, so it waits without a second read; the append
+    it then waits for still reaches it."""
+    offset = await create(client, path)
+    first = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+    await parked(redis_client, path)
+    offset = await append(client, path, b"one")
+    assert (await first).content == b"one"
+    # The channel stays subscribed for a while after its last reader left.
+    await redis_client.config_resetstat()
+    poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+    await asyncio.sleep(0.3)  # waiting by now (the long-poll itself lasts 1 s)
+    assert not poll.done()
+    assert await _scripts_run(redis_client) == 1, "one read before waiting"
+    tail = await append(client, path, b"two")
+    response = await poll
+    assert response.status_code == 200 and response.content == b"two"
+    assert response.headers["stream-next-offset"] == tail
+    assert await _scripts_run(redis_client) == 3  # read, append, read after the wake-up
+
+
 async def test_long_poll_at_now_waits_for_new_data_only(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:

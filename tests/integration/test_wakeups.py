@@ -92,8 +92,9 @@ async def _listening(admin: aioredis.Redis) -> bool:
     return [c["sub"] for c in await hub_connections(admin)] == ["1"]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 3.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within_s: float = 3.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + within_s
     while not await check():
         assert time.monotonic() < deadline, f"{what} not reached within {within_s}s"
@@ -394,3 +395,60 @@ async def test_one_connection_whatever_the_number_of_watches(
         for event in events.values():
             assert await woken(event)
     assert len(await admin.client_list()) == baseline
+
+
+# -- waiting: Wake generations and shared alarms ----------------------------------------------
+
+
+async def test_an_alarm_resolves_false_at_its_time_never_early() -> None:
+    alarms = wakeups.Alarms(resolution_s=0.05)
+    wake = wakeups.Wake()
+    when = alarms.time() + 0.12
+    fut, slot = alarms.arm(wake, when)
+    try:
+        assert await asyncio.wait_for(fut, 1) is False
+    finally:
+        alarms.disarm(wake, fut, slot)
+    assert alarms.time() >= when
+    assert alarms.time() - when < 0.1  # at most one slot (plus scheduling) late
+
+
+async def test_a_wake_resolves_true_and_its_waiters_leave_the_alarm() -> None:
+    alarms = wakeups.Alarms(resolution_s=0.05)
+    wake = wakeups.Wake()
+    when = alarms.time() + 5
+    armed = [alarms.arm(wake, when) for _ in range(1000)]
+    # One timer for all of them: they share the slot.
+    assert len(alarms._slots) == 1
+    wake.set()
+    assert all(fut.done() and fut.result() is True for fut, _ in armed)
+    for fut, slot in armed:
+        alarms.disarm(wake, fut, slot)
+    assert alarms._slots[armed[0][1]] == set()
+    # Arming on a generation that is already set resolves at once, with no timer.
+    fut, slot = alarms.arm(wake, alarms.time() + 5)
+    assert fut.result() is True
+    alarms.disarm(wake, fut, slot)
+
+
+async def test_a_cancelled_waiter_is_dropped_by_wake_and_alarm() -> None:
+    alarms = wakeups.Alarms(resolution_s=0.05)
+    wake = wakeups.Wake()
+    fut, slot = alarms.arm(wake, alarms.time() + 0.1)
+
+    async def reader() -> None:
+        try:
+            await fut
+        finally:
+            alarms.disarm(wake, fut, slot)
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fut.cancelled()
+    assert not wake._waiters and not alarms._slots[slot]
+    wake.set()  # nothing left to resolve, nothing raises
+    await asyncio.sleep(0.2)
+    assert slot not in alarms._slots  # the slot's timer ran and removed it
