@@ -165,7 +165,6 @@ class Store:
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
         self.scripts = Scripts()
-        self._inflight: dict[tuple[Any, ...], asyncio.Future[Page]] = {}
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         if self._limiter is None:
@@ -433,29 +432,6 @@ class Store:
         after = "" if offset is None else off.to_entry_id(offset)
         async with _storage_errors():
             return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
-
-    async def read_coalesced(self, path: str, offset: str | None) -> Page:
-        """Like read, but identical concurrent reads share one Redis round trip.
-
-        Woken live readers of one stream all re-read the same offset at once;
-        this makes that one read per replica instead of one per reader.
-        """
-        key = (path, offset)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            page = await self.read(path, offset)
-            future.set_result(page)
-            return page
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters may all have gone
-            raise
-        finally:
-            del self._inflight[key]
 
     async def _read(self, path: str, after: str, upto: str, max_entries: int, mode: str) -> Page:
         r = await self._read_range(
