@@ -50,6 +50,7 @@ STORAGE = {
     "gateway": "Redis 7, AOF `appendonly yes`, `appendfsync everysec` (fresh per run)",
     "node-mem": "in memory",
     "node-file": "files + LMDB in a temp dir (fdatasync on every append)",
+    "floor-granian": "none (bench/floor_app.py keeps only the last POST body)",
 }
 
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="servers: gw-granian-1w, gw-granian-1w-asgi, gw-hypercorn-1w, gw-granian-2w, "
         "node-mem, node-file, "
-        "gw-granian-1w-bp (not in 'all'), or the aliases gateway (= gw-granian-1w), gateways, "
+        "gw-granian-1w-bp and floor-granian (not in 'all'), or the aliases gateway "
+        "(= gw-granian-1w), gateways, floor, "
         "node, extra, all (default: all)",
     )
     p.add_argument("--rounds", type=int, help="rounds (full 3, quick 1)")
@@ -283,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
                 "key": c.key,
                 "label": c.label,
                 "command": c.command,
-                "storage": STORAGE["gateway" if c.kind == "gateway" else c.key],
+                "storage": STORAGE.get(c.key)
+                or STORAGE["gateway" if c.kind == "gateway" else c.key],
             }
             for c in args.configs
         ],
@@ -314,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 tag = f"r{r + 1}"
                 for sc in args.scenario_list:
+                    if sc not in cfg.scenarios:
+                        continue  # e.g. the floor app serves only the fan-out
                     ts = time.monotonic()
                     try:
                         values, details = SCENARIOS[sc](srv, args, tag)

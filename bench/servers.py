@@ -109,6 +109,7 @@ class ServerConfig:
     label: str
     kind: str  # "gateway" or "node"
     command: str  # for the report
+    scenarios: str = "abcde"  # the scenarios this server can serve
 
     def start(self, start_timeout: float = 30.0) -> Running:
         workdir = tempfile.mkdtemp(prefix=f"ds-bench-{self.key}-")
@@ -158,6 +159,12 @@ class ServerConfig:
             raise
 
     def gateway_args(self, port: int) -> list[str]:
+        if self.key == "floor-granian":
+            return [
+                VENV_BIN / "granian", "--interface", "rsgi", "--loop", "uvloop",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backpressure", "100000", "--log-level", "warning", "bench.floor_app:app",
+            ]  # fmt: skip
         if self.key == "gw-granian-1w-bp":
             return [
                 VENV_BIN / "granian", "--interface", "asgi", "--host", "127.0.0.1",
@@ -238,6 +245,12 @@ CONFIGS: list[ServerConfig] = [
 # (--backpressure, default backlog/workers = 1024) raised, to show what the
 # fan-out of one granian worker is once that cap is out of the way.
 EXTRA_CONFIGS: list[ServerConfig] = [
+    # The server's own floor for scenario d: granian (RSGI, uvloop, as the
+    # console script runs it) with an app that stores nothing (bench/floor_app.py).
+    ServerConfig(
+        "floor-granian", "floor: do-nothing SSE app on granian RSGI", "gateway",
+        "granian --interface rsgi --loop uvloop bench.floor_app:app", scenarios="d",
+    ),
     ServerConfig(
         "gw-granian-1w-bp", "gateway (granian CLI, 1 worker, backpressure 16384)", "gateway",
         "granian --interface asgi --workers 1 --backpressure 16384 gateway.main:app",
@@ -251,6 +264,7 @@ ALIASES = {
     "node": ["node-mem", "node-file"],
     "all": [c.key for c in CONFIGS],
     "extra": [c.key for c in EXTRA_CONFIGS],
+    "floor": ["floor-granian"],
 }
 
 
