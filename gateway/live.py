@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 
 from . import headers as h
+from . import offsets as off
 from . import sse
 from .cursor import next_cursor
 from .errors import ProtocolError, Unavailable
 from .handlers import Context, ReadParams, page_body, page_headers
 from .http import Request, Response
-from .store import Page
+from .store import Page, StreamInfo
 from .wakeups import Alarms, Wake, WakeHub, Watch
 
 
@@ -99,10 +100,13 @@ class Live:
                 watch = joined = await self.hub.join(
                     self.ctx.store.keys(path).wake, within_s=deadline - alarms.time()
                 )
+            fired: Wake | None = None
             while True:
                 if event is None:
                     event = watch.event
-                    page = await self._shared_read(path, offset)
+                    page = _pushed_page(fired, offset, page.info) or await self._shared_read(
+                        path, offset
+                    )
                     if _has_data(page) or page.at_closed_tail:
                         return page
                 if self.draining.is_set() or alarms.time() >= deadline:
@@ -113,7 +117,7 @@ class Live:
                         await fut
                     finally:
                         alarms.disarm(event, fut, slot)
-                event = None
+                fired, event = (event if event.is_set() else None), None
         except TimeoutError as exc:
             raise Unavailable() from exc
         finally:
@@ -171,6 +175,7 @@ class Live:
                     event = watch.event
                     page = await store.read(path, offset)
                     continue
+                info = page.info
                 del page  # not held while idle
                 while True:
                     # Wait for a wake-up, with keep-alive comments meanwhile.
@@ -187,8 +192,10 @@ class Live:
                             await res.write(sse.KEEPALIVE)
                     if self.draining.is_set():
                         return
-                    event = watch.event
-                    page = await self._shared_read(path, offset)
+                    fired, event = event, watch.event
+                    page = _pushed_page(fired, offset, info) or await self._shared_read(
+                        path, offset
+                    )
                     if _has_data(page) or page.at_closed_tail:
                         break
         except (ProtocolError, TimeoutError):
@@ -262,6 +269,34 @@ class Live:
             chunk = sse.data_event(page_body(page), base64_encoded=binary) + chunk
         self._last_chunk = (page, cursor, binary, chunk)
         return chunk
+
+
+def _pushed_page(fired: Wake | None, offset: str, info: StreamInfo) -> Page | None:
+    """The page after ``offset`` straight from the wake-up that ended the wait,
+    when that wake-up carried an append (small ones do) whose entry directly
+    follows ``offset``: no read then. Otherwise None, and the reader reads.
+
+    Safe because entries never change once written: the entry right after
+    ``offset`` is exactly what a read would return first. Readers woken
+    together share the one Page built here (and so its SSE chunk).
+    """
+    if fired is None or fired.pushed is None:
+        return None
+    if fired.page is not None:
+        built_for, page = fired.page
+        return page if built_for == offset else None
+    pushed = fired.pushed
+    if off.from_entry_id(pushed.prev) != offset:
+        return None
+    tail = off.from_entry_id(pushed.tail)
+    page = Page(
+        StreamInfo(info.content_type, tail, pushed.closed, info.ttl, info.expires_at),
+        pushed.data,
+        tail,
+        False,
+    )
+    fired.page = (offset, page)
+    return page
 
 
 def _has_data(page: Page) -> bool:

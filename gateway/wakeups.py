@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("gateway.wakeups")
 
@@ -45,11 +45,15 @@ class Wake:
     memory is made of.
     """
 
-    __slots__ = ("_fired", "_waiters")
+    __slots__ = ("_fired", "_waiters", "page", "pushed")
 
     def __init__(self) -> None:
         self._fired = False
         self._waiters: set[asyncio.Future[bool]] = set()
+        # What the append that set this generation carried (see Pushed), and the
+        # page readers built from it (shared, so they share its SSE chunk).
+        self.pushed: Pushed | None = None
+        self.page: Any = None
 
     def is_set(self) -> bool:
         return self._fired
@@ -83,6 +87,24 @@ class Wake:
             return await fut
         finally:
             self._waiters.discard(fut)
+
+
+class Pushed(NamedTuple):
+    """A small append as its wake-up message carries it (lua/append.lua):
+    the entry ``tail`` directly follows ``prev`` (Redis entry ids)."""
+
+    prev: str
+    tail: str
+    closed: bool
+    data: bytes
+
+    @classmethod
+    def parse(cls, message: Any) -> Pushed | None:
+        if not isinstance(message, bytes) or not message.startswith(b"+"):
+            return None  # a bare tail, 'deleted', or a large append: readers read
+        head, _, data = message[1:].partition(b"\n")
+        prev, tail, closed = head.decode().split(" ")
+        return cls(prev, tail, closed == "1", data)
 
 
 class Alarms:
@@ -142,10 +164,11 @@ class Watch:
         self.subscribed = asyncio.Event()
         self.idle_since = time.monotonic()
 
-    def wake(self) -> None:
+    def wake(self, pushed: Pushed | None = None) -> None:
         # Replace, then set: readers that captured the old generation wake up,
         # readers that capture from now on wait for the next change.
         event, self.event = self.event, Wake()
+        event.pushed = pushed
         event.set()
 
 
@@ -310,7 +333,7 @@ class WakeHub:
         watch = self._watches.get(channel) if isinstance(channel, str) else None
         if kind == "message":
             if watch is not None:
-                watch.wake()
+                watch.wake(Pushed.parse(message.get("data")))
         elif kind == "subscribe":
             if watch is not None:
                 watch.subscribed.set()

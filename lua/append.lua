@@ -97,5 +97,11 @@ if pid ~= '' then
   redis.call('HSET', producers_key, pid, ARGV[6] .. ':' .. ARGV[7])
 end
 touch(KEYS, m, now)
-redis.call('PUBLISH', ARGV[10], close and (tail .. ' closed') or tail)
+-- The wake-up carries a small append itself ('+prev next closed\ndata'), so a
+-- reader waiting at the previous tail answers without reading it back.
+local message = close and (tail .. ' closed') or tail
+if has_body and #ARGV[8] <= 16384 then
+  message = '+' .. m.tail .. ' ' .. tail .. ' ' .. (close and '1' or '') .. '\n' .. ARGV[8]
+end
+redis.call('PUBLISH', ARGV[10], message)
 return {'ok', tail, close and '1' or '', ARGV[6], ARGV[7]}

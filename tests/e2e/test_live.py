@@ -209,7 +209,55 @@ async def test_a_long_poll_on_a_listened_stream_reads_once_before_waiting(
     response = await poll
     assert response.status_code == 200 and response.content == b"two"
     assert response.headers["stream-next-offset"] == tail
-    assert await _scripts_run(redis_client) == 3  # read, append, read after the wake-up
+    # read, append; the wake-up carried the append, so no read after it
+    assert await _scripts_run(redis_client) == 2
+
+
+@pytest.mark.parametrize("size", [10, 16384, 16385, 100_000])
+async def test_a_woken_long_poll_gets_the_append_with_or_without_a_read(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str, size: int
+) -> None:
+    """Appends up to 16 KiB travel in their wake-up message and are answered
+    without a read; larger ones are read back. Either way the reader gets
+    exactly the appended bytes and the right offsets."""
+    offset = await create(client, path)
+    warm = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+    await parked(redis_client, path)
+    offset = await append(client, path, b"w")
+    assert (await warm).content == b"w"
+    await redis_client.config_resetstat()
+    poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+    await asyncio.sleep(0.3)
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    tail = await append(client, path, body)
+    response = await poll
+    assert response.status_code == 200 and response.content == body
+    assert response.headers["stream-next-offset"] == tail
+    assert response.headers.get("stream-up-to-date") == "true"
+    reads_after_wake = await _scripts_run(redis_client) - 2  # minus the first read, the append
+    assert reads_after_wake == (0 if size <= 16384 else 1)
+
+
+async def test_sse_readers_get_pushed_appends_in_order(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    """A burst of small appends reaches an SSE reader complete and in order,
+    whether each one came from its wake-up message or from a read."""
+    offset = await create(client, path)
+    received = bytearray()
+    async with client.stream("GET", path, params={"offset": offset, "live": "sse"}) as response:
+        lines = response.aiter_lines()
+        await parked(redis_client, path)
+        expected = b"".join(f"m{i};".encode() for i in range(200))
+        for i in range(200):
+            await append(client, path, f"m{i};".encode())
+        async with asyncio.timeout(10):
+            async for line in lines:
+                if line.startswith("data:") and not line.startswith("data:{"):
+                    received += line[5:].encode()
+                if len(received) >= len(expected):
+                    break
+    assert bytes(received) == expected
 
 
 async def test_long_poll_at_now_waits_for_new_data_only(
