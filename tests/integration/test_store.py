@@ -703,7 +703,12 @@ async def test_delete_publishes_on_the_wake_channel(
         assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
         appended = await store.append("w", data(b"x"))
         message = await pubsub.get_message(timeout=2)
-        assert message["data"] == off.to_entry_id(appended.tail).encode()
+        # A small append travels in its wake-up: '+prev next closed\n<data>'.
+        tail = off.to_entry_id(appended.tail)
+        assert message["data"] == f"+0-0 {tail} \nx".encode()
+        large = await store.append("w", data(b"y" * 16385))
+        message = await pubsub.get_message(timeout=2)
+        assert message["data"] == off.to_entry_id(large.tail).encode()  # just the tail
         closed = await store.append("w", close_only())
         message = await pubsub.get_message(timeout=2)
         assert message["data"] == f"{off.to_entry_id(closed.tail)} closed".encode()
