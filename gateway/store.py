@@ -145,11 +145,7 @@ class _StorageErrors:
         return False
 
 
-_STORAGE_ERRORS = _StorageErrors()
-
-
-def _storage_errors() -> _StorageErrors:
-    return _STORAGE_ERRORS
+_storage_errors = _StorageErrors()
 
 
 class Store:
@@ -176,17 +172,17 @@ class Store:
         return stream_keys(self.key_prefix, path)
 
     async def load_scripts(self) -> None:
-        async with _storage_errors():
+        async with _storage_errors:
             await self.scripts.load(self.client)
 
     async def ping(self) -> bool:
-        async with _storage_errors():
+        async with _storage_errors:
             return bool(await self.client.ping())
 
     # -- create (section 5.1) and fork (section 4.2) ----------------------------
 
     async def create(self, path: str, req: CreateRequest) -> CreateResult:
-        async with _storage_errors():
+        async with _storage_errors:
             if req.fork_source is None:
                 if req.fork_sub_offset is not None:
                     raise BadRequest("Stream-Fork-Sub-Offset requires Stream-Forked-From")
@@ -334,7 +330,7 @@ class Store:
             "" if req.json_count is None else str(req.json_count),
             k.wake,
         ]
-        async with _storage_errors():
+        async with _storage_errors:
             reply = await self._run(self.scripts.append, k.all, args)
         status = _s(reply[0])
         if status == "gone" and await self._collect(path):
@@ -376,7 +372,7 @@ class Store:
 
     async def delete(self, path: str) -> None:
         k = self.keys(path)
-        async with _storage_errors():
+        async with _storage_errors:
             reply = await self._run(self.scripts.delete, k.all, [k.wake])
             status = _s(reply[0])
             if status == "gone" and await self._collect(path):
@@ -390,7 +386,7 @@ class Store:
 
     async def _release(self, source: str, fork: str) -> None:
         """Drop ``fork``'s reference on ``source``; cascade clean-up up the chain."""
-        async with _storage_errors():
+        async with _storage_errors:
             for _ in range(MAX_FORK_DEPTH):
                 keys = self.keys(source).all
                 reply = await self._run(self.scripts.fork_release, keys, [fork])
@@ -399,7 +395,7 @@ class Store:
                 source, fork = _s(reply[1]), source
 
     async def _is_fork_of(self, path: str, source: str) -> bool:
-        async with _storage_errors():
+        async with _storage_errors:
             owner = await self.client.execute_command("HGET", self.keys(path).meta, "fsrc")
         return owner is not None and _s(owner) == source
 
@@ -412,7 +408,7 @@ class Store:
         so such a stream is cleaned up on the next access to its path.
         """
         k = self.keys(path)
-        async with _storage_errors():
+        async with _storage_errors:
             forks = await self.client.execute_command("SMEMBERS", k.forks)
             for raw in forks or []:
                 fork = _s(raw)
@@ -423,14 +419,14 @@ class Store:
     # -- reads (sections 5.5-5.8) ----------------------------------------------
 
     async def head(self, path: str) -> StreamInfo:
-        async with _storage_errors():
+        async with _storage_errors:
             page = await self._read(path, "", "", 1, "head")
         return page.info
 
     async def read(self, path: str, offset: str | None) -> Page:
         """One page after ``offset`` (a token), or metadata only at the tail (None)."""
         after = "" if offset is None else off.to_entry_id(offset)
-        async with _storage_errors():
+        async with _storage_errors:
             return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
 
     async def _read(self, path: str, after: str, upto: str, max_entries: int, mode: str) -> Page:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.raw_http import read_response
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -515,15 +516,8 @@ async def test_bad_paths_are_404_and_create_nothing(
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
+    status, headers, body, _ = await asyncio.wait_for(read_response(reader), 5)
+    return status, headers, body
 
 
 EARLY_ERRORS = [

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.raw_http import read_response
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,46 +189,26 @@ async def _scripts_run(redis: aioredis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def test_a_long_poll_on_a_listened_stream_reads_once_before_waiting(
-    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+@pytest.mark.parametrize("size", [10, 16384, 16385, 100_000])
+async def test_a_long_poll_on_a_listened_stream_reads_once(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str, size: int
 ) -> None:
     """While the replica already listens to the stream, a long-poll captures its
-    wake-up before its first read, so it waits without a second read; the append
-    it then waits for still reaches it."""
+    wake-up before its first read, so it waits without a second read. Appends
+    up to 16 KiB travel in their wake-up message and are answered without a
+    read; larger ones are read back. Either way the reader gets exactly the
+    appended bytes and the right offsets."""
     offset = await create(client, path)
-    first = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+    warm = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
     await parked(redis_client, path)
-    offset = await append(client, path, b"one")
-    assert (await first).content == b"one"
+    offset = await append(client, path, b"w")
+    assert (await warm).content == b"w"
     # The channel stays subscribed for a while after its last reader left.
     await redis_client.config_resetstat()
     poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
     await asyncio.sleep(0.3)  # waiting by now (the long-poll itself lasts 1 s)
     assert not poll.done()
     assert await _scripts_run(redis_client) == 1, "one read before waiting"
-    tail = await append(client, path, b"two")
-    response = await poll
-    assert response.status_code == 200 and response.content == b"two"
-    assert response.headers["stream-next-offset"] == tail
-    # read, append; the wake-up carried the append, so no read after it
-    assert await _scripts_run(redis_client) == 2
-
-
-@pytest.mark.parametrize("size", [10, 16384, 16385, 100_000])
-async def test_a_woken_long_poll_gets_the_append_with_or_without_a_read(
-    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str, size: int
-) -> None:
-    """Appends up to 16 KiB travel in their wake-up message and are answered
-    without a read; larger ones are read back. Either way the reader gets
-    exactly the appended bytes and the right offsets."""
-    offset = await create(client, path)
-    warm = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
-    await parked(redis_client, path)
-    offset = await append(client, path, b"w")
-    assert (await warm).content == b"w"
-    await redis_client.config_resetstat()
-    poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
-    await asyncio.sleep(0.3)
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     tail = await append(client, path, body)
     response = await poll
@@ -356,19 +337,6 @@ async def _raw_long_poll(port: int, path: str, offset: str) -> tuple[
     return reader, writer
 
 
-async def _raw_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, float]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    arrived = time.monotonic()
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body, arrived
-
-
 async def test_many_concurrent_long_polls_all_receive_one_append(
     gateway_server: GatewayServer, redis_client: aioredis.Redis, path: str
 ) -> None:
@@ -388,7 +356,7 @@ async def test_many_concurrent_long_polls_all_receive_one_append(
             sent = time.monotonic()
             new_tail = await append(client, path, b'{"to":"everyone"}', "application/json")
             responses = await asyncio.wait_for(
-                asyncio.gather(*(_raw_response(reader) for reader, _ in conns)), 5
+                asyncio.gather(*(read_response(reader) for reader, _ in conns)), 5
             )
         finally:
             for _, writer in conns:
