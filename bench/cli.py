@@ -67,11 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         default=None,
-        help="servers: gw-granian-1w, gw-granian-1w-asgi, gw-hypercorn-1w, gw-granian-2w, "
-        "node-mem, node-file, "
-        "gw-granian-1w-bp and floor-granian (not in 'all'), or the aliases gateway "
-        "(= gw-granian-1w), gateways, floor, "
-        "node, extra, all (default: all)",
+        help="servers: gw-native-1w, gw-granian-1w, gw-hypercorn-1w, gw-native-2w, "
+        "node-mem, node-file; not in 'all': gw-granian-1w-asgi, gw-granian-2w, "
+        "floor-granian, gw-granian-1w-bp; or the aliases gateway (= gw-native-1w), "
+        "gateways, floor, node, extra, all (default: all)",
     )
     p.add_argument("--rounds", type=int, help="rounds (full 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (full 6, quick 2)")
@@ -233,7 +232,7 @@ def observations(results: dict) -> list[str]:
                 parts.append(f"redis-server {redis:.2f}")
             parts.append(f"wrk {wrk:.2f}")
             verdict = ""
-            workers = 2 if key == "gw-granian-2w" else 1
+            workers = 2 if key.endswith("-2w") else 1
             if total > 0.85 * ncpu:
                 verdict = f"all {ncpu} cores busy: the machine is saturated"
             elif server > 0.85 * workers:

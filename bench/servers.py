@@ -176,13 +176,15 @@ class ServerConfig:
                 VENV_BIN / "hypercorn", "gateway.main:app",
                 "--bind", f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning",
             ]  # fmt: skip
-        workers = "2" if self.key == "gw-granian-2w" else "1"
-        interface = "asgi" if self.key == "gw-granian-1w-asgi" else "rsgi"
-        return [
+        workers = "2" if self.key.endswith("-2w") else "1"
+        common = [
             VENV_BIN / "durable-streams-gateway", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", workers, "--server", "granian", "--interface", interface,
-            "--log-level", "warning",
+            "--workers", workers, "--log-level", "warning",
         ]  # fmt: skip
+        if self.key.startswith("gw-native"):
+            return common
+        interface = "asgi" if self.key == "gw-granian-1w-asgi" else "rsgi"
+        return [*common, "--server", "granian", "--interface", interface]
 
     def _start_node(self, workdir: str, log: str, start_timeout: float) -> Running:
         port = free_port()
@@ -217,20 +219,20 @@ def _wait_healthz(host: str, port: int, timeout: float) -> None:
 
 CONFIGS: list[ServerConfig] = [
     ServerConfig(
-        "gw-granian-1w", "gateway (granian, 1 worker)", "gateway",
-        "durable-streams-gateway --workers 1  (granian, RSGI)",
+        "gw-native-1w", "gateway (1 worker)", "gateway",
+        "durable-streams-gateway --workers 1  (its own server)",
     ),
     ServerConfig(
-        "gw-granian-1w-asgi", "gateway (granian ASGI, 1 worker)", "gateway",
-        "durable-streams-gateway --workers 1 --interface asgi  (granian)",
+        "gw-granian-1w", "gateway (granian RSGI, 1 worker)", "gateway",
+        "durable-streams-gateway --workers 1 --server granian  (RSGI)",
     ),
     ServerConfig(
         "gw-hypercorn-1w", "gateway (hypercorn, 1 worker)", "gateway",
         "hypercorn gateway.main:app --workers 1",
     ),
     ServerConfig(
-        "gw-granian-2w", "gateway (granian, 2 workers)", "gateway",
-        "durable-streams-gateway --workers 2  (granian, RSGI)",
+        "gw-native-2w", "gateway (2 workers)", "gateway",
+        "durable-streams-gateway --workers 2  (its own server)",
     ),
     ServerConfig(
         "node-mem", "Node reference (in memory)", "node",
@@ -241,26 +243,34 @@ CONFIGS: list[ServerConfig] = [
         "DurableStreamTestServer({port, host, dataDir})",
     ),
 ]  # fmt: skip
-# Not run by default: the granian CLI with its per-worker concurrency limit
-# (--backpressure, default backlog/workers = 1024) raised, to show what the
-# fan-out of one granian worker is once that cap is out of the way.
+# Not run by default: more ways to serve the gateway, and the floor of granian.
 EXTRA_CONFIGS: list[ServerConfig] = [
+    ServerConfig(
+        "gw-granian-1w-asgi", "gateway (granian ASGI, 1 worker)", "gateway",
+        "durable-streams-gateway --workers 1 --server granian --interface asgi",
+    ),
+    ServerConfig(
+        "gw-granian-2w", "gateway (granian RSGI, 2 workers)", "gateway",
+        "durable-streams-gateway --workers 2 --server granian  (RSGI)",
+    ),
     # The server's own floor for scenario d: granian (RSGI, uvloop, as the
     # console script runs it) with an app that stores nothing (bench/floor_app.py).
     ServerConfig(
         "floor-granian", "floor: do-nothing SSE app on granian RSGI", "gateway",
         "granian --interface rsgi --loop uvloop bench.floor_app:app", scenarios="d",
     ),
+    # The granian CLI with its per-worker concurrency limit (--backpressure,
+    # default backlog/workers = 1024) raised.
     ServerConfig(
         "gw-granian-1w-bp", "gateway (granian CLI, 1 worker, backpressure 16384)", "gateway",
         "granian --interface asgi --workers 1 --backpressure 16384 gateway.main:app",
     ),
 ]  # fmt: skip
-PRIMARY = "gw-granian-1w"
+PRIMARY = "gw-native-1w"
 BY_KEY = {c.key: c for c in [*CONFIGS, *EXTRA_CONFIGS]}
 ALIASES = {
     "gateway": [PRIMARY],
-    "gateways": ["gw-granian-1w", "gw-granian-1w-asgi", "gw-hypercorn-1w", "gw-granian-2w"],
+    "gateways": ["gw-native-1w", "gw-granian-1w", "gw-hypercorn-1w", "gw-native-2w"],
     "node": ["node-mem", "node-file"],
     "all": [c.key for c in CONFIGS],
     "extra": [c.key for c in EXTRA_CONFIGS],

@@ -275,6 +275,11 @@ class Gateway:
             "Redis Cluster" if cluster else "Redis",
         )
 
+    def drain(self) -> None:
+        """End live reads now, each with a valid response (the server is stopping)."""
+        if self.live is not None:
+            self.live.drain()
+
     async def shutdown(self) -> None:
         if self.live is not None:
             self.live.drain()

@@ -1,8 +1,8 @@
 """Bad input over a real socket: every malformed request gets a 4xx with a short
 text reason, writes nothing, and never turns into a 500.
 
-The module runs its own gateway (hypercorn, granian RSGI, granian ASGI in turn) with a
-1 KiB body limit against the
+The module runs its own gateway (hypercorn, the console script's own server, granian
+RSGI, granian ASGI in turn) with a 1 KiB body limit against the
 session redis-server; "writes nothing" is checked by comparing a snapshot of
 every key in Redis before and after, and every test ends by checking that the
 gateway logged no traceback.
@@ -30,10 +30,13 @@ MAX_BODY = 1024
 ZERO = "0" * 16 + "_" + "0" * 16
 
 
-@pytest.fixture(scope="module", params=["hypercorn", "console-script", "console-script-asgi"])
+@pytest.fixture(
+    scope="module",
+    params=["hypercorn", "console-script", "console-script-rsgi", "console-script-asgi"],
+)
 def gw(request: pytest.FixtureRequest, redis_url: str) -> Iterator[GatewayServer]:
-    """Every case runs against each way of serving the app: hypercorn (ASGI),
-    granian over RSGI (the console script's default) and granian over ASGI."""
+    """Every case runs against each way of serving the app: hypercorn (ASGI), the
+    console script's own server (its default), granian over RSGI and over ASGI."""
     env = {"DS_MAX_BODY_BYTES": str(MAX_BODY), "DS_LONG_POLL_TIMEOUT_MS": "1000"}
     with GatewayServer(redis_url=redis_url, env=env, server=request.param) as server:
         yield server

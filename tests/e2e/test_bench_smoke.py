@@ -48,7 +48,7 @@ def test_bench_quick_gateway_only(tmp_path: Path) -> None:
     table = md.split("## Results", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = rows[0], rows[1:]
-    assert "gateway (granian, 1 worker)" in header
+    assert "gateway (1 worker)" in header
     assert "Node" not in header  # --only gateway: no Node columns, no ratios
     assert len(body) == len(EXPECTED_ROWS), table
     for expected, row in zip(EXPECTED_ROWS, body, strict=True):
@@ -61,5 +61,5 @@ def test_bench_quick_gateway_only(tmp_path: Path) -> None:
     assert "ERROR" not in md.split("## Errors and warnings", 1)[1], md
 
     data = json.loads((out / "latest.json").read_text())
-    assert set(data["medians"]) == {"gw-granian-1w"}
+    assert set(data["medians"]) == {"gw-native-1w"}
     assert data["versions"]["redis-server"].startswith("Redis server v=")

@@ -79,13 +79,19 @@ def _haproxy_or_fail() -> None:
         pytest.fail(f"haproxy is not installed. {HAPROXY_INSTALL_HINT}")
 
 
+_REPLICAS = {
+    "2-replicas-haproxy": (("a", "console-script"), ("b", "console-script-rsgi")),
+    "cluster-2-replicas-haproxy": (("a", "hypercorn"), ("b", "console-script-asgi")),
+}
+
+
 def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
     """Start the servers of ``variant`` on ``stack`` (stopped, in reverse, on exit)."""
     if variant in ("redis-6.2", "redis-7"):
         binary = redis62_binary() if variant == "redis-6.2" else _redis7_or_fail()
         redis = stack.enter_context(RedisServer(binary))
-        # Every way to serve the app passes the suite: hypercorn (ASGI) here,
-        # granian's RSGI there, granian's ASGI in the replica topologies.
+        # Every way to serve the app passes the suite: hypercorn (ASGI) here, the
+        # console script's own server there, granian (RSGI and ASGI) as replicas.
         server = "hypercorn" if variant == "redis-6.2" else "console-script"
         gateway = stack.enter_context(
             GatewayServer(redis_url=redis.url, env=GATEWAY_ENV, server=server)
@@ -123,13 +129,14 @@ def _start_topology(variant: str, stack: contextlib.ExitStack) -> Topology:
                 server=server,
             )
         )
-        # Mixed replicas: every request may land on either interface.
-        for name, server in (("a", "hypercorn"), ("b", "console-script-asgi"))
+        # Mixed replicas: every request may land on either server.
+        for name, server in _REPLICAS[variant]
     ]
     lb = stack.enter_context(HAProxy([("127.0.0.1", gw.port) for gw in gateways]))
     return Topology(
         base_url=lb.url,
-        description=f"{redis_desc}, 2 gateways (hypercorn, granian ASGI) behind HAProxy",
+        description=f"{redis_desc}, 2 gateways ({' and '.join(s for _, s in _REPLICAS[variant])}) "
+        "behind HAProxy",
         gateways=gateways,
         logs=[*(gw.log_path for gw in gateways), lb.log_path],
         alive_checks=[

@@ -16,7 +16,9 @@ import pytest
 from support.gateway_server import GatewayServer
 
 
-@pytest.fixture(scope="module", params=["console-script", "console-script-asgi"])
+@pytest.fixture(
+    scope="module", params=["console-script", "console-script-rsgi", "console-script-asgi"]
+)
 def h2_gateway(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
     env = {"DS_LONG_POLL_TIMEOUT_MS": "5000"}
     with GatewayServer(redis_url=redis_url, env=env, server=request.param) as gateway:

@@ -22,7 +22,9 @@ ANSWER_BOUND_S = 2.0
 EXIT_BOUND_S = 5.0
 
 
-@pytest.fixture(params=["console-script", "console-script-asgi", "hypercorn-workers-0"])
+@pytest.fixture(
+    params=["console-script", "console-script-rsgi", "console-script-asgi", "hypercorn-workers-0"]
+)
 def server(request, redis_url: str) -> Iterator[tuple[subprocess.Popen, str]]:
     env = {"DS_LONG_POLL_TIMEOUT_MS": "30000"}
     with GatewayServer(redis_url=redis_url, env=env, server=request.param) as gateway:

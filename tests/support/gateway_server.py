@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -26,16 +26,22 @@ from .procs import die_with_parent, free_port, stop_process, tail
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _command(server: str, app: str, port: int) -> list[str]:
+def _command(server: str, app: str, port: int, args: Sequence[str] = ()) -> list[str]:
     """How the gateway is started: ``hypercorn`` (the run contract's command),
     ``hypercorn-workers-0`` (hypercorn serving in its own process) or
-    ``console-script`` (``durable-streams-gateway``: granian with uvloop over RSGI) or
-    ``console-script-asgi`` (the same over ASGI)."""
-    if server in ("console-script", "console-script-asgi"):
-        script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
-        interface = "asgi" if server == "console-script-asgi" else "rsgi"
-        return [script, "--host", "127.0.0.1", "--port", str(port), "--app", app,
-                "--interface", interface]
+    ``console-script`` (``durable-streams-gateway``: its own server, the default),
+    ``console-script-rsgi`` (the console script on granian over RSGI) or
+    ``console-script-asgi`` (granian over ASGI). ``args`` (console-script servers
+    only) are appended to the console script's command line."""
+    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
+    common = [script, "--host", "127.0.0.1", "--port", str(port), "--app", app]
+    if server == "console-script":
+        return [*common, *args]
+    if server in ("console-script-rsgi", "console-script-asgi"):
+        interface = server.rsplit("-", 1)[1]
+        return [*common, "--server", "granian", "--interface", interface, *args]
+    if args:
+        raise ValueError(f"args are for the console-script servers, not {server!r}")
     workers = ["--workers", "0"] if server == "hypercorn-workers-0" else []
     if server not in ("hypercorn", "hypercorn-workers-0"):
         raise ValueError(f"unknown server {server!r}")
@@ -54,12 +60,14 @@ class GatewayServer:
         app: str = "gateway.main:app",
         server: str = "hypercorn",
         start_timeout: float = 20.0,
+        args: Sequence[str] = (),
     ) -> None:
         self.redis_url = redis_url
         self.extra_env = dict(env or {})
         self.app = app
         self.server = server
         self.start_timeout = start_timeout
+        self.args = tuple(args)
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ds-gateway-")
@@ -87,7 +95,7 @@ class GatewayServer:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
-        args = _command(self.server, self.app, self.port)
+        args = _command(self.server, self.app, self.port, self.args)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(args)}\n".encode())
             log.flush()

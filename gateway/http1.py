@@ -1,0 +1,626 @@
+"""HTTP/1.1 connections of the gateway's own server (gateway/server.py).
+
+One ``asyncio.Protocol`` per connection, parsed by httptools (llhttp, the
+parser in Node): bytes go from the socket to the handler without any message
+dict or thread hand-off in between, and an idle live reader costs a few
+kilobytes, not the tens of kilobytes of a general-purpose server.
+
+What a connection does, in the order a request meets it:
+
+- a connection that opens with the HTTP/2 preface is handed to
+  ``Http2Connection`` (cleartext HTTP/2 with prior knowledge);
+- header limits (431), malformed requests (400) and a slow client (408) are
+  answered here, before the app sees anything;
+- the handler task starts as soon as the headers are in; the body streams to
+  it (``Expect: 100-continue`` is answered when it first reads), and reading
+  pauses while a body piles up that nobody reads yet;
+- pipelined requests wait their turn: one response at a time, in order;
+- responses are written straight to the transport, waiting for it to drain
+  when the client reads slowly; SSE goes out with chunked encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from .http import ALLOWED_METHODS, ClientGone, Headers, Request, Response, decode_url_path
+from .http2 import PREFACE
+
+if TYPE_CHECKING:
+    from .server import ServerState
+
+log = logging.getLogger("gateway.server")
+
+# While this much body is buffered and unread, stop reading from the socket.
+BODY_HIGH_WATER = 1024 * 1024
+MAX_HEADERS = 200
+
+# Connection states, for the timeout sweep.
+IDLE = 0  # between requests: the keep-alive timeout applies
+READING = 1  # a request is arriving: the read timeout applies
+BUSY = 2  # the handler has the whole request: no timeout (live reads wait here)
+
+_STATUS_LINES = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
+}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+# Bodies above this size are written beside the header block instead of being
+# copied into one buffer with it.
+_COPY_LIMIT = 16 * 1024
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} Status\r\n".encode("latin-1")
+
+
+def _plain_response(status: int, reason: str, extra: bytes = b"") -> bytes:
+    """A response of the server itself (the app never saw the request)."""
+    body = (reason + "\n").encode()
+    return b"".join(
+        [
+            _status_line(status),
+            b"content-type: text/plain; charset=utf-8\r\nx-content-type-options: nosniff\r\n",
+            b"cache-control: no-store\r\nconnection: close\r\n",
+            extra,
+            b"content-length: %d\r\n\r\n" % len(body),
+            body,
+        ]
+    )
+
+
+# llhttp knows the registered methods only; any other is refused as the app
+# refuses a known method it does not serve.
+_UNKNOWN_METHOD = b"allow: %s\r\n" % ALLOWED_METHODS.encode()
+# llhttp reports any first bytes that start no known method as an invalid
+# method, binary garbage (a TLS handshake sent to this plain-HTTP port, say)
+# included: only a method token followed by a space is an unknown method.
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+# Room for the framing of a request head besides its URL and header names and
+# values (request line, separators, whitespace).
+_HEAD_FRAMING = 16 * 1024
+
+
+class _RequestTooLarge(Exception):
+    """A request refused on its head alone (too large, or missing Host)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Http1Request(Request):
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_conn",
+        "_continue",
+        "_headers",
+        "_raw_url",
+        "_waiter",
+        "complete",
+        "http_version",
+        "keep_alive",
+    )
+
+    def __init__(self, conn: Http1Connection, raw_url: bytes, headers: dict[str, str]) -> None:
+        super().__init__()
+        self._conn = conn
+        self._raw_url = raw_url
+        self._headers = headers
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = headers.get("expect", "").lower() == "100-continue"
+        self.complete = False  # the whole body has arrived
+        self.http_version = "1.1"
+        self.keep_alive = True
+
+    # -- fed by the connection --------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> bool:
+        """Buffer a body chunk; True when reading should pause."""
+        self._body.append(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+        return self._buffered > BODY_HIGH_WATER
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- read by the handler ----------------------------------------------------------
+
+    def header(self, name: str) -> str | None:
+        return self._headers.get(name)
+
+    def release(self) -> None:
+        super().release()
+        self._headers = {}
+        self._raw_url = b""
+
+    def _decode_path(self) -> str:
+        return decode_url_path(self._raw_url)
+
+    async def _more(self) -> None:
+        """Wait for more body (or its end); ClientGone if the client left."""
+        conn = self._conn
+        if conn.closed:
+            raise ClientGone()
+        if self._continue:
+            self._continue = False
+            conn.transport.write(_CONTINUE)
+        conn.want_body()
+        waiter = self._waiter = conn.loop.create_future()
+        await waiter
+        if conn.closed and not self.complete:
+            raise ClientGone()
+
+    def _take(self) -> list[bytes]:
+        body, self._body, self._buffered = self._body, [], 0
+        return body
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._body:
+                for chunk in self._take():
+                    yield chunk
+            elif self.complete:
+                return
+            else:
+                await self._more()
+
+    async def _whole_body(self) -> bytes:
+        # The common case: a small body arrived with its headers.
+        while not self.complete:
+            await self._more()
+        body = self._take()
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def base_url(self) -> str:
+        host = self._headers.get("host") or self._conn.server.default_host
+        return f"{self._conn.server.scheme}://{host}"
+
+
+class Http1Response(Response):
+    __slots__ = ("_chunked", "_conn", "close", "ended")
+
+    def __init__(self, conn: Http1Connection) -> None:
+        super().__init__()
+        self._conn = conn
+        self._chunked = False
+        self.close = False  # close the connection after this response
+        self.ended = False
+
+    def _head(self, status: int, headers: Headers, extra: str) -> bytes:
+        conn = self._conn
+        lines = [f"{name}: {value}\r\n" for name, value in headers]
+        for name, value in headers:
+            if name == "connection" and value.lower() == "close":
+                self.close = True
+        req = conn.request
+        # _upgraded: the connection ends after this response (an Upgrade request,
+        # or unparsable bytes after it): say so, or the client may reuse it.
+        if req is None or not req.keep_alive or conn.server.stopping or conn._upgraded:
+            if not self.close:
+                lines.append("connection: close\r\n")
+            self.close = True
+        elif req.http_version == "1.0" and not self.close:
+            lines.append("connection: keep-alive\r\n")  # HTTP/1.0 closes by default
+        return b"".join(
+            [
+                _status_line(status),
+                "".join(lines).encode("latin-1"),
+                conn.server.date,
+                extra.encode(),
+            ]
+        )
+
+    async def send(
+        self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
+    ) -> None:
+        self.started = True
+        conn = self._conn
+        if head or status in (204, 304):
+            block = self._head(status, headers, "\r\n")
+            body = b""
+        else:
+            block = self._head(status, headers, f"content-length: {len(body)}\r\n\r\n")
+        self.ended = True
+        if conn.closed:
+            return
+        if len(body) <= _COPY_LIMIT:
+            conn.transport.write(block + body)
+        else:
+            conn.transport.writelines([block, body])
+        await conn.drain()
+
+    async def start_stream(self, status: int, headers: Headers) -> None:
+        self.started = True
+        conn = self._conn
+        req = conn.request
+        if req is not None and req.http_version == "1.1":
+            self._chunked = True
+            block = self._head(status, headers, "transfer-encoding: chunked\r\n\r\n")
+        else:  # HTTP/1.0: the body ends when the connection does
+            self.close = True
+            block = self._head(status, headers, "connection: close\r\n\r\n")
+        if conn.closed:
+            raise ClientGone()
+        conn.transport.write(block)
+
+    async def write(self, chunk: bytes) -> None:
+        conn = self._conn
+        if conn.closed:
+            raise ClientGone()
+        if not chunk:
+            return
+        if self._chunked:
+            conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            conn.transport.write(chunk)
+        await conn.drain()
+
+    async def end_stream(self) -> None:
+        self.end()
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        conn = self._conn
+        if self._chunked and not conn.closed:
+            conn.transport.write(_LAST_CHUNK)
+
+
+class Http1Connection(asyncio.Protocol):
+    __slots__ = (
+        "_drain_waiter",
+        "_eof",
+        "_head_bytes",
+        "_header_bytes",
+        "_headers",
+        "_in_head",
+        "_parser",
+        "_parsing",
+        "_pending",
+        "_preamble",
+        "_reading_paused",
+        "_response",
+        "_task",
+        "_upgraded",
+        "_url",
+        "closed",
+        "deadline",
+        "loop",
+        "request",
+        "server",
+        "state",
+        "transport",
+        "write_deadline",
+    )
+
+    def __init__(self, server: ServerState) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: Any = None
+        self.closed = False
+        self.state = IDLE
+        self.deadline = 0.0
+        self.write_deadline = 0.0  # while the client does not read what we write
+        self._parser = httptools.HttpRequestParser(self)
+        self._preamble: bytes | None = b""  # first bytes, until we know it is not HTTP/2
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._in_head = False  # a request head has begun and not ended
+        self._head_bytes = 0  # bytes of it read while it stayed unfinished
+        self._parsing: Http1Request | None = None  # the request being received
+        self.request: Http1Request | None = None  # the request being answered
+        self._response: Http1Response | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: list[Http1Request] = []  # pipelined requests, in order
+        self._reading_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._upgraded = False
+        self._eof = False  # the client sent all it will send
+
+    # -- transport events ---------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        if not self.server.admit(self):
+            transport.write(_plain_response(503, "too many connections"))
+            transport.close()
+            self.closed = True
+            return
+        self.deadline = self.loop.time() + self.server.keep_alive_timeout
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.server.forget(self)
+        for req in (self._parsing, self.request, *self._pending):
+            if req is not None:
+                req._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drain_waiter is None:
+            self._drain_waiter = self.loop.create_future()
+            # A client that stops reading must not hold its handler forever.
+            self.write_deadline = self.loop.time() + self.server.read_timeout
+
+    def resume_writing(self) -> None:
+        self.write_deadline = 0.0
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            await waiter
+            if self.closed:
+                raise ClientGone()
+
+    def data_received(self, data: bytes) -> None:
+        if self._preamble is not None and not self._check_preamble(data):
+            return
+        if self.state == READING:
+            self.deadline = self.loop.time() + self.server.read_timeout
+        # The head still unfinished from earlier reads, if any (its header dict).
+        head = self._headers if self._in_head else None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We speak no other protocol on an HTTP/1.1 connection (h2c upgrades
+            # included): the request is answered, then the connection ends.
+            self._upgraded = True
+            self.transport.pause_reading()
+        except _RequestTooLarge as exc:
+            self._refuse(exc.status, exc.reason)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _RequestTooLarge):
+                self._refuse(cause.status, cause.reason)
+            else:
+                log.exception("HTTP/1.1 parser callback failed")
+                self._refuse(500, "internal error")
+        except httptools.HttpParserInvalidMethodError as exc:
+            # With no request in progress, the refused request starts in ``data``
+            # (a split method token leaves at least its end there).
+            if _METHOD_TOKEN.match(data.lstrip(b"\r\n")):
+                self._refuse(405, "method not allowed", _UNKNOWN_METHOD)
+            else:
+                self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}")
+        else:
+            if head is not None and self._in_head and self._headers is head:
+                # httptools keeps a header line to itself until the line ends, so
+                # on_header never sees one that does not: without this count, one
+                # endless line would be buffered (and re-copied) without bound.
+                # Every byte of this read belongs to the same unfinished head.
+                self._head_bytes += len(data)
+                limit = self.server.max_url_bytes + self.server.max_header_bytes + _HEAD_FRAMING
+                if self._head_bytes > limit:
+                    self._refuse(431, "request headers too large")
+
+    def _check_preamble(self, data: bytes) -> bool:
+        """Hand a connection that opens with the HTTP/2 preface to HTTP/2.
+        False while the first bytes could still be either."""
+        seen = self._preamble + data if self._preamble else data
+        if seen.startswith(PREFACE):
+            self._switch_to_http2(seen)
+            return False
+        if PREFACE.startswith(seen):
+            self._preamble = seen
+            return False
+        self._preamble = None
+        if seen is not data:
+            self.data_received(seen)
+            return False
+        return True
+
+    def _switch_to_http2(self, data: bytes) -> None:
+        server = self.server
+        server.forget(self)
+        conn = server.http2_connection()
+        self.transport.set_protocol(conn)
+        conn.connection_made(self.transport)
+        server.adopt(conn)
+        conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read the response it is waiting for,
+        # but a request body still arriving never will: close now, so that its
+        # handler ends (ClientGone) instead of waiting for the read timeout.
+        if self._parsing is not None or self.request is None:
+            return False
+        self._eof = True  # close once the responses in progress are sent
+        return True
+
+    def _refuse(self, status: int, reason: str, extra: bytes = b"") -> None:
+        """Answer a request we cannot parse or accept, then close."""
+        if self.closed:
+            return
+        res = self._response
+        if self.request is None or (
+            # What cannot be parsed is the body of the request being answered (a
+            # bad chunk, a bad Transfer-Encoding) and nothing is sent yet: its
+            # handler would wait for that body until the read timeout, and the
+            # client would get no answer at all. Answer for it now.
+            self._parsing is self.request and res is not None and not res.started
+        ):
+            self.transport.write(_plain_response(status, reason, extra))
+            self.transport.close()
+            self.closed = True  # the handler now writes nothing (it gets ClientGone)
+        else:
+            # A response is in progress: end after it, without a second one.
+            self._pending.clear()
+            self._parsing = None
+            self._upgraded = True
+            self.transport.pause_reading()
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._in_head = True
+        self._head_bytes = 0
+        if self.state == IDLE:
+            self.state = READING
+            self.deadline = self.loop.time() + self.server.read_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if len(self._url) > self.server.max_url_bytes:
+            raise _RequestTooLarge(414, "URL too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > self.server.max_header_bytes:
+            raise _RequestTooLarge(431, "request headers too large")
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            raise _RequestTooLarge(431, "too many request headers")
+        # Names are case-insensitive; a repeated header keeps its first value.
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        req = Http1Request(self, self._url, self._headers)
+        req.method = parser.get_method().decode("ascii")
+        req.http_version = parser.get_http_version()
+        req.http1 = True
+        req.keep_alive = parser.should_keep_alive()
+        if req.http_version == "1.1" and "host" not in self._headers:
+            raise _RequestTooLarge(400, "Host header required")  # RFC 9112 section 3.2
+        _, _, query = self._url.partition(b"?")
+        req.query_string = query.decode("latin-1")
+        self._parsing = req
+        if self.request is None:
+            self._start(req)
+        else:
+            self._pending.append(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is None:
+            return
+        if req.feed(body) and not self._reading_paused and req is not self._waiting_for():
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        self._parsing = None
+        if req is not None:
+            req.finish()
+        if self.request is req and self.state == READING:
+            self.state = BUSY
+        if self._pending:
+            # Let pipelined requests wait in the socket, not in our memory.
+            self._pause_reading()
+
+    def _waiting_for(self) -> Http1Request | None:
+        req = self.request
+        return req if req is not None and req._waiter is not None else None
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _start(self, req: Http1Request) -> None:
+        self.request = req
+        self.state = READING if not req.complete and self._parsing is req else BUSY
+        res = self._response = Http1Response(self)
+        task = self._task = self.loop.create_task(self.server.handle(req, res))
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        req, res = self.request, self._response
+        self.request = self._response = self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+        if self.closed or req is None or res is None:
+            return
+        if not res.started:
+            self.transport.write(_plain_response(500, "internal error"))
+            res.close = True
+        elif not res.ended:
+            res.end()
+        if res.close or self._upgraded or self.server.stopping or (self._eof and not self._pending):
+            # After EOF nothing can follow: closing now, not after the keep-alive
+            # timeout, frees the connection (and its slot) at once.
+            self.transport.close()
+            return
+        if self._pending:
+            self._start(self._pending.pop(0))
+        else:
+            self.state = READING if self._parsing is not None else IDLE
+            self.deadline = self.loop.time() + (
+                self.server.read_timeout if self._parsing else self.server.keep_alive_timeout
+            )
+        self.want_body()
+
+    def want_body(self) -> None:
+        """Someone waits for bytes from the client: make sure we read them."""
+        if self._reading_paused and not self._pending:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    # -- server events ------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self.state == IDLE and self.request is None
+
+    def expire(self) -> None:
+        """A deadline passed (checked by the server's sweep)."""
+        if self.closed:
+            return
+        if self.write_deadline:  # the client stopped reading: give up on it
+            self.transport.abort()
+        elif self.state == IDLE:
+            self.transport.close()
+        elif self.request is None:
+            self.transport.write(_plain_response(408, "request timeout"))
+            self.transport.close()
+        else:  # the body stopped arriving: the handler sees ClientGone
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Stop after the response in progress (the server is stopping); a
+        connection with none (idle, or a request still arriving) closes now."""
+        if self.request is None and not self.closed:
+            self.transport.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text[:100] if text else "unparsable"

@@ -1,0 +1,705 @@
+"""HTTP/2 for our own server: one connection as an ``asyncio.Protocol`` on top
+of the ``h2`` state machine, serving the app through gateway/http.py.
+
+Cleartext with prior knowledge only (h2c): the client opens with the HTTP/2
+preface. The HTTP/1.1 protocol hands the socket over when it sees the preface
+(``transport.set_protocol(conn)``, ``conn.connection_made(transport)``,
+``conn.data_received(bytes_already_read)``), or this class serves a listener
+by itself.
+
+Every request stream gets one task, started as soon as its HEADERS arrive, so
+that a handler can answer before (or without) reading the body. The body
+reaches the handler chunk by chunk, and flow-control credit goes back to the
+client only as the handler takes chunks: a slow consumer slows the sender down
+instead of filling our memory. The other way round, responses are written no
+faster than the client's flow-control windows and the socket allow.
+
+Most streams are idle SSE readers, tens of thousands per process, so the state
+kept per stream and per connection is small (``__slots__``, no helper tasks,
+one idle timer per connection).
+
+A client cannot make us buffer without bound or run handlers without limit:
+reading stops while the socket's write buffer is full (PING and SETTINGS make
+h2 queue replies), an oversized frame is refused on its header, and handlers
+still running count against ``max_concurrent_streams`` even once the client
+has reset their streams ("rapid reset"), which h2 itself does not count.
+
+``h2`` refuses every frame once a GOAWAY has gone either way (python-hyper/h2
+#1181), so a graceful ``shutdown`` writes its GOAWAY itself, outside the state
+machine, and keeps serving the open streams; on the client's GOAWAY we close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+from .http import ClientGone, Headers, Request, Response, decode_url_path
+
+log = logging.getLogger("gateway.http2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+
+# Inbound flow control. A request body buffers at most STREAM_WINDOW bytes
+# that the handler has not taken yet; the connection window is larger so that
+# a few stalled uploads do not stop every other stream on the connection.
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 4 * 1024 * 1024
+H2_DEFAULT_WINDOW = 65535
+
+# After our last frame, how long we keep reading (and dropping) what the client
+# still sends before closing: closing a socket with unread input makes the
+# kernel send RST, which can destroy the response still in the client's buffer.
+LINGER_S = 2.0
+
+# Connection-specific headers HTTP/2 forbids (RFC 9113 section 8.2.2).
+_CONNECTION_HEADERS = frozenset(
+    ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
+)
+_NO_HEADERS: dict[str, str] = {}  # shared by released requests; never mutated
+# One string per method for all requests, not one per request.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
+
+
+class _Stream:
+    """One request stream: the body received so far and what became of it."""
+
+    __slots__ = (
+        "chunks",
+        "conn",
+        "ended",
+        "gone",
+        "id",
+        "responded",
+        "task",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, conn: Http2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.chunks: list[bytes] | None = None  # received, not yet taken by the handler
+        self.unacked = 0  # body bytes received whose flow-control credit is not back
+        self.ended = False  # the client sent END_STREAM
+        self.gone = False  # reset, or the connection is closing/lost
+        self.responded = False  # we sent END_STREAM (or reset the stream)
+        self.waiter: asyncio.Future[None] | None = None  # the task sleeps here
+        self.task: asyncio.Task[None] | None = None
+
+
+class H2Request(Request):
+    __slots__ = ("_authority", "_headers", "_raw_path", "_stream")
+
+    def __init__(
+        self,
+        stream: _Stream,
+        method: str,
+        raw_path: bytes,
+        authority: str | None,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__()
+        self._stream = stream
+        self.method = method
+        self.http1 = False
+        path, _, query = raw_path.partition(b"?")
+        self._raw_path = path
+        self.query_string = query.decode("latin-1")
+        self._authority = authority
+        self._headers = headers
+
+    def header(self, name: str) -> str | None:
+        return self._headers.get(name)
+
+    def _decode_path(self) -> str:
+        return decode_url_path(self._raw_path)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        stream = self._stream
+        conn = stream.conn
+        while True:
+            if stream.gone:
+                raise ClientGone()
+            if stream.chunks:
+                chunks, stream.chunks = stream.chunks, None
+                for chunk in chunks:
+                    # The handler takes this chunk now: only now may the client
+                    # send more in its place.
+                    conn._consumed(stream, len(chunk))
+                    yield chunk
+                    if stream.gone:
+                        raise ClientGone()
+                continue
+            if stream.ended:
+                return
+            await conn._wait(stream)
+
+    def base_url(self) -> str:
+        host = self._authority or self._headers.get("host", "")
+        return f"{self._stream.conn._scheme}://{host}"
+
+    def release(self) -> None:
+        super().release()
+        self._headers = _NO_HEADERS
+        if self._path is not None:  # decoded already: the raw form is not needed
+            self._raw_path = b""
+
+
+class H2Response(Response):
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: _Stream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    async def send(
+        self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
+    ) -> None:
+        self.started = True
+        stream = self._stream
+        conn = stream.conn
+        out = _response_headers(status, headers)
+        if head or status in (204, 304):
+            body = b""
+        else:
+            out.append((b"content-length", str(len(body)).encode()))
+        await conn._send_headers(stream, out, end_stream=not body)
+        if body:
+            await conn._send_data(stream, body, end_stream=True)
+
+    async def start_stream(self, status: int, headers: Headers) -> None:
+        self.started = True
+        stream = self._stream
+        await stream.conn._send_headers(stream, _response_headers(status, headers), False)
+
+    async def write(self, chunk: bytes) -> None:
+        stream = self._stream
+        await stream.conn._send_data(stream, chunk, end_stream=False)
+
+    async def end_stream(self) -> None:
+        stream = self._stream
+        if not stream.responded and not stream.gone:
+            with contextlib.suppress(ClientGone):  # quiet, also after the client left
+                stream.conn._end(stream)
+
+
+def _response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]]:
+    out = [(b":status", str(status).encode())]
+    for name, value in headers:
+        if name.lower() not in _CONNECTION_HEADERS:
+            out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+class Http2Connection(asyncio.Protocol):
+    """One HTTP/2 connection: frames in and out through ``h2``, one task per
+    request stream running ``handle``."""
+
+    __slots__ = (
+        "_blocked",
+        "_closing",
+        "_drain_waiters",
+        "_goaway_sent",
+        "_h2",
+        "_handle",
+        "_idle_since",
+        "_idle_timeout",
+        "_idle_timer",
+        "_linger",
+        "_loop",
+        "_lost",
+        "_max_streams",
+        "_on_close",
+        "_paused",
+        "_scheme",
+        "_streams",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        handle: Handler,
+        *,
+        on_close: Callable[[Http2Connection], None] | None = None,
+        max_concurrent_streams: int = 1000,
+        max_header_list_size: int = 65536,
+        idle_timeout_s: float = 5.0,
+        scheme: str = "http",
+    ) -> None:
+        self._handle = handle
+        self._on_close = on_close
+        self._idle_timeout = idle_timeout_s
+        self._scheme = scheme
+        self._max_streams = max_concurrent_streams
+        h2 = H2Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        )
+        # Initial values apply at once, not when the client acknowledges them.
+        # The larger window only lets the client send more than it assumes at
+        # first; the two limits bind a client before it has read them, which
+        # only a client opening 1000 streams in its first flight would notice.
+        h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
+        )
+        h2.decoder.max_header_list_size = max_header_list_size
+        self._h2 = h2
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: set[_Stream] = set()  # waiting for flow-control window
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        # Public, as on the HTTP/1.1 protocol: the server aborts what a shutdown
+        # has not closed in time.
+        self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused = False  # the transport's write buffer is full
+        self._goaway_sent = False  # shutdown: no new streams
+        self._closing = False  # no more frames either way
+        self._lost = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - H2_DEFAULT_WINDOW)
+        self._flush()
+        self._became_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # lingering: drop what the client still sends
+        try:
+            events = self._h2.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued a GOAWAY with the right error code: send it, close.
+            log.debug("HTTP/2 protocol error from the client: %s", exc)
+            self._close()
+            return
+        except Exception:
+            log.exception("HTTP/2: failed to parse the client's frames")
+            self._close()
+            return
+        try:
+            for event in events:
+                on_event = _EVENT_HANDLERS.get(type(event))
+                if on_event is not None:
+                    on_event(self, event)
+                    if self._closing:
+                        return
+        except Exception:
+            log.exception("HTTP/2: failed to handle the client's frames")
+            self._close()
+            return
+        if self._oversized_frame_pending():
+            self._h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+            self._close()
+            return
+        self._flush()
+
+    def _oversized_frame_pending(self) -> bool:
+        """h2 checks a frame's length only once the whole frame has arrived, so
+        a client announcing a 16 MiB frame would have us buffer 16 MiB first.
+        What h2 keeps after parsing is the start of one incomplete frame: look
+        at the length in its header (a private buffer, hence the defaults)."""
+        pending = getattr(self._h2.incoming_buffer, "_data", b"")
+        return (
+            len(pending) >= 3
+            and int.from_bytes(pending[:3], "big") > self._h2.max_inbound_frame_size
+        )
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes is done with the connection (and while we
+        # linger, this is what we wait for): let the transport close.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        for timer in (self._idle_timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._linger = None
+        self._fail_streams()
+        self._resume_writers()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        # Stop reading as well: frames such as PING make h2 queue replies, and a
+        # client that sends without reading would pile them up here.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if not self._closing:
+            self.transport.resume_reading()
+        self._resume_writers()
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self._streams
+
+    def shutdown(self) -> None:
+        """Graceful close: refuse new streams now (REFUSED_STREAM, so clients
+        retry elsewhere), and once the open streams have finished send GOAWAY
+        and close.
+
+        The GOAWAY waits for the open streams: clients built on h2 (httpx among
+        them) reject every frame that follows a GOAWAY, so a response still in
+        flight would be lost to them. The server's stop ends live reads at
+        once, so open streams finish within moments.
+        """
+        if self.transport is None or self._closing or self._goaway_sent:
+            return
+        self._goaway_sent = True
+        if not self._streams:
+            self._goaway_and_close()
+
+    # -- events from the client ----------------------------------------------------
+
+    def _on_request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self._goaway_sent or len(self._streams) >= self._max_streams:
+            # Opened after our GOAWAY, or while as many handlers as streams are
+            # allowed still run: h2 does not count streams the client has reset
+            # ("rapid reset"), we do. Refused, so the client may retry.
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        method = raw_path = authority = None
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            if name[:1] == b":":  # pseudo-headers (h2 checked that they come first)
+                if name == b":method":
+                    method = _METHODS.get(value) or value.decode("latin-1")
+                elif name == b":path":
+                    raw_path = value
+                elif name == b":authority":
+                    authority = value.decode("latin-1")
+            else:
+                key = name.decode("latin-1")
+                if key not in headers:  # a repeated header gives its first value
+                    headers[key] = value.decode("latin-1")
+        if method is None or not raw_path:  # CONNECT, which we do not serve
+            self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream = _Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        req = H2Request(stream, method, raw_path, authority, headers)
+        stream.task = self._loop.create_task(self._run(stream, req, H2Response(stream)))
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        data = event.data
+        if stream is None or stream.gone:
+            # Nobody will read it: hand the connection's credit back at once.
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        padding = event.flow_controlled_length - len(data)
+        if padding:
+            self._h2.acknowledge_received_data(padding, stream.id)
+        if data:
+            if stream.chunks is None:
+                stream.chunks = [data]
+            else:
+                stream.chunks.append(data)
+            stream.unacked += len(data)
+            _wake(stream)
+
+    def _on_stream_ended(self, event: StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.ended = True
+            _wake(stream)
+
+    def _on_stream_reset(self, event: StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            self._stream_gone(stream)
+
+    def _on_window_updated(self, event: WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self._wake_blocked()
+        else:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and stream in self._blocked:
+                _wake(stream)
+
+    def _on_settings(self, event: RemoteSettingsChanged) -> None:
+        changed = event.changed_settings
+        if SettingCodes.INITIAL_WINDOW_SIZE in changed or SettingCodes.MAX_FRAME_SIZE in changed:
+            self._wake_blocked()
+
+    def _on_terminated(self, event: ConnectionTerminated) -> None:
+        # h2 sends nothing after the client's GOAWAY, so the open streams cannot
+        # finish: close now (a client sends it when it is done with us anyway).
+        log.debug("HTTP/2 client sent GOAWAY (error code %s)", event.error_code)
+        self._close()
+
+    # -- streams -------------------------------------------------------------------
+
+    async def _run(self, stream: _Stream, req: H2Request, res: H2Response) -> None:
+        try:
+            await self._handle(req, res)
+            if not res.started:
+                await res.send(
+                    500, [("content-type", "text/plain; charset=utf-8")], b"internal error\n"
+                )
+            elif not stream.responded:
+                await res.end_stream()
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("HTTP/2: unhandled error on %s stream %d", req.method, stream.id)
+        finally:
+            self._finish(stream)
+
+    def _finish(self, stream: _Stream) -> None:
+        """The stream's task is over: settle the stream with the client."""
+        del self._streams[stream.id]
+        self._blocked.discard(stream)
+        stream.chunks = None
+        if not self._closing:
+            try:
+                if not stream.gone:
+                    if not stream.responded:
+                        # The handler failed (or was cancelled) mid-response.
+                        self._h2.reset_stream(stream.id, ErrorCodes.INTERNAL_ERROR)
+                    elif not stream.ended:
+                        # Answered before the whole body arrived: the client may
+                        # stop sending it (RFC 9113 section 8.1).
+                        self._h2.reset_stream(stream.id, ErrorCodes.NO_ERROR)
+                if stream.unacked:
+                    # A body nobody read still holds the connection's window.
+                    self._h2.acknowledge_received_data(stream.unacked, stream.id)
+                    stream.unacked = 0
+            except ProtocolError:
+                pass  # the stream was closed meanwhile
+            self._flush()
+        if not self._streams:
+            if self._goaway_sent:
+                self._goaway_and_close()
+            elif not self._closing:
+                self._became_idle()
+
+    def _stream_gone(self, stream: _Stream) -> None:
+        """Reset by the client, or the connection is going: the handler sees
+        ClientGone at its next read or write."""
+        stream.gone = True
+        stream.chunks = None
+        if stream.unacked and not self._closing:
+            self._h2.acknowledge_received_data(stream.unacked, stream.id)
+        stream.unacked = 0
+        _wake(stream)
+
+    def _fail_streams(self) -> None:
+        for stream in self._streams.values():
+            if not stream.gone:
+                self._stream_gone(stream)
+
+    def _consumed(self, stream: _Stream, size: int) -> None:
+        """The handler took ``size`` body bytes: give the client the credit."""
+        stream.unacked -= size
+        if not self._closing:
+            self._h2.acknowledge_received_data(size, stream.id)
+            self._flush()
+
+    async def _wait(self, stream: _Stream) -> None:
+        """Sleep until something happens to the stream (callers check what)."""
+        waiter = self._loop.create_future()
+        stream.waiter = waiter
+        try:
+            await waiter
+        finally:
+            stream.waiter = None
+
+    def _wake_blocked(self) -> None:
+        for stream in self._blocked:
+            _wake(stream)
+
+    # -- sending -------------------------------------------------------------------
+
+    async def _send_headers(
+        self, stream: _Stream, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if stream.gone:
+            raise ClientGone()
+        try:
+            self._h2.send_headers(stream.id, headers, end_stream=end_stream)
+        except StreamClosedError as exc:
+            raise ClientGone() from exc
+        if end_stream:
+            stream.responded = True
+        self._flush()
+        if self._paused:
+            await self._drain(stream)
+
+    async def _send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> None:
+        """Send ``data`` in frames as the flow-control windows allow."""
+        h2 = self._h2
+        view = memoryview(data)
+        total = len(data)
+        sent = 0
+        while True:
+            if stream.gone:
+                raise ClientGone()
+            if sent == total:
+                if end_stream:
+                    self._end(stream)
+                return
+            try:
+                window = h2.local_flow_control_window(stream.id)
+            except StreamClosedError as exc:
+                raise ClientGone() from exc
+            if window <= 0:
+                self._blocked.add(stream)
+                try:
+                    await self._wait(stream)
+                finally:
+                    self._blocked.discard(stream)
+                continue
+            size = min(window, h2.max_outbound_frame_size, total - sent)
+            last = end_stream and sent + size == total
+            h2.send_data(stream.id, view[sent : sent + size], end_stream=last)
+            sent += size
+            if last:
+                stream.responded = True
+            self._flush()
+            if self._paused:
+                await self._drain(stream)
+            if last:
+                return
+
+    def _end(self, stream: _Stream) -> None:
+        try:
+            self._h2.end_stream(stream.id)
+        except StreamClosedError as exc:
+            raise ClientGone() from exc
+        stream.responded = True
+        self._flush()
+
+    async def _drain(self, stream: _Stream) -> None:
+        """Wait until the transport takes writes again."""
+        while self._paused and not self._lost:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if stream.gone:
+            raise ClientGone()
+
+    def _resume_writers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and not self._lost:
+            self.transport.write(data)
+
+    # -- closing -------------------------------------------------------------------
+
+    def _became_idle(self) -> None:
+        """No stream open: close after ``idle_timeout_s`` unless one opens.
+
+        One timer at a time: one left from an earlier idle spell is not
+        cancelled, it re-arms itself for the rest of this one when it fires.
+        """
+        if self._idle_timeout <= 0:
+            return
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self._idle_timeout, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        if self._streams or self._closing:
+            return  # busy: re-armed when the connection becomes idle again
+        remaining = self._idle_since + self._idle_timeout - self._loop.time()
+        if remaining > 0:
+            self._idle_timer = self._loop.call_later(remaining, self._on_idle_timer)
+        else:
+            self._goaway_and_close()
+
+    def _goaway_and_close(self) -> None:
+        try:
+            self._h2.close_connection(ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            pass  # h2 can send nothing more anyway
+        self._close()
+
+    def _close(self) -> None:
+        """Send what is queued, stop the streams, close.
+
+        The write side is shut first and the socket closed when the client
+        closes its side (or after LINGER_S), so our last frames reach it.
+        """
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self._fail_streams()
+        transport = self.transport
+        if self._lost or transport is None:
+            return
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.abort()
+                return
+            self._linger = self._loop.call_later(LINGER_S, transport.abort)
+        else:
+            transport.close()
+
+
+def _wake(stream: _Stream) -> None:
+    waiter = stream.waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+_EVENT_HANDLERS: dict[type, Callable[[Http2Connection, Any], None]] = {
+    RequestReceived: Http2Connection._on_request,
+    DataReceived: Http2Connection._on_data,
+    StreamEnded: Http2Connection._on_stream_ended,
+    StreamReset: Http2Connection._on_stream_reset,
+    WindowUpdated: Http2Connection._on_window_updated,
+    RemoteSettingsChanged: Http2Connection._on_settings,
+    ConnectionTerminated: Http2Connection._on_terminated,
+}
