@@ -15,7 +15,15 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-OPERATIONS = ("create", "append", "read", "delete", "fork_acquire", "fork_release")
+OPERATIONS = (
+    "create",
+    "append",
+    "append_batch",
+    "read",
+    "delete",
+    "fork_acquire",
+    "fork_release",
+)
 
 
 def _lua_dir() -> Path:
@@ -59,6 +67,7 @@ class Scripts:
     # Attributes set in __init__, declared for readers and type checkers.
     create: Script
     append: Script
+    append_batch: Script
     read: Script
     delete: Script
     fork_acquire: Script

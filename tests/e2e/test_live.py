@@ -241,6 +241,40 @@ async def test_sse_readers_get_pushed_appends_in_order(
     assert bytes(received) == expected
 
 
+async def test_concurrent_appends_reach_live_readers_exactly_once(
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
+) -> None:
+    """Concurrent plain appends share one script run (group commit) and one
+    wake-up: an SSE reader and a long-poll reader each get every one of them
+    exactly once."""
+    offset = await create(client, path)
+    bodies = [f"c{i:02d};".encode() for i in range(30)]
+    received = bytearray()
+    async with client.stream("GET", path, params={"offset": offset, "live": "sse"}) as response:
+        lines = response.aiter_lines()
+        await parked(redis_client, path)
+        await redis_client.config_resetstat()
+        poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
+        await asyncio.sleep(0.2)
+        tails = await asyncio.gather(*(append(client, path, body) for body in bodies))
+        async with asyncio.timeout(10):
+            async for line in lines:
+                if line.startswith("data:") and not line.startswith("data:{"):
+                    received += line[5:].encode()
+                if len(received) >= sum(map(len, bodies)):
+                    break
+    # Fewer script runs than appends: some of them were committed together.
+    stats = await redis_client.info("commandstats")
+    assert int(stats["cmdstat_evalsha"]["calls"]) < len(bodies)
+    assert sorted(received.split(b";")[:-1]) == sorted(b[:-1] for b in bodies)
+    first = (await poll).content
+    assert first and bytes(received).startswith(first)
+    # Read back in full: the same bytes in offset order.
+    read = await client.get(path, params={"offset": offset})
+    assert read.content == bytes(received)
+    assert read.headers["stream-next-offset"] == max(tails)
+
+
 async def test_long_poll_at_now_waits_for_new_data_only(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:

@@ -718,3 +718,114 @@ async def test_delete_publishes_on_the_wake_channel(
     finally:
         await pubsub.aclose()
         await listener.aclose()
+
+
+# -- group commit of plain appends ------------------------------------------------------
+
+
+async def _script_runs(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_plain_appends_share_one_script_run(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("hot", CreateRequest(OCTET))
+    before = await _script_runs(redis_client)
+    results = await asyncio.gather(*(store.append("hot", data(b"%03d;" % i)) for i in range(40)))
+    # One EVALSHA for all 40 (and the INFO call itself is not an EVALSHA).
+    assert await _script_runs(redis_client) - before == 1
+    tails = [r.tail for r in results]
+    assert tails == sorted(tails) and len(set(tails)) == 40  # in the order they were issued
+    assert all(r.status == "ok" and not r.closed for r in results)
+    body, pages = await read_all(store, "hot")
+    assert body == b"".join(b"%03d;" % i for i in range(40))
+    assert pages[-1].next_offset == tails[-1]
+    # Each append is its own entry, as if written alone.
+    entries = await xrange(redis_client, store.keys("hot").data)
+    assert [fields["d"] for _, fields in entries] == [b"%03d;" % i for i in range(40)]
+    assert [off.from_entry_id(entry_id) for entry_id, _ in entries] == tails
+
+
+async def test_appends_that_cannot_share_a_run_go_alone(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """Producer, Stream-Seq and closing appends keep their own script run; they
+    and a batch of plain appends in the same moment all land exactly once."""
+    await store.create("mixed", CreateRequest(OCTET))
+    results = await asyncio.gather(
+        store.append("mixed", data(b"a")),
+        store.append("mixed", data(b"p", producer=("w", 0, 0))),
+        store.append("mixed", data(b"b")),
+        store.append("mixed", data(b"s", seq="0001")),
+        store.append("mixed", data(b"c")),
+    )
+    assert [r.status for r in results] == ["ok"] * 5
+    assert results[1].producer_seq == "0"
+    body, _ = await read_all(store, "mixed")
+    assert sorted(body) == sorted(b"apbsc")
+    assert (await store.append("mixed", data(b"z", close=True))).closed
+
+
+async def test_a_batch_gets_one_refusal_for_every_append(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    with pytest.raises(NotFound):
+        await asyncio.gather(*(store.append("absent", data(b"x")) for _ in range(3)))
+    outcomes = await asyncio.gather(
+        *(store.append("absent", data(b"x")) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(o) for o in outcomes] == [NotFound] * 3
+
+    await store.create("shut", CreateRequest(OCTET, closed=True))
+    outcomes = await asyncio.gather(
+        *(store.append("shut", data(b"x")) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(o) for o in outcomes] == [Conflict] * 3
+    assert all(o.headers.get("Stream-Closed") == "true" for o in outcomes)
+
+    # Appends of another media type form their own batch, refused alone.
+    await store.create("typed", CreateRequest("text/plain"))
+    outcomes = await asyncio.gather(
+        store.append("typed", data(b"1", media_type="text/plain")),
+        store.append("typed", data(b"x", media_type=OCTET)),
+        store.append("typed", data(b"2", media_type="text/plain")),
+        store.append("typed", data(b"y", media_type=OCTET)),
+        return_exceptions=True,
+    )
+    assert [type(o).__name__ for o in outcomes] == [
+        "AppendResult",
+        "Conflict",
+        "AppendResult",
+        "Conflict",
+    ]
+    assert (await read_all(store, "typed"))[0] == b"12"
+    entries = await xrange(redis_client, store.keys("shut").data)
+    assert entries == []
+
+
+async def test_json_appends_in_one_batch_keep_their_message_counts(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("jb", CreateRequest(JSON))
+    bodies = [b'[{"a": 1}, {"b": 2}]', b'{"c": 3}', b"[4, 5, 6]"]
+    await asyncio.gather(*(store.append("jb", json_data(b)) for b in bodies))
+    entries = await xrange(redis_client, store.keys("jb").data)
+    assert [(fields["d"], fields["n"]) for _, fields in entries] == [
+        (b'{"a":1},{"b":2}', b"2"),
+        (b'{"c":3}', b"1"),
+        (b"4,5,6", b"3"),
+    ]
+    body, _ = await read_all(store, "jb")
+    assert json.loads(b"[" + body + b"]") == [{"a": 1}, {"b": 2}, {"c": 3}, 4, 5, 6]
+
+
+async def test_a_batch_whose_redis_is_gone_fails_every_append() -> None:
+    unreachable = aioredis.Redis(port=1, socket_connect_timeout=0.5)
+    store = make_store(unreachable)
+    outcomes = await asyncio.gather(
+        *(store.append("any", data(b"x")) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(o).__name__ for o in outcomes] == ["Unavailable"] * 3
+    await unreachable.aclose()
