@@ -313,11 +313,13 @@ async def _latency_run(srv: Running, path: str, mode: str, opts) -> dict:
         if reader.done() and reader.exception():
             raise reader.exception()  # type: ignore[misc]
     finally:
-        reader.cancel()
-        try:
-            await reader
-        except BaseException:
-            pass
+        # Python 3.11's wait_for can swallow a cancellation that races with its
+        # inner read completing: the long-poll loop would then go on forever.
+        while not reader.done():
+            reader.cancel()
+            await asyncio.wait([reader], timeout=1)
+        if not reader.cancelled():
+            reader.exception()  # retrieved: not logged as never retrieved
         await reader_conn.close()
     lat = [(received[s] - sent[s]) * 1000 for s in sent if s in received]
     if not lat:

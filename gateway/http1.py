@@ -156,7 +156,13 @@ class Http1Request(Request):
         self._raw_url = b""
 
     def _decode_path(self) -> str:
-        return decode_url_path(self._raw_url)
+        raw = self._raw_url
+        if raw[:1] != b"/":
+            # The absolute form (``GET http://host/path``), which servers must
+            # accept too (RFC 9112 section 3.2.2): the path follows the authority.
+            _, sep, rest = raw.partition(b"://")
+            raw = b"/" + rest.partition(b"/")[2] if sep else raw
+        return decode_url_path(raw)
 
     async def _more(self) -> None:
         """Wait for more body (or its end); ClientGone if the client left."""

@@ -1021,6 +1021,18 @@ async def test_a_client_that_stops_reading_is_disconnected(
     assert (await http.get(f"{gw.url}/healthz")).status_code == 200
 
 
+async def test_absolute_form_request_targets(gw: GatewayServer, http: httpx.AsyncClient) -> None:
+    """``GET http://host/path`` names the same resource as ``GET /path``."""
+    name = unique("absolute")
+    await create(http, name, b"abs")
+    async with connect(gw) as (reader, writer):
+        writer.write(request("GET", f"http://t/v1/stream/{name}?offset=-1", "Host: t"))
+        status, _, body = await response(reader)
+        assert (status, body) == (200, b"abs")
+        writer.write(request("GET", f"http://t:{gw.port}/healthz", "Host: t"))
+        assert (await response(reader))[::2] == (200, b"ok\n")
+
+
 # -- 12. no Host -----------------------------------------------------------------------
 
 
