@@ -71,6 +71,10 @@ H2_DEFAULT_WINDOW = 65535
 # still sends before closing: closing a socket with unread input makes the
 # kernel send RST, which can destroy the response still in the client's buffer.
 LINGER_S = 2.0
+# On a graceful stop, how long the GOAWAY waits after the last response. Clients
+# built on httpcore (httpx) fail a response that is still being read when a
+# GOAWAY arrives with it, even though it came first on the wire.
+GOAWAY_AFTER_S = 0.1
 
 # Connection-specific headers HTTP/2 forbids (RFC 9113 section 8.2.2).
 _CONNECTION_HEADERS = frozenset(
@@ -512,7 +516,7 @@ class Http2Connection(asyncio.Protocol):
             self._flush()
         if not self._streams:
             if self._goaway_sent:
-                self._goaway_and_close()
+                self._loop.call_later(GOAWAY_AFTER_S, self._goaway_and_close)
             elif not self._closing:
                 self._became_idle()
 
@@ -657,6 +661,8 @@ class Http2Connection(asyncio.Protocol):
             self._goaway_and_close()
 
     def _goaway_and_close(self) -> None:
+        if self._closing or self._lost:
+            return
         try:
             self._h2.close_connection(ErrorCodes.NO_ERROR)
         except ProtocolError:

@@ -69,3 +69,26 @@ async def test_sigterm_answers_live_readers_and_exits(server) -> None:
         f"{exited:.2f} s with code {exit_code}"
     )
     assert exited < EXIT_BOUND_S
+
+
+@pytest.mark.parametrize("server", ["console-script"], indirect=True)
+async def test_sigterm_answers_live_readers_over_http2(server) -> None:
+    """The same over one HTTP/2 connection: the live responses arrive whole
+    (the GOAWAY only follows once they are done), then the process exits."""
+    proc, url = server
+    stream = f"{url}/v1/stream/shutdown-h2-{os.getpid()}-{time.monotonic_ns()}"
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as http:
+        created = await http.put(stream, headers={"content-type": "text/plain"})
+        assert (created.http_version, created.status_code) == ("HTTP/2", 201)
+        polls = [
+            asyncio.create_task(http.get(stream, params={"offset": "now", "live": "long-poll"}))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.5)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        responses = await asyncio.wait_for(asyncio.gather(*polls), ANSWER_BOUND_S)
+        assert [r.status_code for r in responses] == [204, 204, 204]
+        assert all(r.headers["stream-up-to-date"] == "true" for r in responses)
+    await asyncio.to_thread(proc.wait, EXIT_BOUND_S)
+    assert time.monotonic() - signalled < EXIT_BOUND_S
