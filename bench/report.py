@@ -306,7 +306,18 @@ def write_chart(results: dict, path: Path) -> None:
         return
     width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(measures) + 3), 6.5))
-    colors = ["#1f77b4", "#6baed6", "#08519c", "#d62728", "#ff9896"]
+    # Gateway configs in blues, then the Node configs in reds and greys: one
+    # colour per config for up to eight configs.
+    colors = [
+        "#1f77b4",
+        "#6baed6",
+        "#08519c",
+        "#9ecae1",
+        "#d62728",
+        "#ff9896",
+        "#7f7f7f",
+        "#bcbd22",
+    ]
     missing = []  # (x, why): no bar can be drawn on a log axis
     for i, k in enumerate(keys):
         heights = []
