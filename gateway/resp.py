@@ -218,8 +218,13 @@ class PipelinedClient:
         call of every request comes through here.
         """
         protocol = self._slots[self._next]
-        if protocol is not None and not protocol.closed:
+        if protocol is None or protocol.closed or not protocol.outgoing:
+            # The first command of this loop turn moves on to the next connection;
+            # the turn's other commands join it, so they leave in one write (one
+            # syscall here, one read in Redis) while turns still take turns.
             self._next = (self._next + 1) % len(self._slots)
+            protocol = self._slots[self._next]
+        if protocol is not None and not protocol.closed:
             return protocol.send(hiredis.pack_command(args))
         return self._connect_and_send(args)
 

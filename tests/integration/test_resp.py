@@ -35,6 +35,23 @@ async def test_concurrent_commands_are_pipelined_and_answered_in_order(
         await client.aclose()
 
 
+async def test_one_loop_turn_uses_one_connection_and_turns_take_turns(redis_url: str) -> None:
+    """Commands issued in the same event-loop turn leave on one connection (one
+    write); the next turn's commands go to the next connection."""
+    client = _client(redis_url, connections=3)
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(6)))  # all three connected
+        turns = []
+        for _ in range(6):
+            ids = await asyncio.gather(*(client.execute_command("CLIENT", "ID") for _ in range(5)))
+            assert len(set(ids)) == 1, ids
+            turns.append(ids[0])
+        assert len(set(turns)) == 3
+        assert turns[:3] == turns[3:]  # in rotation
+    finally:
+        await client.aclose()
+
+
 async def test_replies_larger_and_smaller_than_the_kept_buffer_follow_each_other(
     redis_url: str,
 ) -> None:
