@@ -572,6 +572,16 @@ async def test_reset_streams_still_running_count_against_the_limit(
     assert errors_logged(caplog) == []
 
 
+async def _trickle_until_gone(res: Response, outcome: asyncio.Future[str]) -> None:
+    """Write a byte every 10 ms until the client is gone; then resolve ``outcome``."""
+    try:
+        while True:
+            await res.write(b".")
+            await asyncio.sleep(0.01)
+    except ClientGone:
+        outcome.set_result("gone")
+
+
 async def test_lost_connection_ends_body_reads_and_writes() -> None:
     reading: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     writing: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -586,12 +596,7 @@ async def test_lost_connection_ends_body_reads_and_writes() -> None:
             return
         await res.start_stream(200, TEXT)
         started.set()
-        try:
-            while True:
-                await res.write(b".")
-                await asyncio.sleep(0.01)
-        except ClientGone:
-            writing.set_result("gone")
+        await _trickle_until_gone(res, writing)
 
     async with Server(handle) as server:
         client = await server.raw_client()
@@ -610,12 +615,7 @@ async def test_client_goaway_closes_the_connection() -> None:
 
     async def handle(req: Request, res: Response) -> None:
         await res.start_stream(200, TEXT)
-        try:
-            while True:
-                await res.write(b".")
-                await asyncio.sleep(0.01)
-        except ClientGone:
-            writing.set_result("gone")
+        await _trickle_until_gone(res, writing)
 
     async with Server(handle) as server:
         client = await server.raw_client()
