@@ -89,7 +89,7 @@ _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 _HEAD_FRAMING = 16 * 1024
 
 
-class _RequestTooLarge(Exception):
+class _HeadRefused(Exception):
     """A request refused on its head alone (too large, or missing Host)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -340,6 +340,7 @@ class Http1Connection(asyncio.Protocol):
         self._parsing: Http1Request | None = None  # the request being received
         self.request: Http1Request | None = None  # the request being answered
         self._response: Http1Response | None = None
+        # The handler's task: the event loop holds tasks only weakly.
         self._task: asyncio.Task[None] | None = None
         self._pending: list[Http1Request] = []  # pipelined requests, in order
         self._reading_paused = False
@@ -401,11 +402,11 @@ class Http1Connection(asyncio.Protocol):
             # included): the request is answered, then the connection ends.
             self._upgraded = True
             self.transport.pause_reading()
-        except _RequestTooLarge as exc:
+        except _HeadRefused as exc:
             self._refuse(exc.status, exc.reason)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _RequestTooLarge):
+            if isinstance(cause, _HeadRefused):
                 self._refuse(cause.status, cause.reason)
             else:
                 log.exception("HTTP/1.1 parser callback failed")
@@ -502,15 +503,15 @@ class Http1Connection(asyncio.Protocol):
         self._url += url
         self._header_bytes += len(url)
         if len(self._url) > self.server.max_url_bytes:
-            raise _RequestTooLarge(414, "URL too long")
+            raise _HeadRefused(414, "URL too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > self.server.max_header_bytes:
-            raise _RequestTooLarge(431, "request headers too large")
+            raise _HeadRefused(431, "request headers too large")
         headers = self._headers
         if len(headers) >= MAX_HEADERS:
-            raise _RequestTooLarge(431, "too many request headers")
+            raise _HeadRefused(431, "too many request headers")
         # Names are case-insensitive; a repeated header keeps its first value.
         headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
@@ -523,7 +524,7 @@ class Http1Connection(asyncio.Protocol):
         req.http1 = True
         req.keep_alive = parser.should_keep_alive()
         if req.http_version == "1.1" and "host" not in self._headers:
-            raise _RequestTooLarge(400, "Host header required")  # RFC 9112 section 3.2
+            raise _HeadRefused(400, "Host header required")  # RFC 9112 section 3.2
         _, _, query = self._url.partition(b"?")
         req.query_string = query.decode("latin-1")
         self._parsing = req

@@ -161,10 +161,11 @@ class Store:
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
         self.scripts = Scripts()
-        # Plain appends being collected for one script run, by (path, media type):
-        # each entry is ((data, JSON count), the waiter of a joined append).
+        # Plain appends that joined a leader's script run, by (path, media type):
+        # ((data, JSON count), the joined append's waiter). The leader's own
+        # append is not in the list.
         self._batches: dict[
-            tuple[str, str], list[tuple[tuple[bytes, str], asyncio.Future[list[Any]] | None]]
+            tuple[str, str], list[tuple[tuple[bytes, str], asyncio.Future[list[Any]]]]
         ] = {}
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -334,38 +335,35 @@ class Store:
         Returns this append's reply in append.lua's shape.
         """
         key = (path, media_type)
-        batch = self._batches.get(key)
         item = (data, "" if json_count is None else str(json_count))
-        if batch is not None:  # a leader is collecting: join its batch
+        joined = self._batches.get(key)
+        if joined is not None:  # a leader is collecting: join its batch
             waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-            batch.append((item, waiter))
+            joined.append((item, waiter))
             return await waiter
-        batch = self._batches[key] = [(item, None)]
+        followers = self._batches[key] = []
         try:
             await asyncio.sleep(0)  # the other requests of this turn run now
         finally:
             del self._batches[key]
         k = self.keys(path)
-        args: list[Any] = [media_type, k.wake]
-        for (body, count), _ in batch:
+        args: list[Any] = [media_type, k.wake, *item]
+        for (body, count), _ in followers:
             args += (body, count)
         try:
             async with _storage_errors:
                 reply = await self._run(self.scripts.append_batch, k.all, args)
         except BaseException as exc:
-            for _, waiter in batch[1:]:
-                if waiter is not None and not waiter.done():
+            for _, waiter in followers:
+                if not waiter.done():
                     waiter.set_exception(exc)
             raise
-        if reply[0] in (b"ok", "ok"):
-            for index, (_, waiter) in enumerate(batch[1:], start=2):
-                if waiter is not None and not waiter.done():
-                    waiter.set_result([reply[0], reply[index]])
-            return [reply[0], reply[1]]
-        for _, waiter in batch[1:]:  # one refusal for all of them
-            if waiter is not None and not waiter.done():
-                waiter.set_result(reply)
-        return reply
+        ok = reply[0] in (b"ok", "ok")
+        for index, (_, waiter) in enumerate(followers, start=2):
+            if not waiter.done():
+                # Each its own tail, or one refusal for all of them.
+                waiter.set_result([reply[0], reply[index]] if ok else reply)
+        return [reply[0], reply[1]] if ok else reply
 
     async def append(self, path: str, req: AppendRequest) -> AppendResult:
         p = req.producer
