@@ -255,7 +255,11 @@ class Gateway:
         self.backend = backend.connect(settings, url, cluster=cluster)
         self.hub = WakeHub(self.backend.pubsub)
         store = Store(
-            self.backend.client, settings.key_prefix, settings.max_read_bytes, self.backend.limiter
+            self.backend.client,
+            settings.key_prefix,
+            settings.max_read_bytes,
+            self.backend.limiter,
+            batch_per_stream=cluster,
         )
         try:
             await store.load_scripts()

@@ -18,7 +18,6 @@ from redis.exceptions import NoScriptError
 OPERATIONS = (
     "create",
     "append",
-    "append_batch",
     "read",
     "delete",
     "fork_acquire",
@@ -67,7 +66,6 @@ class Scripts:
     # Attributes set in __init__, declared for readers and type checkers.
     create: Script
     append: Script
-    append_batch: Script
     read: Script
     delete: Script
     fork_acquire: Script

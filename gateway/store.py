@@ -148,6 +148,50 @@ class _StorageErrors:
 _storage_errors = _StorageErrors()
 
 
+# At most this many appends, and this many bytes of their data, in one script
+# run: a run holds Redis for its whole length, so a crowded turn is split over
+# several runs rather than stalling every other client for one long one.
+MAX_BATCH_APPENDS = 64
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+class _Batch:
+    """The appends of one script run of lua/append.lua: its KEYS (four per
+    stream), the streams' wake-up channels, ten ARGV fields per append, and each
+    append's waiter."""
+
+    __slots__ = ("args", "keys", "size", "streams", "waiters", "wakes")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.wakes: list[str] = []
+        self.streams: dict[str, int] = {}  # path -> its number in the script (1-based)
+        self.args: list[Any] = []
+        self.waiters: list[asyncio.Future[list[Any]]] = []
+        self.size = 0
+
+    def has_room(self, size: int) -> bool:
+        return len(self.waiters) < MAX_BATCH_APPENDS and self.size + size <= MAX_BATCH_BYTES
+
+    def add(
+        self, path: str, keys: StreamKeys, item: tuple[Any, ...], size: int
+    ) -> asyncio.Future[list[Any]]:
+        number = self.streams.get(path)
+        if number is None:
+            number = self.streams[path] = len(self.wakes) + 1
+            self.keys += keys.all
+            self.wakes.append(keys.wake)
+        self.args.append(number)
+        self.args += item
+        self.size += size
+        waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    def argv(self) -> list[Any]:
+        return [len(self.wakes), *self.wakes, *self.args]
+
+
 class Store:
     def __init__(
         self,
@@ -155,18 +199,22 @@ class Store:
         key_prefix: str,
         max_read_bytes: int,
         limiter: asyncio.Semaphore | None = None,
+        *,
+        batch_per_stream: bool = False,
     ) -> None:
+        """``batch_per_stream``: commit only appends to the same stream together
+        (Redis Cluster, where one script's keys must share a hash slot);
+        otherwise appends to any streams share a script run."""
         self.client = client
         self._limiter = limiter
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
         self.scripts = Scripts()
-        # Plain appends that joined a leader's script run, by (path, media type):
-        # ((data, JSON count), the joined append's waiter). The leader's own
-        # append is not in the list.
-        self._batches: dict[
-            tuple[str, str], list[tuple[tuple[bytes, str], asyncio.Future[list[Any]]]]
-        ] = {}
+        self._batch_per_stream = batch_per_stream
+        # The batch collecting this turn's appends, by path (batch_per_stream)
+        # or under "" for all streams; and the commits in flight.
+        self._batches: dict[str, _Batch] = {}
+        self._commits: set[asyncio.Task[None]] = set()
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         if self._limiter is None:
@@ -321,70 +369,58 @@ class Store:
 
     # -- append and close (sections 5.2, 5.3) ----------------------------------
 
-    async def _append_batched(
-        self, path: str, media_type: str, data: bytes, json_count: int | None
-    ) -> list[Any]:
-        """A plain append (a body; no producer, Stream-Seq or close), committed
-        together with the other plain appends to the same stream that requests
-        issue in the same event-loop turn: one script run (lua/append_batch.lua)
-        instead of one each. On a hot stream with many writers a script run costs
-        Redis far more than the XADD in it, and the gateway saves a command and a
-        reply per append. No timer: the first append of a batch (its leader)
-        yields once to let that turn's other appends join, then sends them all.
+    def _enqueue(self, path: str, item: tuple[Any, ...], size: int) -> asyncio.Future[list[Any]]:
+        """Add one append to the batch of this event-loop turn (starting one if
+        there is none, or it is full) and return the future of its reply."""
+        group = path if self._batch_per_stream else ""
+        batch = self._batches.get(group)
+        if batch is None or not batch.has_room(size):
+            batch = self._batches[group] = _Batch()
+            # The commit runs once the requests already scheduled in this turn
+            # have had their turn, so theirs join this batch. It is a task of
+            # its own: no request's cancellation can stop the others' commit.
+            task = asyncio.get_running_loop().create_task(self._commit(group, batch))
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
+        return batch.add(path, self.keys(path), item, size)
 
-        Returns this append's reply in append.lua's shape.
-        """
-        key = (path, media_type)
-        item = (data, "" if json_count is None else str(json_count))
-        joined = self._batches.get(key)
-        if joined is not None:  # a leader is collecting: join its batch
-            waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-            joined.append((item, waiter))
-            return await waiter
-        followers = self._batches[key] = []
-        try:
-            await asyncio.sleep(0)  # the other requests of this turn run now
-        finally:
-            del self._batches[key]
-        k = self.keys(path)
-        args: list[Any] = [media_type, k.wake, *item]
-        for (body, count), _ in followers:
-            args += (body, count)
+    async def _commit(self, group: str, batch: _Batch) -> None:
+        if self._batches.get(group) is batch:
+            del self._batches[group]
         try:
             async with _storage_errors:
-                reply = await self._run(self.scripts.append_batch, k.all, args)
-        except BaseException as exc:
-            for _, waiter in followers:
+                replies = await self._run(self.scripts.append, batch.keys, batch.argv())
+        except Exception as exc:
+            for waiter in batch.waiters:
                 if not waiter.done():
                     waiter.set_exception(exc)
+            return
+        except BaseException:
+            for waiter in batch.waiters:
+                waiter.cancel()
             raise
-        ok = reply[0] in (b"ok", "ok")
-        for index, (_, waiter) in enumerate(followers, start=2):
+        for waiter, reply in zip(batch.waiters, replies, strict=True):
             if not waiter.done():
-                # Each its own tail, or one refusal for all of them.
-                waiter.set_result([reply[0], reply[index]] if ok else reply)
-        return [reply[0], reply[1]] if ok else reply
+                waiter.set_result(reply)
 
     async def append(self, path: str, req: AppendRequest) -> AppendResult:
+        """Append and/or close. Every append of one event-loop turn (on a
+        standalone Redis, or of one stream on Redis Cluster) is committed in one
+        script run (lua/append.lua): the group commit, which gives each append
+        exactly what it would get alone."""
         p = req.producer
-        if p is None and req.stream_seq is None and not req.close and req.body is not None:
-            reply = await self._append_batched(path, req.media_type, req.body, req.json_count)
-        else:
-            k = self.keys(path)
-            args = [
-                req.media_type,
-                "1" if req.body is not None else "",
-                "1" if req.close else "",
-                req.stream_seq or "",
-                p.id if p else "",
-                str(p.epoch) if p else "",
-                str(p.seq) if p else "",
-                req.body or b"",
-                "" if req.json_count is None else str(req.json_count),
-                k.wake,
-            ]
-            async with _storage_errors:
-                reply = await self._run(self.scripts.append, k.all, args)
+        item = (
+            req.media_type,
+            "1" if req.body is not None else "",
+            "1" if req.close else "",
+            req.stream_seq or "",
+            p.id if p else "",
+            str(p.epoch) if p else "",
+            str(p.seq) if p else "",
+            req.body or b"",
+            "" if req.json_count is None else str(req.json_count),
+        )
+        reply = await self._enqueue(path, item, len(req.body or b""))
         status = _s(reply[0])
         if status == "gone" and await self._collect(path):
             status = "not_found"

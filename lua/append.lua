@@ -1,11 +1,23 @@
--- append.lua: append and/or close, with idempotent-producer validation
--- (POST, sections 5.2, 5.2.1 and 5.3). Validation and the append are one step,
--- so requests of one producer may arrive on any replica in any order.
--- KEYS: 1 meta, 2 data, 3 producers, 4 forks (unused)
--- ARGV: 1 request media type, 2 '1' if there is a body, 3 '1' to close,
---       4 Stream-Seq or '', 5 Producer-Id or '', 6 Producer-Epoch, 7 Producer-Seq,
---       8 data, 9 JSON message count ('' for bytes), 10 wake-up channel
--- Reply: {status, tail, closed, ...}
+-- append.lua: appends and closes (POST, sections 5.2, 5.2.1 and 5.3), with
+-- idempotent-producer validation, for every request the gateway issued in one
+-- event-loop turn: its group commit (gateway/store.py, Store.append). Requests
+-- are applied in the order given, each exactly as if it ran alone: it sees what
+-- the requests before it wrote, and gets its own entry, offset and answer.
+-- Validation and the append are one step, so requests of one producer may
+-- arrive on any replica in any order.
+--
+-- One run costs Redis a fixed price (the script call, TIME) plus a few commands
+-- per stream and one XADD per append: on a busy gateway most of an append's
+-- Redis time is that fixed price, so sharing it is where throughput comes from.
+-- The streams of one run share a hash slot in Redis Cluster (the gateway
+-- batches per stream there); on a standalone Redis any streams may share it.
+--
+-- KEYS: 4 per stream, for stream 1, 2, ...: meta, data, producers, forks (unused)
+-- ARGV: 1 the number of streams S; 2..S+1 their wake-up channels; then 10 per
+--       request: stream number (1..S), request media type, '1' if there is a
+--       body, '1' to close, Stream-Seq or '', Producer-Id or '', Producer-Epoch,
+--       Producer-Seq, data, JSON message count ('' for bytes)
+-- Reply: one reply per request, in order:
 --   {'ok', tail, closed, epoch, seq}        appended and/or closed
 --   {'dup', tail, closed, epoch, last_seq}  producer duplicate, nothing written
 --   {'closed_noop', tail, '1'}              close-only on a closed stream
@@ -13,95 +25,166 @@
 --   {'stale_epoch', tail, closed, epoch}    {'epoch_seq', tail}
 --   {'seq_gap', tail, '', expected, received}
 --   {'ct_mismatch', tail}  {'seq_conflict', tail}  {'not_found'}  {'gone'}
-local meta_key, data_key, producers_key = KEYS[1], KEYS[2], KEYS[3]
-local has_body = ARGV[2] == '1'
-local close = ARGV[3] == '1'
-local stream_seq = ARGV[4]
-local pid = ARGV[5]
-
-local m = hgetall(meta_key)
-if next(m) == nil then return {'not_found'} end
+local nstreams = tonumber(ARGV[1])
 local now = now_ms()
-if is_gone(meta_key, m, now) then return {'gone'} end
-local tail = m.tail
 
-local epoch, seq, state_epoch, state_seq
-if pid ~= '' then
-  epoch, seq = tonumber(ARGV[6]), tonumber(ARGV[7])
-  local state = redis.call('HGET', producers_key, pid)
-  if state then
-    local colon = string.find(state, ':', 1, true)
-    state_epoch = tonumber(string.sub(state, 1, colon - 1))
-    state_seq = tonumber(string.sub(state, colon + 1))
+-- Per stream, loaded on its first request: its metadata (kept current as
+-- requests apply, and written back once at the end), its producers' states,
+-- and what its wake-up needs.
+local streams = {}
+
+local function stream(s)
+  local st = streams[s]
+  if st then return st end
+  local m = hgetall(KEYS[4 * s - 3])
+  -- wrote: the meta fields besides 'tail' to write back; states: the producer
+  -- states to write back, as HSET's field-value pairs.
+  st = {m = m, prev = m.tail, appends = 0, producers = {}, wrote = {}, states = {}}
+  if next(m) == nil then
+    st.refusal = {'not_found'}
+  elseif is_gone(KEYS[4 * s - 3], m, now) then
+    st.refusal = {'gone'}
   end
+  streams[s] = st
+  return st
 end
 
-if m.closed == '1' then
-  if pid ~= '' then
-    -- A retry of the request that closed the stream is a duplicate, not an error.
-    if m.closer == pid .. ':' .. ARGV[6] .. ':' .. ARGV[7] then
-      return {'dup', tail, '1', ARGV[6], string.format('%.0f', state_seq or seq)}
+-- A producer's last accepted {epoch, seq}, or false if it has none.
+local function producer_state(st, s, pid)
+  local state = st.producers[pid]
+  if state == nil then
+    state = false
+    local stored = redis.call('HGET', KEYS[4 * s - 1], pid)
+    if stored then
+      local colon = string.find(stored, ':', 1, true)
+      state = {tonumber(string.sub(stored, 1, colon - 1)), tonumber(string.sub(stored, colon + 1))}
     end
-    if state_epoch and epoch < state_epoch then
-      return {'stale_epoch', tail, '1', string.format('%.0f', state_epoch)}
+    st.producers[pid] = state
+  end
+  return state
+end
+
+local function apply(a)
+  local s = tonumber(ARGV[a])
+  local st = stream(s)
+  if st.refusal then return st.refusal end
+  local m = st.m
+  local tail = m.tail
+  local has_body, close = ARGV[a + 2] == '1', ARGV[a + 3] == '1'
+  local stream_seq, pid, epoch_s, seq_s = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+
+  local epoch, seq, state_epoch, state_seq
+  if pid ~= '' then
+    epoch, seq = tonumber(epoch_s), tonumber(seq_s)
+    local state = producer_state(st, s, pid)
+    if state then state_epoch, state_seq = state[1], state[2] end
+  end
+
+  if m.closed == '1' then
+    if pid ~= '' then
+      -- A retry of the request that closed the stream is a duplicate, not an error.
+      if m.closer == pid .. ':' .. epoch_s .. ':' .. seq_s then
+        return {'dup', tail, '1', epoch_s, string.format('%.0f', state_seq or seq)}
+      end
+      if state_epoch and epoch < state_epoch then
+        return {'stale_epoch', tail, '1', string.format('%.0f', state_epoch)}
+      end
+    end
+    if close and not has_body then return {'closed_noop', tail, '1'} end
+    return {'closed', tail, '1'}
+  end
+
+  if has_body and m.mt ~= ARGV[a + 1] then return {'ct_mismatch', tail} end
+
+  if pid ~= '' then
+    if state_epoch == nil then
+      if seq ~= 0 then return {'seq_gap', tail, '', '0', seq_s} end
+    elseif epoch < state_epoch then
+      return {'stale_epoch', tail, '', string.format('%.0f', state_epoch)}
+    elseif epoch > state_epoch then
+      if seq ~= 0 then return {'epoch_seq', tail} end
+    elseif seq <= state_seq then
+      return {'dup', tail, '', epoch_s, string.format('%.0f', state_seq)}
+    elseif seq ~= state_seq + 1 then
+      return {'seq_gap', tail, '', string.format('%.0f', state_seq + 1), seq_s}
     end
   end
-  if close and not has_body then return {'closed_noop', tail, '1'} end
-  return {'closed', tail, '1'}
-end
 
-if has_body and m.mt ~= ARGV[1] then return {'ct_mismatch', tail} end
-
-if pid ~= '' then
-  if state_epoch == nil then
-    if seq ~= 0 then return {'seq_gap', tail, '', '0', ARGV[7]} end
-  elseif epoch < state_epoch then
-    return {'stale_epoch', tail, '', string.format('%.0f', state_epoch)}
-  elseif epoch > state_epoch then
-    if seq ~= 0 then return {'epoch_seq', tail} end
-  elseif seq <= state_seq then
-    return {'dup', tail, '', ARGV[6], string.format('%.0f', state_seq)}
-  elseif seq ~= state_seq + 1 then
-    return {'seq_gap', tail, '', string.format('%.0f', state_seq + 1), ARGV[7]}
+  if stream_seq ~= '' and m.seq and byte_cmp(stream_seq, m.seq) <= 0 then
+    return {'seq_conflict', tail}
   end
-end
 
-if stream_seq ~= '' and m.seq and byte_cmp(stream_seq, m.seq) <= 0 then
-  return {'seq_conflict', tail}
-end
-
-if has_body then
-  tail = next_id(tail, now)
-  if ARGV[9] ~= '' then
-    redis.call('XADD', data_key, tail, 'd', ARGV[8], 'n', ARGV[9])
-  else
-    redis.call('XADD', data_key, tail, 'd', ARGV[8])
+  if has_body then
+    tail = next_id(tail, now)
+    if ARGV[a + 9] ~= '' then
+      redis.call('XADD', KEYS[4 * s - 2], tail, 'd', ARGV[a + 8], 'n', ARGV[a + 9])
+    else
+      redis.call('XADD', KEYS[4 * s - 2], tail, 'd', ARGV[a + 8])
+    end
+    m.tail = tail
+    st.appends = st.appends + 1
+    st.data = a + 8
   end
-end
-
-local fields = {'tail', tail}
-if stream_seq ~= '' then
-  fields[#fields + 1] = 'seq'
-  fields[#fields + 1] = stream_seq
-end
-if close then
-  fields[#fields + 1] = 'closed'
-  fields[#fields + 1] = '1'
+  st.dirty = true
+  if stream_seq ~= '' then
+    m.seq = stream_seq
+    st.wrote.seq = true
+  end
+  if close then
+    m.closed = '1'
+    st.wrote.closed = true
+    if pid ~= '' then m.closer = pid .. ':' .. epoch_s .. ':' .. seq_s end
+  end
   if pid ~= '' then
-    fields[#fields + 1] = 'closer'
-    fields[#fields + 1] = pid .. ':' .. ARGV[6] .. ':' .. ARGV[7]
+    st.producers[pid] = {epoch, seq}
+    st.states[#st.states + 1] = pid
+    st.states[#st.states + 1] = epoch_s .. ':' .. seq_s
+  end
+  return {'ok', tail, close and '1' or '', epoch_s, seq_s}
+end
+
+local replies = {}
+for a = nstreams + 2, #ARGV, 10 do
+  replies[#replies + 1] = apply(a)
+end
+
+-- Write back each changed stream once, and wake its readers once.
+for s = 1, nstreams do
+  local st = streams[s]
+  if st and st.dirty then
+    local m = st.m
+    local fields = {'tail', m.tail}
+    if st.wrote.seq then
+      fields[#fields + 1] = 'seq'
+      fields[#fields + 1] = m.seq
+    end
+    if st.wrote.closed then
+      fields[#fields + 1] = 'closed'
+      fields[#fields + 1] = '1'
+      if m.closer then
+        fields[#fields + 1] = 'closer'
+        fields[#fields + 1] = m.closer
+      end
+    end
+    redis.call('HSET', KEYS[4 * s - 3], unpack(fields))
+    if #st.states > 0 then
+      -- Later states of one producer overwrite earlier ones, as HSET applies
+      -- field-value pairs in order.
+      redis.call('HSET', KEYS[4 * s - 1], unpack(st.states))
+    end
+    if m.ttl or m.exp then
+      touch({KEYS[4 * s - 3], KEYS[4 * s - 2], KEYS[4 * s - 1]}, m, now)
+    end
+    -- A single small append travels in its wake-up ('+prev next closed\ndata'),
+    -- so a reader waiting at the previous tail answers without reading it back;
+    -- otherwise the wake-up is the new tail, and readers read.
+    local closed = st.wrote.closed
+    local message = closed and (m.tail .. ' closed') or m.tail
+    if st.appends == 1 and #ARGV[st.data] <= 16384 then
+      message = '+' .. st.prev .. ' ' .. m.tail .. ' ' .. (closed and '1' or '') .. '\n'
+        .. ARGV[st.data]
+    end
+    redis.call('PUBLISH', ARGV[1 + s], message)
   end
 end
-redis.call('HSET', meta_key, unpack(fields))
-if pid ~= '' then
-  redis.call('HSET', producers_key, pid, ARGV[6] .. ':' .. ARGV[7])
-end
-touch(KEYS, m, now)
--- The wake-up carries a small append itself ('+prev next closed\ndata'), so a
--- reader waiting at the previous tail answers without reading it back.
-local message = close and (tail .. ' closed') or tail
-if has_body and #ARGV[8] <= 16384 then
-  message = '+' .. m.tail .. ' ' .. tail .. ' ' .. (close and '1' or '') .. '\n' .. ARGV[8]
-end
-redis.call('PUBLISH', ARGV[10], message)
-return {'ok', tail, close and '1' or '', ARGV[6], ARGV[7]}
+return replies

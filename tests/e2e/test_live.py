@@ -244,7 +244,7 @@ async def test_sse_readers_get_pushed_appends_in_order(
 async def test_concurrent_appends_reach_live_readers_exactly_once(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:
-    """Concurrent plain appends share one script run (group commit) and one
+    """Concurrent appends share one script run (group commit) and one
     wake-up: an SSE reader and a long-poll reader each get every one of them
     exactly once."""
     offset = await create(client, path)

@@ -720,7 +720,7 @@ async def test_delete_publishes_on_the_wake_channel(
         await listener.aclose()
 
 
-# -- group commit of plain appends ------------------------------------------------------
+# -- group commit: one script run for one turn's appends ----------------------------------
 
 
 async def _script_runs(client: aioredis.Redis) -> int:
@@ -748,24 +748,154 @@ async def test_concurrent_plain_appends_share_one_script_run(
     assert [off.from_entry_id(entry_id) for entry_id, _ in entries] == tails
 
 
-async def test_appends_that_cannot_share_a_run_go_alone(
+async def test_appends_to_many_streams_share_one_script_run(
     store: Store, redis_client: aioredis.Redis
 ) -> None:
-    """Producer, Stream-Seq and closing appends keep their own script run; they
-    and a batch of plain appends in the same moment all land exactly once."""
-    await store.create("mixed", CreateRequest(OCTET))
+    """On a standalone Redis one turn's appends to any streams are one script
+    run; each stream still gets its own appends, in the order issued."""
+    paths = [f"many/{i}" for i in range(12)]
+    for path in paths:
+        await store.create(path, CreateRequest(OCTET))
+    before = await _script_runs(redis_client)
     results = await asyncio.gather(
-        store.append("mixed", data(b"a")),
-        store.append("mixed", data(b"p", producer=("w", 0, 0))),
-        store.append("mixed", data(b"b")),
-        store.append("mixed", data(b"s", seq="0001")),
-        store.append("mixed", data(b"c")),
+        *(
+            store.append(path, data(b"%s:%d;" % (path.encode(), n)))
+            for n in range(3)
+            for path in paths
+        )
     )
-    assert [r.status for r in results] == ["ok"] * 5
-    assert results[1].producer_seq == "0"
-    body, _ = await read_all(store, "mixed")
-    assert sorted(body) == sorted(b"apbsc")
-    assert (await store.append("mixed", data(b"z", close=True))).closed
+    assert await _script_runs(redis_client) - before == 1
+    assert all(r.status == "ok" for r in results)
+    for path in paths:
+        body, _ = await read_all(store, path)
+        assert body == b"".join(b"%s:%d;" % (path.encode(), n) for n in range(3))
+
+
+async def test_a_batch_applies_each_request_as_if_alone(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """Producer, Stream-Seq and closing requests share the run too: each sees
+    what the requests before it in the batch wrote."""
+    await store.create("mixed", CreateRequest(OCTET))
+    await store.create("other", CreateRequest(OCTET))
+    before = await _script_runs(redis_client)
+    outcomes = await asyncio.gather(
+        store.append("mixed", data(b"a")),
+        store.append("mixed", data(b"p0", producer=("w", 0, 0))),
+        store.append("other", data(b"o0", producer=("w", 0, 0))),  # another stream's producer
+        store.append("mixed", data(b"p1", producer=("w", 0, 1))),
+        store.append("mixed", data(b"p1", producer=("w", 0, 1))),  # a retry: duplicate
+        store.append("mixed", data(b"p3", producer=("w", 0, 3))),  # a gap
+        store.append("mixed", data(b"s2", seq="0002")),
+        store.append("mixed", data(b"s1", seq="0001")),  # does not increase
+        store.append("mixed", data(b"z", close=True, producer=("w", 0, 2))),
+        store.append("mixed", data(b"late")),  # after the close
+        store.append("mixed", data(b"z", close=True, producer=("w", 0, 2))),  # its retry
+        return_exceptions=True,
+    )
+    assert await _script_runs(redis_client) - before == 1
+    kinds = [
+        o.status if isinstance(o, store_module.AppendResult) else type(o).__name__ for o in outcomes
+    ]
+    assert kinds == [
+        "ok",
+        "ok",
+        "ok",
+        "ok",
+        "dup",
+        "Conflict",
+        "ok",
+        "Conflict",
+        "ok",
+        "Conflict",
+        "dup",
+    ]
+    assert outcomes[5].headers["Producer-Expected-Seq"] == "2"
+    assert outcomes[7].reason == "Stream-Seq must increase"
+    assert outcomes[9].reason == "stream is closed"
+    assert outcomes[8].closed and outcomes[10].closed
+    assert outcomes[10].tail == outcomes[8].tail
+    body, pages = await read_all(store, "mixed")
+    assert body == b"ap0p1s2z"
+    assert pages[-1].info.closed
+    stored = await meta(redis_client, store, "mixed")
+    assert stored["seq"] == "0002" and stored["closed"] == "1" and stored["closer"] == "w:0:2"
+    producers = await redis_client.hgetall(store.keys("mixed").producers)
+    assert producers == {b"w": b"0:2"}
+    assert await redis_client.hgetall(store.keys("other").producers) == {b"w": b"0:0"}
+
+
+async def test_a_crowded_turn_is_split_over_several_runs(
+    store: Store, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create("crowd", CreateRequest(OCTET))
+    monkeypatch.setattr(store_module, "MAX_BATCH_APPENDS", 10)
+    monkeypatch.setattr(store_module, "MAX_BATCH_BYTES", 1000)
+    before = await _script_runs(redis_client)
+    results = await asyncio.gather(*(store.append("crowd", data(b"%02d" % i)) for i in range(25)))
+    assert await _script_runs(redis_client) - before == 3  # 10 + 10 + 5
+    assert [r.tail for r in results] == sorted(r.tail for r in results)
+    before = await _script_runs(redis_client)
+    await asyncio.gather(*(store.append("crowd", data(b"x" * 600)) for _ in range(3)))
+    assert await _script_runs(redis_client) - before == 3  # 600 + 600 > 1000
+    body, _ = await read_all(store, "crowd")
+    assert body == b"".join(b"%02d" % i for i in range(25)) + b"x" * 1800
+
+
+async def test_per_stream_batches_for_redis_cluster(redis_client: aioredis.Redis) -> None:
+    """Where a script's keys must share a hash slot, only appends to the same
+    stream share a run."""
+    store = Store(redis_client, "ds", 1024 * 1024, batch_per_stream=True)
+    await store.load_scripts()
+    for path in ("c/1", "c/2", "c/3"):
+        await store.create(path, CreateRequest(OCTET))
+    before = await _script_runs(redis_client)
+    await asyncio.gather(*(store.append(f"c/{i % 3 + 1}", data(b"%d" % i)) for i in range(9)))
+    assert await _script_runs(redis_client) - before == 3
+    assert (await read_all(store, "c/1"))[0] == b"036"
+
+
+async def test_a_cancelled_request_does_not_stop_the_others(store: Store) -> None:
+    await store.create("cx", CreateRequest(OCTET))
+    tasks = [asyncio.ensure_future(store.append("cx", data(b"%d" % i))) for i in range(3)]
+    await asyncio.sleep(0)  # all three have joined the batch
+    tasks[0].cancel()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(outcomes[0], asyncio.CancelledError)
+    assert [o.status for o in outcomes[1:]] == ["ok", "ok"]
+    # The cancelled request's append was already on its way: it landed.
+    assert (await read_all(store, "cx"))[0] == b"012"
+
+
+async def test_wake_ups_of_a_batch(
+    store: Store, redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """One wake-up per stream per run: carrying the append when the run made one
+    small append to that stream, else the new tail (readers read)."""
+    await store.create("w1", CreateRequest(OCTET))
+    await store.create("w2", CreateRequest(OCTET))
+    listener = aioredis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    try:
+        await pubsub.subscribe(store.keys("w1").wake, store.keys("w2").wake)
+        for _ in range(2):
+            assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+        r1, r2, r3 = await asyncio.gather(
+            store.append("w1", data(b"one")),
+            store.append("w2", data(b"a")),
+            store.append("w2", data(b"b")),
+        )
+        messages = {}
+        for _ in range(2):
+            message = await pubsub.get_message(timeout=2)
+            messages[message["channel"].decode()] = message["data"]
+        assert messages[store.keys("w1").wake] == f"+0-0 {off.to_entry_id(r1.tail)} \none".encode()
+        assert messages[store.keys("w2").wake] == off.to_entry_id(r3.tail).encode()
+        assert r2.tail < r3.tail
+        assert await pubsub.get_message(timeout=0.2) is None  # nothing more
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
 
 
 async def test_a_batch_gets_one_refusal_for_every_append(
@@ -785,7 +915,7 @@ async def test_a_batch_gets_one_refusal_for_every_append(
     assert [type(o) for o in outcomes] == [Conflict] * 3
     assert all(o.headers.get("Stream-Closed") == "true" for o in outcomes)
 
-    # Appends of another media type form their own batch, refused alone.
+    # Appends of another media type are refused alone.
     await store.create("typed", CreateRequest("text/plain"))
     outcomes = await asyncio.gather(
         store.append("typed", data(b"1", media_type="text/plain")),

@@ -112,8 +112,12 @@ def _lib_functions(lib: str) -> list[tuple[int, str, list[str]]]:
 
 
 def _is_key_expr(expr: str, names: set[str]) -> bool:
-    """KEYS[...], a name bound to KEYS, or such a name indexed (a KEYS table)."""
-    if re.fullmatch(r"KEYS\[\w+\]", expr):
+    """KEYS[...] (a number, a name or arithmetic on them), a name bound to KEYS,
+    or such a name indexed (a KEYS table); or a table of such expressions."""
+    if expr.startswith("{") and expr.endswith("}"):
+        parts = [part.strip() for part in expr[1:-1].split(",")]
+        return all(_is_key_expr(part, names) for part in parts)
+    if re.fullmatch(r"KEYS\[[\w\s*+-]+\]", expr):
         return True
     match = re.fullmatch(r"(\w+)(?:\[\w+\])?", expr)
     return bool(match) and match.group(1) in names
@@ -202,8 +206,12 @@ def test_header_documents_keys_and_reply(script: Script) -> None:
     header = _header(_body(script))
     assert _section(header, "KEYS"), f"{script.name}.lua has no '-- KEYS:' line"
     assert _section(header, "Reply"), f"{script.name}.lua has no '-- Reply:' line"
-    # The gateway passes StreamKeys.all: meta, data, producers, in that order.
-    assert re.match(r"KEYS: 1 meta, 2 data, 3 producers\b", _section(header, "KEYS"))
+    # The gateway passes StreamKeys.all: meta, data, producers, in that order
+    # (append.lua takes them for each of several streams).
+    assert re.match(
+        r"KEYS: (1 meta, 2 data, 3 producers|4 per stream, .*: meta, data, producers)\b",
+        _section(header, "KEYS"),
+    )
 
 
 @pytest.mark.parametrize("script", _scripts(), ids=SCRIPT_IDS)
@@ -317,7 +325,11 @@ def test_script_load_rejects_invalid_lua(sync_redis: redis.Redis) -> None:
     ("name", "args", "expected"),
     [
         ("read", ["", "1024", "10", "", "read"], [b"not_found"]),
-        ("append", ["text/plain", "1", "", "", "", "", "", "x", "", "chan"], [b"not_found"]),
+        (
+            "append",
+            ["1", "chan", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
+            [[b"not_found"]],
+        ),
         ("delete", ["chan"], [b"not_found"]),
         ("fork_acquire", ["", ""], [b"not_found"]),
         ("fork_release", [], [b"missing"]),
