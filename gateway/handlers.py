@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from . import headers as h
@@ -204,8 +205,7 @@ async def head(ctx: Context, req: Request, path: str, res: Response) -> None:
 # -- GET, catch-up (section 5.6) ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReadParams:
+class ReadParams(NamedTuple):
     offset: str | None  # offset token; None means "now" (the tail)
     live: str | None  # None, 'long-poll' or 'sse'
     cursor: str | None

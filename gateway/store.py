@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import exceptions as redis_errors
 
@@ -35,8 +35,7 @@ MAX_FORK_DEPTH = 64
 MAX_PAGE_ENTRIES = 4096
 
 
-@dataclass(frozen=True)
-class StreamInfo:
+class StreamInfo(NamedTuple):
     """What HEAD reports (section 5.5); also the metadata of every read."""
 
     content_type: str
@@ -50,8 +49,7 @@ class StreamInfo:
         return headers.is_json(self.content_type)
 
 
-@dataclass(frozen=True)
-class Page:
+class Page(NamedTuple):
     """One read: the stream's metadata and the data after an offset."""
 
     info: StreamInfo
@@ -88,8 +86,7 @@ class CreateResult:
     content_type: str
 
 
-@dataclass(frozen=True)
-class AppendRequest:
+class AppendRequest(NamedTuple):
     media_type: str
     body: bytes | None  # None for close-only
     json_count: int | None
@@ -98,8 +95,7 @@ class AppendRequest:
     producer: headers.Producer | None
 
 
-@dataclass(frozen=True)
-class AppendResult:
+class AppendResult(NamedTuple):
     status: str  # 'ok', 'dup', 'closed_noop'
     tail: str
     closed: bool
@@ -610,8 +606,7 @@ class Store:
         return _Range(info, entries, src.size + own.size, own.last, own.more)
 
 
-@dataclass(frozen=True)
-class _Range:
+class _Range(NamedTuple):
     info: StreamInfo
     entries: list[bytes]  # the data of each entry read, in order (joined into the page body)
     size: int  # bytes in entries
