@@ -260,6 +260,7 @@ class Gateway:
             settings.max_read_bytes,
             self.backend.limiter,
             batch_per_stream=cluster,
+            local_wakes=self.hub,
         )
         try:
             await store.load_scripts()

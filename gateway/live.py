@@ -218,11 +218,12 @@ class Live:
         futures, closures and a callback) per reader.
         """
         key = (path, offset)
-        fut: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
+        loop = self.alarms.loop()
+        fut: asyncio.Future[Page] = loop.create_future()
         waiters = self._reads.get(key)
         if waiters is None:
             self._reads[key] = [fut]
-            task = asyncio.get_running_loop().create_task(self._read_for(key))
+            task = loop.create_task(self._read_for(key))
             self._read_tasks.add(task)
             task.add_done_callback(self._read_tasks.discard)
         else:

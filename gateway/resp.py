@@ -32,6 +32,9 @@ class RespProtocol(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # Kept, not looked up per command: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
         # hiredis frees its input buffer whenever more than maxbuf of it is
         # unused (16 KiB by default), so every large reply (a read page) grew a
@@ -75,7 +78,7 @@ class RespProtocol(asyncio.Protocol):
                 future.set_exception(error)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         future: asyncio.Future[Any] = loop.create_future()
         if self.closed or self.transport is None:
             future.set_exception(redis_errors.ConnectionError("connection to Redis closed"))

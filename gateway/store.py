@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from redis import exceptions as redis_errors
 
@@ -159,16 +159,27 @@ MAX_BATCH_BYTES = 1024 * 1024
 SEND_AT_APPENDS = 16
 
 
+class LocalWakes(Protocol):
+    """Who wakes this process's live readers (gateway/wakeups.py, WakeHub):
+    told of the wake-ups of its own appends as soon as their script returns,
+    instead of when Redis' pub/sub message comes back."""
+
+    def watching(self, channel: str) -> bool: ...
+
+    def deliver(self, channel: str, message: bytes) -> None: ...
+
+
 class _Batch:
     """The appends of one script run of lua/append.lua: its KEYS (four per
-    stream), the streams' wake-up channels, ten ARGV fields per append, and each
-    append's waiter."""
+    stream), the streams' wake-up channels (and whether their wake-up message
+    is wanted back), ten ARGV fields per append, and each append's waiter."""
 
-    __slots__ = ("args", "keys", "reply", "size", "streams", "waiters", "wakes")
+    __slots__ = ("args", "keys", "loop", "reply", "size", "streams", "waiters", "wakes")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.keys: list[str] = []
-        self.wakes: list[str] = []
+        self.wakes: list[str] = []  # per stream: wake-up channel, '1' or ''
         self.streams: dict[str, int] = {}  # path -> its number in the script (1-based)
         self.args: list[Any] = []
         self.waiters: list[asyncio.Future[list[Any]]] = []
@@ -179,22 +190,28 @@ class _Batch:
         return len(self.waiters) < MAX_BATCH_APPENDS and self.size + size <= MAX_BATCH_BYTES
 
     def add(
-        self, path: str, keys: StreamKeys, item: tuple[Any, ...], size: int
+        self,
+        path: str,
+        keys: StreamKeys,
+        item: tuple[Any, ...],
+        size: int,
+        local: LocalWakes | None,
     ) -> asyncio.Future[list[Any]]:
         number = self.streams.get(path)
         if number is None:
-            number = self.streams[path] = len(self.wakes) + 1
+            number = self.streams[path] = len(self.streams) + 1
             self.keys += keys.all
             self.wakes.append(keys.wake)
+            self.wakes.append("1" if local is not None and local.watching(keys.wake) else "")
         self.args.append(number)
         self.args += item
         self.size += size
-        waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[list[Any]] = self.loop.create_future()
         self.waiters.append(waiter)
         return waiter
 
     def argv(self) -> list[Any]:
-        return [len(self.wakes), *self.wakes, *self.args]
+        return [len(self.streams), *self.wakes, *self.args]
 
 
 class Store:
@@ -206,10 +223,13 @@ class Store:
         limiter: asyncio.Semaphore | None = None,
         *,
         batch_per_stream: bool = False,
+        local_wakes: LocalWakes | None = None,
     ) -> None:
         """``batch_per_stream``: commit only appends to the same stream together
         (Redis Cluster, where one script's keys must share a hash slot);
-        otherwise appends to any streams share a script run."""
+        otherwise appends to any streams share a script run. ``local_wakes``:
+        told of the wake-ups of this process's appends as their scripts return."""
+        self.local_wakes = local_wakes
         self.client = client
         self._limiter = limiter
         self.key_prefix = key_prefix
@@ -380,14 +400,15 @@ class Store:
         group = path if self._batch_per_stream else ""
         batch = self._batches.get(group)
         if batch is None or not batch.has_room(size):
-            batch = self._batches[group] = _Batch()
+            loop = asyncio.get_running_loop()
+            batch = self._batches[group] = _Batch(loop)
             # The commit runs once the requests already scheduled in this turn
             # have had their turn, so theirs join this batch. It is a task of
             # its own: no request's cancellation can stop the others' commit.
-            task = asyncio.get_running_loop().create_task(self._commit(group, batch))
+            task = loop.create_task(self._commit(group, batch))
             self._commits.add(task)
             task.add_done_callback(self._commits.discard)
-        waiter = batch.add(path, self.keys(path), item, size)
+        waiter = batch.add(path, self.keys(path), item, size, self.local_wakes)
         if len(batch.waiters) >= SEND_AT_APPENDS:
             self._send(group, batch)
             flush = getattr(self.client, "flush", None)  # the pipelined client's
@@ -408,7 +429,7 @@ class Store:
         assert batch.reply is not None
         try:
             async with _storage_errors, self._limiter or contextlib.nullcontext():
-                replies = await script.finish(self.client, batch.reply, batch.keys, batch.argv())
+                reply = await script.finish(self.client, batch.reply, batch.keys, batch.argv())
         except Exception as exc:
             for waiter in batch.waiters:
                 if not waiter.done():
@@ -418,6 +439,13 @@ class Store:
             for waiter in batch.waiters:
                 waiter.cancel()
             raise
+        replies, messages = reply
+        local = self.local_wakes
+        if local is not None:
+            # Readers first: they are woken (and answer) before the writers.
+            for channel, message in zip(batch.wakes[::2], messages, strict=True):
+                if message:
+                    local.deliver(channel, message)
         for waiter, reply in zip(batch.waiters, replies, strict=True):
             if not waiter.done():
                 waiter.set_result(reply)

@@ -30,6 +30,8 @@ log = logging.getLogger("gateway.wakeups")
 
 # How long a channel stays subscribed after its last reader left.
 LINGER_S = 10.0
+# Wake-up messages remembered per watch, to recognise the second copy of one.
+RECENT_MESSAGES = 8
 # Ping the pub/sub connection this often; reconnect if it stays silent 3x as long.
 HEALTH_INTERVAL_S = 5.0
 HUB_CHANNEL = "ds:wake-hub"
@@ -116,19 +118,29 @@ class Alarms:
     comes first. The caller must ``disarm`` it when done, cancelled or not.
     """
 
-    __slots__ = ("_resolution", "_slots")
+    __slots__ = ("_loop", "_resolution", "_slots")
 
     def __init__(self, resolution_s: float = 0.1) -> None:
         self._resolution = resolution_s
         self._slots: dict[int, set[asyncio.Future[bool]]] = {}
+        # The loop of the first use, kept: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call, and a fan-out
+        # asks for the time once per woken reader.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @staticmethod
-    def time() -> float:
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop (kept from the first use)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def time(self) -> float:
         """Now, on the clock of ``arm``'s ``when`` (the running loop's)."""
-        return asyncio.get_running_loop().time()
+        return self.loop().time()
 
     def arm(self, wake: Wake, when: float) -> tuple[asyncio.Future[bool], int]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         fut: asyncio.Future[bool] = loop.create_future()
         slot = math.ceil(when / self._resolution)  # never early
         wake.add_waiter(fut)
@@ -155,7 +167,7 @@ class Alarms:
 class Watch:
     """The wake-up state of one stream on this replica."""
 
-    __slots__ = ("channel", "event", "idle_since", "readers", "subscribed")
+    __slots__ = ("channel", "event", "idle_since", "readers", "recent", "subscribed")
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
@@ -163,6 +175,28 @@ class Watch:
         self.readers = 0
         self.subscribed = asyncio.Event()
         self.idle_since = time.monotonic()
+        # The latest wake-up messages delivered, by their first line (unique per
+        # append: it names the new tail): the same message arrives twice for
+        # this replica's own appends, from the script's reply and from pub/sub.
+        # A short list, made on first use: every watch of every idle stream has one.
+        self.recent: list[bytes] | None = None
+
+    def deliver(self, message: bytes) -> None:
+        """Wake readers for a wake-up message, unless it was delivered already."""
+        head = message.partition(b"\n")[0]
+        if head == b"deleted":  # not an append's: may come again (a new stream)
+            self.wake()
+            return
+        recent = self.recent
+        if recent is None:
+            recent = self.recent = []
+        elif head in recent:
+            recent.remove(head)  # both copies are in: it will not come again
+            return
+        recent.append(head)
+        if len(recent) > RECENT_MESSAGES:
+            del recent[0]
+        self.wake(Pushed.parse(message))
 
     def wake(self, pushed: Pushed | None = None) -> None:
         # Replace, then set: readers that captured the old generation wake up,
@@ -240,6 +274,21 @@ class WakeHub:
             return None
         watch.readers += 1
         return watch
+
+    # -- this replica's own appends ---------------------------------------------------
+
+    def watching(self, channel: str) -> bool:
+        """Whether readers here may wait on ``channel`` (Store asks, per append)."""
+        watch = self._watches.get(channel)
+        return watch is not None and watch.subscribed.is_set()
+
+    def deliver(self, channel: str, message: bytes) -> None:
+        """The wake-up message of an append made here, from its script's reply:
+        readers wake now rather than when the message comes back through
+        pub/sub (which then wakes nobody a second time)."""
+        watch = self._watches.get(channel)
+        if watch is not None and watch.subscribed.is_set():
+            watch.deliver(message)
 
     def leave(self, watch: Watch) -> None:
         watch.readers -= 1
@@ -333,7 +382,11 @@ class WakeHub:
         watch = self._watches.get(channel) if isinstance(channel, str) else None
         if kind == "message":
             if watch is not None:
-                watch.wake(Pushed.parse(message.get("data")))
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    watch.deliver(data)
+                else:
+                    watch.wake()
         elif kind == "subscribe":
             if watch is not None:
                 watch.subscribed.set()

@@ -13,11 +13,15 @@
 -- batches per stream there); on a standalone Redis any streams may share it.
 --
 -- KEYS: 4 per stream, for stream 1, 2, ...: meta, data, producers, forks (unused)
--- ARGV: 1 the number of streams S; 2..S+1 their wake-up channels; then 10 per
---       request: stream number (1..S), request media type, '1' if there is a
---       body, '1' to close, Stream-Seq or '', Producer-Id or '', Producer-Epoch,
---       Producer-Seq, data, JSON message count ('' for bytes)
--- Reply: one reply per request, in order:
+-- ARGV: 1 the number of streams S; then 2 per stream: its wake-up channel, and
+--       '1' to have its wake-up message returned (the caller has readers of it
+--       and wakes them without waiting for the message); then 10 per request:
+--       stream number (1..S), request media type, '1' if there is a body, '1' to
+--       close, Stream-Seq or '', Producer-Id or '', Producer-Epoch, Producer-Seq,
+--       data, JSON message count ('' for bytes)
+-- Reply: {replies, messages}: messages holds, per stream, the wake-up message
+-- published for it if it was asked for, else ''; replies holds one reply per
+-- request, in order:
 --   {'ok', tail, closed, epoch, seq}        appended and/or closed
 --   {'dup', tail, closed, epoch, last_seq}  producer duplicate, nothing written
 --   {'closed_noop', tail, '1'}              close-only on a closed stream
@@ -144,12 +148,14 @@ local function apply(a)
 end
 
 local replies = {}
-for a = nstreams + 2, #ARGV, 10 do
+for a = 2 * nstreams + 2, #ARGV, 10 do
   replies[#replies + 1] = apply(a)
 end
 
 -- Write back each changed stream once, and wake its readers once.
+local messages = {}
 for s = 1, nstreams do
+  messages[s] = ''
   local st = streams[s]
   if st and st.dirty then
     local m = st.m
@@ -184,7 +190,8 @@ for s = 1, nstreams do
       message = '+' .. st.prev .. ' ' .. m.tail .. ' ' .. (closed and '1' or '') .. '\n'
         .. ARGV[st.data]
     end
-    redis.call('PUBLISH', ARGV[1 + s], message)
+    redis.call('PUBLISH', ARGV[2 * s], message)
+    if ARGV[2 * s + 1] == '1' then messages[s] = message end
   end
 end
-return replies
+return {replies, messages}

@@ -220,6 +220,36 @@ async def test_a_watch_captured_before_a_publish_is_woken(
         assert await woken(second)
 
 
+async def test_an_own_append_wakes_readers_once_from_its_reply_and_pub_sub(
+    hub: WakeHub, admin: aioredis.Redis
+) -> None:
+    """The wake-up of an append made here is delivered from the script's reply
+    (``deliver``) and again by pub/sub: readers wake once, whichever comes
+    first; other messages (and a repeated 'deleted') wake them every time."""
+    async with hub.watch("ch:own", 2) as watch:
+        assert hub.watching("ch:own") and not hub.watching("ch:nobody")
+        message = b"+0-0 5-0 \nhello"
+        first = watch.event
+        hub.deliver("ch:own", message)  # from the reply: at once, no round trip
+        assert first.is_set() and first.pushed is not None and first.pushed.data == b"hello"
+        second = watch.event
+        assert await admin.publish("ch:own", message) == 1  # the same append via pub/sub
+        assert not await woken(second, 0.3)
+        # Pub/sub first, then the reply: again one wake-up.
+        assert await admin.publish("ch:own", b"+5-0 6-0 \nagain") == 1
+        assert await woken(second)
+        third = watch.event
+        hub.deliver("ch:own", b"+5-0 6-0 \nagain")
+        assert not third.is_set()
+        # A different append, and 'deleted' each time it comes, wake readers.
+        hub.deliver("ch:own", b"7-0 closed")
+        assert third.is_set()
+        for _ in range(2):
+            event = watch.event
+            assert await admin.publish("ch:own", "deleted") == 1
+            assert await woken(event)
+
+
 # -- reconnection ---------------------------------------------------------------------------
 
 

@@ -327,8 +327,8 @@ def test_script_load_rejects_invalid_lua(sync_redis: redis.Redis) -> None:
         ("read", ["", "1024", "10", "", "read"], [b"not_found"]),
         (
             "append",
-            ["1", "chan", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
-            [[b"not_found"]],
+            ["1", "chan", "1", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
+            [[[b"not_found"]], [b""]],
         ),
         ("delete", ["chan"], [b"not_found"]),
         ("fork_acquire", ["", ""], [b"not_found"]),
