@@ -259,7 +259,10 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
 async def catch_up(
     ctx: Context, req: Request, path: str, params: ReadParams, res: Response
 ) -> None:
-    page = await ctx.store.read(path, params.offset)
+    if params.offset is None:
+        page = await ctx.store.read(path, None)
+    else:
+        page = await ctx.store.read_large(path, params.offset)
     if params.offset is None:
         # offset=now: no data, the tail, never cached (section 8).
         out = page_headers(ctx, page, cache_control="no-store")

@@ -565,6 +565,70 @@ class Store:
         async with _storage_errors:
             return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
 
+    async def read_large(self, path: str, offset: str) -> Page:
+        """``read`` for a catch-up read, which may be a long run of large pages.
+
+        read.lua hands every byte of a page through Lua, which costs Redis about
+        four times what a plain XRANGE of the same entries does (for 64 KiB
+        entries: 125 ms against 29 ms of Redis time per 50 MB). Here read.lua
+        only checks the stream and reports its tail and size statistics, and a
+        plain XRANGE, up to that tail, fetches the page. The statistics bound how
+        many entries to ask for: enough to fill the page at the stream's average
+        entry size, never more than 4 pages' worth at its largest. Where they
+        would make pages much smaller than read.lua's (a few entries far larger
+        than the rest), or where the page starts in a fork's source, or the
+        stream predates the statistics, this is ``read``.
+        """
+        after = off.to_entry_id(offset)
+        budget = self.max_read_bytes
+        async with _storage_errors:
+            k = self.keys(path)
+            reply = await self._run(self.scripts.read, k.all, ["", budget, 0, "", "read", ""])
+            info = await self._info(path, reply)
+            count, size, largest = _s(reply[12]), _s(reply[13]), _s(reply[14])
+            fork_offset = _s(reply[7])
+            tail = off.to_entry_id(info.tail)
+            if off.id_key(after) >= off.id_key(tail):
+                return Page(info, b"", off.from_entry_id(after), False)
+            wanted = 0
+            if (
+                count
+                and int(count) > 0
+                and not (fork_offset and off.id_key(after) < off.id_key(fork_offset))
+            ):
+                average = max(1, int(size) // int(count))
+                fill = budget // average + 1
+                wanted = min(MAX_PAGE_ENTRIES, fill, max(1, 4 * budget // max(1, int(largest))))
+                if wanted < fill // 4:
+                    wanted = 0  # pages far smaller than read.lua's: use read.lua
+            if wanted < 8:
+                return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
+            # Up to the tail just reported: what is appended meanwhile waits for
+            # the next page, so the page and its metadata agree.
+            async with self._limiter or contextlib.nullcontext():
+                batch = await self.client.execute_command(
+                    "XRANGE", k.data, "(" + after, tail, "COUNT", wanted
+                )
+        entries: list[bytes] = []
+        used, last = 0, after
+        for entry_id, fields in batch:
+            # [field, value, ...] from the pipelined client; redis-py's clients
+            # parse XRANGE entries into dicts.
+            data = fields[b"d"] if isinstance(fields, dict) else fields[1]
+            if entries and used + len(data) > budget:
+                break
+            entries.append(data)
+            used += len(data)
+            last = entry_id
+        if not entries:  # gone since the check (deleted, or trimmed by hand)
+            return Page(info, b"", off.from_entry_id(after), False)
+        last_id = _s(last)
+        more = len(entries) < len(batch) or (
+            len(batch) == wanted and off.id_key(last_id) < off.id_key(tail)
+        )
+        body = (b"," if info.is_json else b"").join(entries)
+        return Page(info, body, off.from_entry_id(last_id), more)
+
     async def _read(self, path: str, after: str, upto: str, max_entries: int, mode: str) -> Page:
         r = await self._read_range(
             path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
@@ -572,6 +636,24 @@ class Store:
         # The page's one copy of its data (a single entry is not even copied).
         body = (b"," if r.info.is_json else b"").join(r.entries)
         return Page(r.info, body, off.from_entry_id(r.last), r.more)
+
+    async def _info(self, path: str, reply: list[Any]) -> StreamInfo:
+        """The stream's metadata from a read.lua reply; NotFound or Gone if
+        the read found no stream."""
+        status = _s(reply[0])
+        if status == "gone" and await self._collect(path):
+            status = "not_found"
+        if status == "not_found":
+            raise NotFound("stream not found")
+        if status == "gone":
+            raise Gone("stream has been deleted")
+        return StreamInfo(
+            content_type=_s(reply[1]),
+            tail=off.from_entry_id(_s(reply[2])),
+            closed=_s(reply[3]) == "1",
+            ttl=int(reply[4]) if _s(reply[4]) else None,
+            expires_at=int(reply[5]) if _s(reply[5]) else None,
+        )
 
     async def _read_range(
         self,
@@ -594,21 +676,8 @@ class Store:
             self.keys(path).all,
             [after, budget, max_entries, upto, mode, "1" if continuing else ""],
         )
-        status = _s(reply[0])
-        if status == "gone" and await self._collect(path):
-            status = "not_found"
-        if status == "not_found":
-            raise NotFound("stream not found")
-        if status == "gone":
-            raise Gone("stream has been deleted")
-        info = StreamInfo(
-            content_type=_s(reply[1]),
-            tail=off.from_entry_id(_s(reply[2])),
-            closed=_s(reply[3]) == "1",
-            ttl=int(reply[4]) if _s(reply[4]) else None,
-            expires_at=int(reply[5]) if _s(reply[5]) else None,
-        )
-        if status == "ok":
+        info = await self._info(path, reply)
+        if _s(reply[0]) == "ok":
             entries: list[bytes] = reply[8]
             size = sum(map(len, entries))
             return _Range(info, entries, size, _s(reply[9]), _s(reply[10]) == "1")

@@ -10,6 +10,8 @@
 --   acc   last access, epoch ms (TTL streams)     seq  last Stream-Seq
 --   fsrc  source path of a fork                   foff fork offset id   fsub sub-offset
 --   refs  number of forks reading this stream     del  "1" when soft-deleted
+--   c, b, mx  entries in the stream's own data, their bytes, the largest one's
+--         bytes (streams created before these existed lack them: see read.lua)
 
 -- Scripts read the clock and then write: replicate their effects, not the script.
 -- (The default since Redis 5; a no-op that is kept for clarity on 6.2.)

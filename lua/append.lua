@@ -128,6 +128,11 @@ local function apply(a)
     m.tail = tail
     st.appends = st.appends + 1
     st.data = a + 8
+    if m.c then
+      local size = #ARGV[a + 8]
+      m.c, m.b = tonumber(m.c) + 1, tonumber(m.b) + size
+      if size > tonumber(m.mx) then m.mx = size end
+    end
   end
   st.dirty = true
   if stream_seq ~= '' then
@@ -160,6 +165,14 @@ for s = 1, nstreams do
   if st and st.dirty then
     local m = st.m
     local fields = {'tail', m.tail}
+    if m.c and st.appends > 0 then
+      fields[#fields + 1] = 'c'
+      fields[#fields + 1] = string.format('%.0f', m.c)
+      fields[#fields + 1] = 'b'
+      fields[#fields + 1] = string.format('%.0f', m.b)
+      fields[#fields + 1] = 'mx'
+      fields[#fields + 1] = string.format('%.0f', m.mx)
+    end
     if st.wrote.seq then
       fields[#fields + 1] = 'seq'
       fields[#fields + 1] = m.seq

@@ -12,7 +12,9 @@
 --       6 '1' if the page already holds entries (then even the first entry here
 --         must fit the byte budget)
 -- Reply: {status, content type, tail, closed, ttl, expires-at, fork source,
---         fork offset, entries, last id, '1' if more entries follow in range, count}
+--         fork offset, entries, last id, '1' if more entries follow in range, count,
+--         entries in the stream's own data, their bytes, the largest one's bytes
+--         (the last three '' for streams created without these statistics)}
 --   entries: the page's entry data in order (the gateway joins them with ','
 --   for JSON streams, where each entry holds comma-joined messages, and with
 --   nothing otherwise).
@@ -32,7 +34,8 @@ end
 
 local function reply(status, entries, last, more, count)
   return {status, m.ct, m.tail, m.closed or '', m.ttl or '', m.exp or '',
-          m.fsrc or '', m.foff or '', entries, last, more, count}
+          m.fsrc or '', m.foff or '', entries, last, more, count,
+          m.c or '', m.b or '', m.mx or ''}
 end
 
 if after == '' then return reply('ok', {}, m.tail, '', 0) end

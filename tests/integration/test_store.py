@@ -721,6 +721,82 @@ async def test_delete_publishes_on_the_wake_channel(
         await listener.aclose()
 
 
+# -- catch-up reads of large pages (Store.read_large) ------------------------------------
+
+
+async def _xranges(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_read_large_pages_like_read_with_one_plain_xrange(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client, max_read_bytes=10_000)
+    await store.load_scripts()
+    await store.create("big", CreateRequest(OCTET, entries=((b"i" * 999, None),)))
+    for i in range(60):
+        await store.append("big", data(bytes([65 + i % 26]) * 1000))
+    stored = await meta(redis_client, store, "big")
+    assert (stored["c"], stored["b"], stored["mx"]) == ("61", "60999", "1000")
+    before, scripts = await _xranges(redis_client), await _script_runs(redis_client)
+    body, pages = await read_all(store, "big", large=True)
+    # Per page: read.lua for the metadata only (no XRANGE in it), and one plain XRANGE.
+    assert await _xranges(redis_client) - before == len(pages)
+    assert await _script_runs(redis_client) - scripts == len(pages)
+    expected, expected_pages = await read_all(store, "big")
+    assert body == expected
+    assert [(p.next_offset, p.more, len(p.body)) for p in pages] == [
+        (p.next_offset, p.more, len(p.body)) for p in expected_pages
+    ]
+    assert all(len(p.body) <= 10_000 for p in pages) and len(pages) == 7
+    # At the tail: an empty page, no XRANGE.
+    before = await _xranges(redis_client)
+    tail = await store.read_large("big", pages[-1].next_offset)
+    assert tail.body == b"" and tail.up_to_date and await _xranges(redis_client) == before
+
+
+async def test_read_large_falls_back_to_read_lua_where_its_pages_would_be_small(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A few entries far larger than the rest would make the bounded XRANGE
+    pages tiny; streams without statistics, and pages starting in a fork's
+    source, are read by read.lua too. The bytes are the same either way."""
+    store = make_store(redis_client, max_read_bytes=10_000)
+    await store.load_scripts()
+    await store.create("mixed-sizes", CreateRequest(OCTET))
+    for i in range(200):
+        await store.append("mixed-sizes", data(b"%03d" % i))
+    await store.append("mixed-sizes", data(b"L" * 9000))
+    await store.create("old", CreateRequest(JSON))
+    for i in range(5):
+        await store.append("old", json_data(b"[%d]" % i))
+    await redis_client.hdel(store.keys("old").meta, "c", "b", "mx")  # an older stream
+    await store.create("src", CreateRequest(OCTET, entries=((b"s" * 100, None),)))
+    await store.create("fork", CreateRequest(OCTET, fork_source="src"))
+    await store.append("fork", data(b"f" * 100))
+    for path in ("mixed-sizes", "old", "fork"):
+        before = await _script_runs(redis_client)
+        body, pages = await read_all(store, path, large=True)
+        # Per page: the check, then read.lua's whole read (no plain XRANGE).
+        assert await _script_runs(redis_client) - before >= 2 * len(pages)
+        assert body == (await read_all(store, path))[0]
+    assert (await read_all(store, "old", large=True))[0] == b"0,1,2,3,4"
+
+
+async def test_read_large_of_a_json_stream_joins_its_entries(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client)
+    await store.load_scripts()
+    await store.create("js", CreateRequest(JSON, entries=json_entries(b'[{"a": 1}]')))
+    for i in range(20):
+        await store.append("js", json_data(b"[%d, %d]" % (i, i)))
+    body, pages = await read_all(store, "js", large=True)
+    assert len(pages) == 1 and pages[0].up_to_date
+    assert json.loads(b"[" + body + b"]") == [{"a": 1}] + [n for i in range(20) for n in (i, i)]
+
+
 # -- group commit: one script run for one turn's appends ----------------------------------
 
 
