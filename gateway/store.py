@@ -325,9 +325,7 @@ class Store:
         sk = self.keys(source)
         acquire_args = [requested_mt, offset_id, path]
         reply = await self._run(self.scripts.fork_acquire, sk.all, acquire_args)
-        status = _s(reply[0])
-        if status == "gone" and await self._collect(source):
-            status = "not_found"
+        status = await self._status(source, reply[0])
         if status == "not_found":
             raise NotFound("fork source stream not found")
         if status == "gone":
@@ -468,9 +466,7 @@ class Store:
             "" if req.json_count is None else str(req.json_count),
         )
         reply = await self._enqueue(path, item, len(req.body or b""))
-        status = _s(reply[0])
-        if status == "gone" and await self._collect(path):
-            status = "not_found"
+        status = await self._status(path, reply[0])
         if status == "not_found":
             raise NotFound("stream not found")
         if status == "gone":
@@ -510,9 +506,7 @@ class Store:
         k = self.keys(path)
         async with _storage_errors:
             reply = await self._run(self.scripts.delete, k.all, [k.wake])
-            status = _s(reply[0])
-            if status == "gone" and await self._collect(path):
-                status = "not_found"
+            status = await self._status(path, reply[0])
             if status == "not_found":
                 raise NotFound("stream not found")
             if status == "gone":
@@ -637,12 +631,18 @@ class Store:
         body = (b"," if r.info.is_json else b"").join(r.entries)
         return Page(r.info, body, off.from_entry_id(r.last), r.more)
 
+    async def _status(self, path: str, status: Any) -> str:
+        """A script's status for ``path``, 'gone' becoming 'not_found' when the
+        stream was only kept for forks that no longer exist (see _collect)."""
+        status = _s(status)
+        if status == "gone" and await self._collect(path):
+            return "not_found"
+        return status
+
     async def _info(self, path: str, reply: list[Any]) -> StreamInfo:
         """The stream's metadata from a read.lua reply; NotFound or Gone if
         the read found no stream."""
-        status = _s(reply[0])
-        if status == "gone" and await self._collect(path):
-            status = "not_found"
+        status = await self._status(path, reply[0])
         if status == "not_found":
             raise NotFound("stream not found")
         if status == "gone":
