@@ -591,9 +591,11 @@ class Store:
                 and not (fork_offset and off.id_key(after) < off.id_key(fork_offset))
             ):
                 average = max(1, int(size) // int(count))
-                fill = budget // average + 1
-                wanted = min(MAX_PAGE_ENTRIES, fill, max(1, 4 * budget // max(1, int(largest))))
-                if wanted < fill // 4:
+                # What read.lua would put in a page, and at most 4 pages' worth
+                # of entries as large as the largest.
+                natural = min(MAX_PAGE_ENTRIES, budget // average + 1)
+                wanted = min(natural, max(1, 4 * budget // max(1, int(largest))))
+                if wanted < natural // 4:
                     wanted = 0  # pages far smaller than read.lua's: use read.lua
             if wanted < 8:
                 return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")

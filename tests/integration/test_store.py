@@ -756,6 +756,23 @@ async def test_read_large_pages_like_read_with_one_plain_xrange(
     assert tail.body == b"" and tail.up_to_date and await _xranges(redis_client) == before
 
 
+async def test_read_large_pages_of_small_entries_hold_as_many_as_read_lua_s(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small entries: the page is cut by the entry limit, as read.lua's are,
+    and still comes from a plain XRANGE."""
+    monkeypatch.setattr(store_module, "MAX_PAGE_ENTRIES", 50)
+    store = make_store(redis_client, max_read_bytes=10_000)
+    await store.load_scripts()
+    await store.create("small", CreateRequest(OCTET))
+    await asyncio.gather(*(store.append("small", data(b"%09d;" % i)) for i in range(120)))
+    before = await _xranges(redis_client)
+    body, pages = await read_all(store, "small", large=True)
+    assert await _xranges(redis_client) - before == len(pages) == 3
+    assert [len(p.body) for p in pages] == [500, 500, 200]
+    assert body == (await read_all(store, "small"))[0]
+
+
 async def test_read_large_falls_back_to_read_lua_where_its_pages_would_be_small(
     redis_client: aioredis.Redis,
 ) -> None:
