@@ -174,7 +174,7 @@ class _Batch:
     stream), the streams' wake-up channels (and whether their wake-up message
     is wanted back), ten ARGV fields per append, and each append's waiter."""
 
-    __slots__ = ("args", "keys", "loop", "reply", "size", "streams", "waiters", "wakes")
+    __slots__ = ("args", "keys", "loop", "reply", "sent", "size", "streams", "waiters", "wakes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -185,6 +185,7 @@ class _Batch:
         self.waiters: list[asyncio.Future[list[Any]]] = []
         self.size = 0
         self.reply: Awaitable[Any] | None = None  # once sent: its reply
+        self.sent: list[Any] = []  # once sent: the ARGV it was sent with
 
     def has_room(self, size: int) -> bool:
         return len(self.waiters) < MAX_BATCH_APPENDS and self.size + size <= MAX_BATCH_BYTES
@@ -419,7 +420,8 @@ class Store:
         if self._batches.get(group) is batch:
             del self._batches[group]
         if batch.reply is None:
-            batch.reply = self.scripts.append.start(self.client, batch.keys, batch.argv())
+            batch.sent = batch.argv()
+            batch.reply = self.scripts.append.start(self.client, batch.keys, batch.sent)
 
     async def _commit(self, group: str, batch: _Batch) -> None:
         self._send(group, batch)  # at the end of the turn, unless sent already
@@ -427,7 +429,7 @@ class Store:
         assert batch.reply is not None
         try:
             async with _storage_errors, self._limiter or contextlib.nullcontext():
-                reply = await script.finish(self.client, batch.reply, batch.keys, batch.argv())
+                reply = await script.finish(self.client, batch.reply, batch.keys, batch.sent)
         except Exception as exc:
             for waiter in batch.waiters:
                 if not waiter.done():
@@ -560,51 +562,26 @@ class Store:
             return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
 
     async def read_large(self, path: str, offset: str) -> Page:
-        """``read`` for a catch-up read, which may be a long run of large pages.
-
-        read.lua hands every byte of a page through Lua, which costs Redis about
-        four times what a plain XRANGE of the same entries does (for 64 KiB
-        entries: 125 ms against 29 ms of Redis time per 50 MB). Here read.lua
-        only checks the stream and reports its tail and size statistics, and a
-        plain XRANGE, up to that tail, fetches the page. The statistics bound how
-        many entries to ask for: enough to fill the page at the stream's average
-        entry size, never more than 4 pages' worth at its largest. Where they
-        would make pages much smaller than read.lua's (a few entries far larger
-        than the rest), or where the page starts in a fork's source, or the
-        stream predates the statistics, this is ``read``.
-        """
-        after = off.to_entry_id(offset)
-        budget = self.max_read_bytes
+        """``read`` for a catch-up read, which may be a long run of large pages:
+        where read.lua can size the page from the stream's statistics, the page
+        comes from a plain XRANGE instead of through Lua (see read.lua)."""
         async with _storage_errors:
-            k = self.keys(path)
-            reply = await self._run(self.scripts.read, k.all, ["", budget, 0, "", "read", ""])
-            info = await self._info(path, reply)
-            count, size, largest = _s(reply[12]), _s(reply[13]), _s(reply[14])
-            fork_offset = _s(reply[7])
-            tail = off.to_entry_id(info.tail)
-            if off.id_key(after) >= off.id_key(tail):
-                return Page(info, b"", off.from_entry_id(after), False)
-            wanted = 0
-            if (
-                count
-                and int(count) > 0
-                and not (fork_offset and off.id_key(after) < off.id_key(fork_offset))
-            ):
-                average = max(1, int(size) // int(count))
-                # What read.lua would put in a page, and at most 4 pages' worth
-                # of entries as large as the largest.
-                natural = min(MAX_PAGE_ENTRIES, budget // average + 1)
-                wanted = min(natural, max(1, 4 * budget // max(1, int(largest))))
-                if wanted < natural // 4:
-                    wanted = 0  # pages far smaller than read.lua's: use read.lua
-            if wanted < 8:
-                return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
-            # Up to the tail just reported: what is appended meanwhile waits for
-            # the next page, so the page and its metadata agree.
-            async with self._limiter or contextlib.nullcontext():
-                batch = await self.client.execute_command(
-                    "XRANGE", k.data, "(" + after, tail, "COUNT", wanted
-                )
+            return await self._read(
+                path, off.to_entry_id(offset), "", MAX_PAGE_ENTRIES, "read", plan=True
+            )
+
+    async def _xrange(
+        self, path: str, info: StreamInfo, after: str, budget: int, wanted: int
+    ) -> _Range:
+        """The page after id ``after`` as read.lua planned it: up to the tail it
+        just reported (what is appended meanwhile waits for the next page, so
+        the page and its metadata agree), cut at the byte budget as read.lua
+        cuts it."""
+        tail = off.to_entry_id(info.tail)
+        async with self._limiter or contextlib.nullcontext():
+            batch = await self.client.execute_command(
+                "XRANGE", self.keys(path).data, "(" + after, tail, "COUNT", wanted
+            )
         entries: list[bytes] = []
         used, last = 0, after
         for entry_id, fields in batch:
@@ -615,19 +592,18 @@ class Store:
                 break
             entries.append(data)
             used += len(data)
-            last = entry_id
-        if not entries:  # gone since the check (deleted, or trimmed by hand)
-            return Page(info, b"", off.from_entry_id(after), False)
-        last_id = _s(last)
-        more = len(entries) < len(batch) or (
-            len(batch) == wanted and off.id_key(last_id) < off.id_key(tail)
+            last = _s(entry_id)
+        more = bool(entries) and (
+            len(entries) < len(batch)
+            or (len(batch) == wanted and off.id_key(last) < off.id_key(tail))
         )
-        body = (b"," if info.is_json else b"").join(entries)
-        return Page(info, body, off.from_entry_id(last_id), more)
+        return _Range(info, entries, used, last, more)
 
-    async def _read(self, path: str, after: str, upto: str, max_entries: int, mode: str) -> Page:
+    async def _read(
+        self, path: str, after: str, upto: str, max_entries: int, mode: str, plan: bool = False
+    ) -> Page:
         r = await self._read_range(
-            path, after, upto, self.max_read_bytes, max_entries, mode, depth=0
+            path, after, upto, self.max_read_bytes, max_entries, mode, depth=0, plan=plan
         )
         # The page's one copy of its data (a single entry is not even copied).
         body = (b"," if r.info.is_json else b"").join(r.entries)
@@ -667,6 +643,7 @@ class Store:
         mode: str,
         depth: int,
         continuing: bool = False,
+        plan: bool = False,
     ) -> _Range:
         """Entries of ``path`` after id ``after`` (and not after id ``upto``),
         stitching in the fork source's entries when the range starts before the
@@ -676,10 +653,21 @@ class Store:
         reply = await self._run(
             self.scripts.read,
             self.keys(path).all,
-            [after, budget, max_entries, upto, mode, "1" if continuing else ""],
+            [
+                after,
+                budget,
+                max_entries,
+                upto,
+                mode,
+                "1" if continuing else "",
+                "1" if plan else "",
+            ],
         )
         info = await self._info(path, reply)
-        if _s(reply[0]) == "ok":
+        status = _s(reply[0])
+        if status == "xrange":
+            return await self._xrange(path, info, after, budget, int(reply[11]))
+        if status == "ok":
             entries: list[bytes] = reply[8]
             size = sum(map(len, entries))
             return _Range(info, entries, size, _s(reply[9]), _s(reply[10]) == "1")
