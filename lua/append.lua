@@ -128,10 +128,10 @@ local function apply(a)
     m.tail = tail
     st.appends = st.appends + 1
     st.data = a + 8
-    if m.c then
+    if m.b then
       local size = #ARGV[a + 8]
-      m.c, m.b = tonumber(m.c) + 1, tonumber(m.b) + size
-      if size > tonumber(m.mx) then m.mx = size end
+      m.b = tonumber(m.b) + size
+      if size > tonumber(m.mx) then m.mx, st.grew = size, true end
     end
   end
   st.dirty = true
@@ -165,13 +165,16 @@ for s = 1, nstreams do
   if st and st.dirty then
     local m = st.m
     local fields = {'tail', m.tail}
-    if m.c and st.appends > 0 then
-      fields[#fields + 1] = 'c'
-      fields[#fields + 1] = string.format('%.0f', m.c)
+    -- The byte count changes with every append; the largest entry seldom
+    -- does (and the entry count is the data's XLEN): written only as needed,
+    -- as each field written costs this hot path measurably.
+    if m.b and st.appends > 0 then
       fields[#fields + 1] = 'b'
-      fields[#fields + 1] = string.format('%.0f', m.b)
-      fields[#fields + 1] = 'mx'
-      fields[#fields + 1] = string.format('%.0f', m.mx)
+      fields[#fields + 1] = string.format('%d', m.b)
+      if st.grew then
+        fields[#fields + 1] = 'mx'
+        fields[#fields + 1] = string.format('%d', m.mx)
+      end
     end
     if st.wrote.seq then
       fields[#fields + 1] = 'seq'

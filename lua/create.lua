@@ -26,9 +26,9 @@ end
 redis.call('DEL', data_key, KEYS[3], KEYS[4])
 
 local tail = ARGV[9]
-local count, bytes, largest = 0, 0, 0
+local bytes, largest = 0, 0
 for i = 10, #ARGV, 2 do
-  count, bytes, largest = count + 1, bytes + #ARGV[i], math.max(largest, #ARGV[i])
+  bytes, largest = bytes + #ARGV[i], math.max(largest, #ARGV[i])
   local id = next_id(tail, now)
   if ARGV[i + 1] ~= '' then
     redis.call('XADD', data_key, id, 'd', ARGV[i], 'n', ARGV[i + 1])
@@ -39,7 +39,7 @@ for i = 10, #ARGV, 2 do
 end
 
 local fields = {'ct', ARGV[1], 'mt', ARGV[2], 'tail', tail, 'ctime', now,
-                'c', count, 'b', bytes, 'mx', largest}
+                'b', bytes, 'mx', largest}
 local optional = {ttl = ARGV[3], exp = ARGV[4], closed = ARGV[5],
                   fsrc = ARGV[6], foff = ARGV[7], fsub = ARGV[8]}
 for name, value in pairs(optional) do

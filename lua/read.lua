@@ -52,8 +52,8 @@ if m.foff and id_cmp(after, m.foff) < 0 then return reply('fork', {}, after, '',
 -- At the tail (a live reader waiting for the next append): nothing to fetch.
 if id_cmp(after, m.tail) >= 0 then return reply('ok', {}, after, '', 0) end
 
-if plan and m.c and upto == '' then
-  local entries = tonumber(m.c)
+if plan and m.b and upto == '' then
+  local entries = redis.call('XLEN', data_key)
   if entries > 0 then
     local average = math.max(1, math.floor(tonumber(m.b) / entries))
     local natural = math.min(max_entries, math.floor(max_bytes / average) + 1)

@@ -38,6 +38,7 @@ KEY_POSITIONS: dict[str, tuple[int, ...] | None] = {
     "HINCRBY": (1,),
     "XADD": (1,),
     "XRANGE": (1,),
+    "XLEN": (1,),
     "PEXPIREAT": (1,),
     "PERSIST": (1,),
     "SADD": (1,),
