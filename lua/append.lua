@@ -22,7 +22,8 @@
 -- Reply: {replies, messages}: messages holds, per stream, the wake-up message
 -- published for it if it was asked for, else ''; replies holds one reply per
 -- request, in order:
---   {'ok', tail, closed, epoch, seq}        appended and/or closed
+--   {'ok', tail, closed, epoch, seq}        appended and/or closed ({'ok', tail}
+--                                           for a plain append: no producer, no close)
 --   {'dup', tail, closed, epoch, last_seq}  producer duplicate, nothing written
 --   {'closed_noop', tail, '1'}              close-only on a closed stream
 --   {'closed', tail, '1'}                   stream is closed: 409
@@ -149,6 +150,7 @@ local function apply(a)
     st.states[#st.states + 1] = pid
     st.states[#st.states + 1] = epoch_s .. ':' .. seq_s
   end
+  if pid == '' and not close then return {'ok', tail} end  -- the common case, kept short
   return {'ok', tail, close and '1' or '', epoch_s, seq_s}
 end
 
