@@ -191,6 +191,11 @@ for s = 1, nstreams do
       end
     end
     redis.call('HSET', KEYS[4 * s - 3], unpack(fields))
+    if m.c then
+      -- Earlier versions kept the entry count here; it is the data's XLEN now,
+      -- and a stale copy would mislead whoever inspects the hash.
+      redis.call('HDEL', KEYS[4 * s - 3], 'c')
+    end
     if #st.states > 0 then
       -- Later states of one producer overwrite earlier ones, as HSET applies
       -- field-value pairs in order.

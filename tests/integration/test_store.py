@@ -756,6 +756,18 @@ async def test_read_large_pages_like_read_with_one_plain_xrange(
     assert tail.body == b"" and tail.up_to_date and await _xranges(redis_client) == before
 
 
+async def test_append_drops_the_entry_count_earlier_versions_kept(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = make_store(redis_client)
+    await store.load_scripts()
+    await store.create("earlier", CreateRequest(OCTET, entries=((b"a" * 10, None),)))
+    await redis_client.hset(store.keys("earlier").meta, "c", "1")  # as earlier versions kept it
+    await store.append("earlier", data(b"b" * 20))
+    stored = await meta(redis_client, store, "earlier")
+    assert "c" not in stored and (stored["b"], stored["mx"]) == ("30", "20")
+
+
 async def test_read_large_pages_of_small_entries_hold_as_many_as_read_lua_s(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

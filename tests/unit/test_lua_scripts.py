@@ -35,6 +35,7 @@ KEY_POSITIONS: dict[str, tuple[int, ...] | None] = {
     "HGETALL": (1,),
     "HGET": (1,),
     "HSET": (1,),
+    "HDEL": (1,),
     "HINCRBY": (1,),
     "XADD": (1,),
     "XRANGE": (1,),
