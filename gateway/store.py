@@ -170,9 +170,9 @@ class LocalWakes(Protocol):
 
 
 class _Batch:
-    """The appends of one script run of lua/append.lua: its KEYS (four per
+    """The appends of one script run of lua/append.lua: its KEYS (three per
     stream), the streams' wake-up channels (and whether their wake-up message
-    is wanted back), ten ARGV fields per append, and each append's waiter."""
+    is wanted back), each append's ARGV fields, and each append's waiter."""
 
     __slots__ = ("args", "keys", "loop", "reply", "sent", "size", "streams", "waiters", "wakes")
 
@@ -201,7 +201,7 @@ class _Batch:
         number = self.streams.get(path)
         if number is None:
             number = self.streams[path] = len(self.streams) + 1
-            self.keys += keys.all
+            self.keys += (keys.meta, keys.data, keys.producers)
             self.wakes.append(keys.wake)
             self.wakes.append("1" if local is not None and local.watching(keys.wake) else "")
         self.args.append(number)
@@ -456,17 +456,23 @@ class Store:
         script run (lua/append.lua): the group commit, which gives each append
         exactly what it would get alone."""
         p = req.producer
-        item = (
-            req.media_type,
-            "1" if req.body is not None else "",
-            "1" if req.close else "",
-            req.stream_seq or "",
-            p.id if p else "",
-            str(p.epoch) if p else "",
-            str(p.seq) if p else "",
-            req.body or b"",
-            "" if req.json_count is None else str(req.json_count),
-        )
+        count = "" if req.json_count is None else str(req.json_count)
+        item: tuple[Any, ...]
+        if req.body is not None and not req.close and not req.stream_seq and p is None:
+            item = ("", req.media_type, req.body, count)  # a plain append: its short form
+        else:
+            item = (
+                "x",
+                req.media_type,
+                "1" if req.body is not None else "",
+                "1" if req.close else "",
+                req.stream_seq or "",
+                p.id if p else "",
+                str(p.epoch) if p else "",
+                str(p.seq) if p else "",
+                req.body or b"",
+                count,
+            )
         reply = await self._enqueue(path, item, len(req.body or b""))
         status = await self._status(path, reply[0])
         if status == "not_found":

@@ -12,13 +12,17 @@
 -- The streams of one run share a hash slot in Redis Cluster (the gateway
 -- batches per stream there); on a standalone Redis any streams may share it.
 --
--- KEYS: 4 per stream, for stream 1, 2, ...: meta, data, producers, forks (unused)
+-- KEYS: 3 per stream, for stream 1, 2, ...: meta, data, producers
 -- ARGV: 1 the number of streams S; then 2 per stream: its wake-up channel, and
 --       '1' to have its wake-up message returned (the caller has readers of it
---       and wakes them without waiting for the message); then 10 per request:
---       stream number (1..S), request media type, '1' if there is a body, '1' to
---       close, Stream-Seq or '', Producer-Id or '', Producer-Epoch, Producer-Seq,
---       data, JSON message count ('' for bytes)
+--       and wakes them without waiting for the message); then per request:
+--       stream number (1..S), its form, and the form's fields:
+--         ''  a plain append (no close, Stream-Seq or producer; most requests):
+--             request media type, data, JSON message count ('' for bytes)
+--         'x' any request: request media type, '1' if there is a body, '1' to
+--             close, Stream-Seq or '', Producer-Id or '', Producer-Epoch,
+--             Producer-Seq, data, JSON message count
+--       (Every ARGV value costs Redis a Lua string: most requests need 5, not 11.)
 -- Reply: {replies, messages}: messages holds, per stream, the wake-up message
 -- published for it if it was asked for, else ''; replies holds one reply per
 -- request, in order:
@@ -41,13 +45,13 @@ local streams = {}
 local function stream(s)
   local st = streams[s]
   if st then return st end
-  local m = hgetall(KEYS[4 * s - 3])
+  local m = hgetall(KEYS[3 * s - 2])
   -- wrote: the meta fields besides 'tail' to write back; states: the producer
   -- states to write back, as HSET's field-value pairs.
   st = {m = m, prev = m.tail, appends = 0, producers = {}, wrote = {}, states = {}}
   if next(m) == nil then
     st.refusal = {'not_found'}
-  elseif is_gone(KEYS[4 * s - 3], m, now) then
+  elseif is_gone(KEYS[3 * s - 2], m, now) then
     st.refusal = {'gone'}
   end
   streams[s] = st
@@ -59,7 +63,7 @@ local function producer_state(st, s, pid)
   local state = st.producers[pid]
   if state == nil then
     state = false
-    local stored = redis.call('HGET', KEYS[4 * s - 1], pid)
+    local stored = redis.call('HGET', KEYS[3 * s], pid)
     if stored then
       local colon = string.find(stored, ':', 1, true)
       state = {tonumber(string.sub(stored, 1, colon - 1)), tonumber(string.sub(stored, colon + 1))}
@@ -69,14 +73,13 @@ local function producer_state(st, s, pid)
   return state
 end
 
-local function apply(a)
-  local s = tonumber(ARGV[a])
+-- One request: its stream number s, media type, whether it has a body and
+-- closes, Stream-Seq, producer id/epoch/seq, data and JSON message count.
+local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, seq_s, data, count)
   local st = stream(s)
   if st.refusal then return st.refusal end
   local m = st.m
   local tail = m.tail
-  local has_body, close = ARGV[a + 2] == '1', ARGV[a + 3] == '1'
-  local stream_seq, pid, epoch_s, seq_s = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
 
   local epoch, seq, state_epoch, state_seq
   if pid ~= '' then
@@ -99,7 +102,7 @@ local function apply(a)
     return {'closed', tail, '1'}
   end
 
-  if has_body and m.mt ~= ARGV[a + 1] then return {'ct_mismatch', tail} end
+  if has_body and m.mt ~= media_type then return {'ct_mismatch', tail} end
 
   if pid ~= '' then
     if state_epoch == nil then
@@ -121,16 +124,16 @@ local function apply(a)
 
   if has_body then
     tail = next_id(tail, now)
-    if ARGV[a + 9] ~= '' then
-      redis.call('XADD', KEYS[4 * s - 2], tail, 'd', ARGV[a + 8], 'n', ARGV[a + 9])
+    if count ~= '' then
+      redis.call('XADD', KEYS[3 * s - 1], tail, 'd', data, 'n', count)
     else
-      redis.call('XADD', KEYS[4 * s - 2], tail, 'd', ARGV[a + 8])
+      redis.call('XADD', KEYS[3 * s - 1], tail, 'd', data)
     end
     m.tail = tail
     st.appends = st.appends + 1
-    st.data = a + 8
+    st.data = data
     if m.b then
-      local size = #ARGV[a + 8]
+      local size = #data
       m.b = tonumber(m.b) + size
       if size > tonumber(m.mx) then m.mx, st.grew = size, true end
     end
@@ -155,8 +158,18 @@ local function apply(a)
 end
 
 local replies = {}
-for a = 2 * nstreams + 2, #ARGV, 10 do
-  replies[#replies + 1] = apply(a)
+local a = 2 * nstreams + 2
+while a <= #ARGV do
+  if ARGV[a + 1] == '' then
+    replies[#replies + 1] = apply(tonumber(ARGV[a]), ARGV[a + 2], true, false, '', '', '', '',
+                                  ARGV[a + 3], ARGV[a + 4])
+    a = a + 5
+  else
+    replies[#replies + 1] = apply(tonumber(ARGV[a]), ARGV[a + 2], ARGV[a + 3] == '1',
+                                  ARGV[a + 4] == '1', ARGV[a + 5], ARGV[a + 6], ARGV[a + 7],
+                                  ARGV[a + 8], ARGV[a + 9], ARGV[a + 10])
+    a = a + 11
+  end
 end
 
 -- Write back each changed stream once, and wake its readers once.
@@ -190,28 +203,28 @@ for s = 1, nstreams do
         fields[#fields + 1] = m.closer
       end
     end
-    redis.call('HSET', KEYS[4 * s - 3], unpack(fields))
+    redis.call('HSET', KEYS[3 * s - 2], unpack(fields))
     if m.c then
       -- Earlier versions kept the entry count here; it is the data's XLEN now,
       -- and a stale copy would mislead whoever inspects the hash.
-      redis.call('HDEL', KEYS[4 * s - 3], 'c')
+      redis.call('HDEL', KEYS[3 * s - 2], 'c')
     end
     if #st.states > 0 then
       -- Later states of one producer overwrite earlier ones, as HSET applies
       -- field-value pairs in order.
-      redis.call('HSET', KEYS[4 * s - 1], unpack(st.states))
+      redis.call('HSET', KEYS[3 * s], unpack(st.states))
     end
     if m.ttl or m.exp then
-      touch({KEYS[4 * s - 3], KEYS[4 * s - 2], KEYS[4 * s - 1]}, m, now)
+      touch({KEYS[3 * s - 2], KEYS[3 * s - 1], KEYS[3 * s]}, m, now)
     end
     -- A single small append travels in its wake-up ('+prev next closed\ndata'),
     -- so a reader waiting at the previous tail answers without reading it back;
     -- otherwise the wake-up is the new tail, and readers read.
     local closed = st.wrote.closed
     local message = closed and (m.tail .. ' closed') or m.tail
-    if st.appends == 1 and #ARGV[st.data] <= 16384 then
+    if st.appends == 1 and #st.data <= 16384 then
       message = '+' .. st.prev .. ' ' .. m.tail .. ' ' .. (closed and '1' or '') .. '\n'
-        .. ARGV[st.data]
+        .. st.data
     end
     redis.call('PUBLISH', ARGV[2 * s], message)
     if ARGV[2 * s + 1] == '1' then messages[s] = message end
