@@ -259,10 +259,7 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
 async def catch_up(
     ctx: Context, req: Request, path: str, params: ReadParams, res: Response
 ) -> None:
-    if params.offset is None:
-        page = await ctx.store.read(path, None)
-    else:
-        page = await ctx.store.read_large(path, params.offset)
+    page = await ctx.store.read(path, params.offset, large=True)
     if params.offset is None:
         # offset=now: no data, the tail, never cached (section 8).
         out = page_headers(ctx, page, cache_control="no-store")

@@ -242,10 +242,12 @@ class Store:
         self._batches: dict[str, _Batch] = {}
         self._commits: set[asyncio.Task[None]] = set()
 
+    def _limited(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Holds a slot of the Redis concurrency limit, if there is one."""
+        return self._limiter or contextlib.nullcontext()
+
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        if self._limiter is None:
-            return await script(self.client, keys, args)
-        async with self._limiter:
+        async with self._limited():
             return await script(self.client, keys, args)
 
     def keys(self, path: str) -> StreamKeys:
@@ -428,7 +430,7 @@ class Store:
         script = self.scripts.append
         assert batch.reply is not None
         try:
-            async with _storage_errors, self._limiter or contextlib.nullcontext():
+            async with _storage_errors, self._limited():
                 reply = await script.finish(self.client, batch.reply, batch.keys, batch.sent)
         except Exception as exc:
             for waiter in batch.waiters:
@@ -561,20 +563,16 @@ class Store:
             page = await self._read(path, "", "", 1, "head")
         return page.info
 
-    async def read(self, path: str, offset: str | None) -> Page:
-        """One page after ``offset`` (a token), or metadata only at the tail (None)."""
+    async def read(self, path: str, offset: str | None, *, large: bool = False) -> Page:
+        """One page after ``offset`` (a token), or metadata only at the tail (None).
+
+        ``large``: a catch-up read, which may be a long run of large pages: where
+        read.lua can size the page from the stream's statistics, the page comes
+        from a plain XRANGE instead of through Lua (see read.lua). Live reads,
+        mostly at the tail, skip that second round trip."""
         after = "" if offset is None else off.to_entry_id(offset)
         async with _storage_errors:
-            return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read")
-
-    async def read_large(self, path: str, offset: str) -> Page:
-        """``read`` for a catch-up read, which may be a long run of large pages:
-        where read.lua can size the page from the stream's statistics, the page
-        comes from a plain XRANGE instead of through Lua (see read.lua)."""
-        async with _storage_errors:
-            return await self._read(
-                path, off.to_entry_id(offset), "", MAX_PAGE_ENTRIES, "read", plan=True
-            )
+            return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read", plan=large)
 
     async def _xrange(
         self, path: str, info: StreamInfo, after: str, budget: int, wanted: int
@@ -584,7 +582,7 @@ class Store:
         the page and its metadata agree), cut at the byte budget as read.lua
         cuts it."""
         tail = off.to_entry_id(info.tail)
-        async with self._limiter or contextlib.nullcontext():
+        async with self._limited():
             batch = await self.client.execute_command(
                 "XRANGE", self.keys(path).data, "(" + after, tail, "COUNT", wanted
             )

@@ -721,7 +721,7 @@ async def test_delete_publishes_on_the_wake_channel(
         await listener.aclose()
 
 
-# -- catch-up reads of large pages (Store.read_large) ------------------------------------
+# -- catch-up reads of large pages (Store.read, large=True) -----------------------------
 
 
 async def _xranges(client: aioredis.Redis) -> int:
@@ -752,7 +752,7 @@ async def test_read_large_pages_like_read_with_one_plain_xrange(
     assert all(len(p.body) <= 10_000 for p in pages) and len(pages) == 7
     # At the tail: an empty page, no XRANGE.
     before = await _xranges(redis_client)
-    tail = await store.read_large("big", pages[-1].next_offset)
+    tail = await store.read("big", pages[-1].next_offset, large=True)
     assert tail.body == b"" and tail.up_to_date and await _xranges(redis_client) == before
 
 

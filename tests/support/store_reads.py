@@ -12,12 +12,11 @@ async def read_all(
     store: Store, path: str, start: str = off.ZERO, *, large: bool = False
 ) -> tuple[bytes, list[Page]]:
     """Follow next_offset page by page until up to date; returns the bytes and
-    pages. ``large``: with ``Store.read_large`` (as catch-up GETs do)."""
+    pages. ``large``: as catch-up GETs read (``Store.read(..., large=True)``)."""
     pages: list[Page] = []
     offset = start
-    read = store.read_large if large else store.read
     for _ in range(10_000):
-        page = await read(path, offset)
+        page = await store.read(path, offset, large=large)
         pages.append(page)
         if page.up_to_date:
             break
