@@ -177,7 +177,7 @@ class Gateway:
         ctx, live = self.ctx, self.live
         if ctx is None or live is None:
             raise Unavailable("gateway is starting")
-        if path.split("/", 1)[0] == RESERVED_PREFIX:
+        if path.startswith(RESERVED_PREFIX) and path.split("/", 1)[0] == RESERVED_PREFIX:
             if req.method == "OPTIONS":
                 await handlers.options(ctx, req, path, res)
                 return

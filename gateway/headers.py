@@ -76,8 +76,11 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+JSON = "application/json"
+
+
 def is_json(content_type: str) -> bool:
-    return media_type(content_type) == "application/json"
+    return media_type(content_type) == JSON
 
 
 def is_text(content_type: str) -> bool:
@@ -109,12 +112,10 @@ class Producer:
 
 
 def parse_producer(pid: str | None, epoch: str | None, seq: str | None) -> Producer | None:
-    present = [v is not None for v in (pid, epoch, seq)]
-    if not any(present):
-        return None
-    if not all(present):
+    if pid is None and epoch is None and seq is None:
+        return None  # most appends
+    if pid is None or epoch is None or seq is None:
         raise BadRequest("Producer-Id, Producer-Epoch and Producer-Seq must be sent together")
-    assert pid is not None and epoch is not None and seq is not None
     if not pid.strip():
         raise BadRequest("Producer-Id must not be empty")
     if len(pid) > MAX_PRODUCER_ID_LENGTH:

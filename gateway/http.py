@@ -16,6 +16,7 @@ pairs of ``str`` with lower-case names.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
@@ -212,8 +213,15 @@ def decode_url_path(raw: bytes) -> str:
     Servers decode leniently (invalid bytes become U+FFFD), which would make
     ``/x%ff`` and ``/x%fe`` the same stream; we decode raw bytes ourselves.
     """
+    return _decode_path(raw.partition(b"?")[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_path(raw: bytes) -> str:
+    # Cached: the URLs of busy streams repeat on every request, and the query
+    # (which does not) is cut off before.
     try:
-        path = unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+        path = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest("URL path is not valid UTF-8") from exc
     return check_decoded_path(path)

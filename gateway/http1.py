@@ -56,6 +56,31 @@ _LAST_CHUNK = b"0\r\n\r\n"
 # copied into one buffer with it.
 _COPY_LIMIT = 16 * 1024
 
+# Most of a response head is the same few lines every time (the base headers,
+# cache-control, content types): they are encoded once and kept, up to a bound,
+# except for the headers whose values seldom repeat. The connection header is
+# never kept, as each response must look at it.
+_header_lines: dict[tuple[str, str], bytes] = {}
+# Request header names as sent -> lower-case str: the same few on every request.
+_header_names: dict[bytes, str] = {}
+_MAX_HEADER_NAMES = 1024
+_MAX_HEADER_LINES = 1024
+_VARYING_HEADERS = frozenset(
+    {
+        "stream-next-offset",
+        "stream-cursor",
+        "etag",
+        "location",
+        "producer-epoch",
+        "producer-seq",
+        "producer-expected-seq",
+        "producer-received-seq",
+        "content-length",
+        "stream-expires-at",
+        "stream-ttl",
+    }
+)
+
 
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
@@ -216,27 +241,30 @@ class Http1Response(Response):
 
     def _head(self, status: int, headers: Headers, extra: str) -> bytes:
         conn = self._conn
-        lines = [f"{name}: {value}\r\n" for name, value in headers]
-        for name, value in headers:
-            if name == "connection" and value.lower() == "close":
-                self.close = True
+        parts = [_status_line(status)]
+        for pair in headers:
+            line = _header_lines.get(pair)
+            if line is None:
+                name, value = pair
+                line = f"{name}: {value}\r\n".encode("latin-1")
+                if name == "connection":
+                    if value.lower() == "close":
+                        self.close = True
+                elif name not in _VARYING_HEADERS and len(_header_lines) < _MAX_HEADER_LINES:
+                    _header_lines[pair] = line
+            parts.append(line)
         req = conn.request
         # _upgraded: the connection ends after this response (an Upgrade request,
         # or unparsable bytes after it): say so, or the client may reuse it.
         if req is None or not req.keep_alive or conn.server.stopping or conn._upgraded:
             if not self.close:
-                lines.append("connection: close\r\n")
+                parts.append(b"connection: close\r\n")
             self.close = True
         elif req.http_version == "1.0" and not self.close:
-            lines.append("connection: keep-alive\r\n")  # HTTP/1.0 closes by default
-        return b"".join(
-            [
-                _status_line(status),
-                "".join(lines).encode("latin-1"),
-                conn.server.date,
-                extra.encode(),
-            ]
-        )
+            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes by default
+        parts.append(conn.server.date)
+        parts.append(extra.encode())
+        return b"".join(parts)
 
     async def send(
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
@@ -255,7 +283,8 @@ class Http1Response(Response):
             conn.transport.write(block + body)
         else:
             conn.transport.writelines([block, body])
-        await conn.drain()
+        if conn._drain_waiter is not None:
+            await conn.drain()
 
     async def start_stream(self, status: int, headers: Headers) -> None:
         self.started = True
@@ -303,6 +332,7 @@ class Http1Connection(asyncio.Protocol):
         "_header_bytes",
         "_headers",
         "_in_head",
+        "_next_request",
         "_parser",
         "_parsing",
         "_pending",
@@ -340,8 +370,10 @@ class Http1Connection(asyncio.Protocol):
         self._parsing: Http1Request | None = None  # the request being received
         self.request: Http1Request | None = None  # the request being answered
         self._response: Http1Response | None = None
-        # The handler's task: the event loop holds tasks only weakly.
+        # The connection's task (see _serve), held here as the event loop holds
+        # tasks only weakly; while idle it waits on _next_request.
         self._task: asyncio.Task[None] | None = None
+        self._next_request: asyncio.Future[None] | None = None
         self._pending: list[Http1Request] = []  # pipelined requests, in order
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -365,6 +397,9 @@ class Http1Connection(asyncio.Protocol):
         for req in (self._parsing, self.request, *self._pending):
             if req is not None:
                 req._wake()
+        waiter, self._next_request = self._next_request, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # the idle connection's task ends
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -513,7 +548,12 @@ class Http1Connection(asyncio.Protocol):
         if len(headers) >= MAX_HEADERS:
             raise _HeadRefused(431, "too many request headers")
         # Names are case-insensitive; a repeated header keeps its first value.
-        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        key = _header_names.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_header_names) < _MAX_HEADER_NAMES:
+                _header_names[name] = key
+        headers.setdefault(key, value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -560,17 +600,43 @@ class Http1Connection(asyncio.Protocol):
     def _start(self, req: Http1Request) -> None:
         self.request = req
         self.state = READING if not req.complete and self._parsing is req else BUSY
-        res = self._response = Http1Response(self)
-        task = self._task = self.loop.create_task(self.server.handle(req, res))
-        task.add_done_callback(self._finished)
+        self._response = Http1Response(self)
+        waiter = self._next_request
+        if waiter is not None:  # the connection's task waits for this request
+            self._next_request = None
+            waiter.set_result(None)
+        elif self._task is None:
+            self._task = self.loop.create_task(self._serve())
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        req, res = self.request, self._response
-        self.request = self._response = self._task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handler failed", exc_info=task.exception())
-        if self.closed or req is None or res is None:
-            return
+    async def _serve(self) -> None:
+        """The connection's task: answers its requests one after another.
+
+        One task for the connection's life rather than one per request: a
+        request then costs a future instead of a task (whose creation and
+        registration cost more than the rest of a small append's dispatch)."""
+        try:
+            while True:
+                req, res = self.request, self._response
+                if req is None or res is None:
+                    return  # the connection ended while it was idle
+                try:
+                    await self.server.handle(req, res)
+                except Exception:
+                    log.exception("request handler failed")
+                if not self._finished(req, res):
+                    return
+                if self.request is None:  # idle until the next request's head
+                    waiter = self._next_request = self.loop.create_future()
+                    await waiter
+        finally:
+            self._task = self._next_request = None
+
+    def _finished(self, req: Http1Request, res: Http1Response) -> bool:
+        """After a response: close, start the next request, or go idle. False
+        when the connection is done."""
+        self.request = self._response = None
+        if self.closed:
+            return False
         if not res.started:
             self.transport.write(_plain_response(500, "internal error"))
             res.close = True
@@ -580,7 +646,7 @@ class Http1Connection(asyncio.Protocol):
             # After EOF nothing can follow: closing now, not after the keep-alive
             # timeout, frees the connection (and its slot) at once.
             self.transport.close()
-            return
+            return False
         if self._pending:
             self._start(self._pending.pop(0))
         else:
@@ -589,6 +655,7 @@ class Http1Connection(asyncio.Protocol):
                 self.server.read_timeout if self._parsing else self.server.keep_alive_timeout
             )
         self.want_body()
+        return True
 
     def want_body(self) -> None:
         """Someone waits for bytes from the client: make sure we read them."""

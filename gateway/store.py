@@ -476,6 +476,9 @@ class Store:
                 count,
             )
         reply = await self._enqueue(path, item, len(req.body or b""))
+        if p is None and not req.close and reply[0] == b"ok":
+            # The common case, without the general decoding below.
+            return AppendResult("ok", off.from_entry_id(reply[1].decode()), False, None, None)
         status = await self._status(path, reply[0])
         if status == "not_found":
             raise NotFound("stream not found")
