@@ -182,7 +182,7 @@ class _Batch:
         self.wakes: list[str] = []  # per stream: wake-up channel, '1' or ''
         self.streams: dict[str, int] = {}  # path -> its number in the script (1-based)
         self.args: list[Any] = []
-        self.waiters: list[asyncio.Future[list[Any]]] = []
+        self.waiters: list[asyncio.Future[Any]] = []
         self.size = 0
         self.reply: Awaitable[Any] | None = None  # once sent: its reply
         self.sent: list[Any] = []  # once sent: the ARGV it was sent with
@@ -197,7 +197,7 @@ class _Batch:
         item: tuple[Any, ...],
         size: int,
         local: LocalWakes | None,
-    ) -> asyncio.Future[list[Any]]:
+    ) -> asyncio.Future[Any]:
         number = self.streams.get(path)
         if number is None:
             number = self.streams[path] = len(self.streams) + 1
@@ -207,7 +207,7 @@ class _Batch:
         self.args.append(number)
         self.args += item
         self.size += size
-        waiter: asyncio.Future[list[Any]] = self.loop.create_future()
+        waiter: asyncio.Future[Any] = self.loop.create_future()
         self.waiters.append(waiter)
         return waiter
 
@@ -395,7 +395,7 @@ class Store:
 
     # -- append and close (sections 5.2, 5.3) ----------------------------------
 
-    def _enqueue(self, path: str, item: tuple[Any, ...], size: int) -> asyncio.Future[list[Any]]:
+    def _enqueue(self, path: str, item: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
         """Add one append to the batch of this event-loop turn (starting one if
         there is none, or it is full) and return the future of its reply."""
         group = path if self._batch_per_stream else ""
@@ -476,9 +476,8 @@ class Store:
                 count,
             )
         reply = await self._enqueue(path, item, len(req.body or b""))
-        if p is None and not req.close and reply[0] == b"ok":
-            # The common case, without the general decoding below.
-            return AppendResult("ok", off.from_entry_id(reply[1].decode()), False, None, None)
+        if type(reply) is bytes:  # a plain append's reply: its entry id alone
+            return AppendResult("ok", off.from_entry_id(reply.decode()), False, None, None)
         status = await self._status(path, reply[0])
         if status == "not_found":
             raise NotFound("stream not found")

@@ -26,8 +26,9 @@
 -- Reply: {replies, messages}: messages holds, per stream, the wake-up message
 -- published for it if it was asked for, else ''; replies holds one reply per
 -- request, in order:
---   {'ok', tail, closed, epoch, seq}        appended and/or closed ({'ok', tail}
---                                           for a plain append: no producer, no close)
+--   tail                                    a plain append (no producer, no
+--                                           close) appended: its id alone
+--   {'ok', tail, closed, epoch, seq}        appended and/or closed
 --   {'dup', tail, closed, epoch, last_seq}  producer duplicate, nothing written
 --   {'closed_noop', tail, '1'}              close-only on a closed stream
 --   {'closed', tail, '1'}                   stream is closed: 409
@@ -36,6 +37,16 @@
 --   {'ct_mismatch', tail}  {'seq_conflict', tail}  {'not_found'}  {'gone'}
 local nstreams = tonumber(ARGV[1])
 local now = now_ms()
+local now_id = string.format('%d-0', now)
+
+-- next_id (_lib.lua) for this run: most appends are the first of their stream
+-- in this millisecond and take the id made once above.
+local function next_id_now(tail)
+  local dash = string.find(tail, '-', 1, true)
+  local ms = tonumber(string.sub(tail, 1, dash - 1))
+  if now > ms then return now_id end
+  return string.format('%d-%d', ms, tonumber(string.sub(tail, dash + 1)) + 1)
+end
 
 -- Per stream, loaded on its first request: its metadata (kept current as
 -- requests apply, and written back once at the end), its producers' states,
@@ -46,9 +57,9 @@ local function stream(s)
   local st = streams[s]
   if st then return st end
   local m = hgetall(KEYS[3 * s - 2])
-  -- wrote: the meta fields besides 'tail' to write back; states: the producer
-  -- states to write back, as HSET's field-value pairs.
-  st = {m = m, prev = m.tail, appends = 0, producers = {}, wrote = {}, states = {}}
+  -- Tables for producers are made only when a request has one (see
+  -- producer_state): every table costs a plain append's run measurably.
+  st = {m = m, prev = m.tail, appends = 0}
   if next(m) == nil then
     st.refusal = {'not_found'}
   elseif is_gone(KEYS[3 * s - 2], m, now) then
@@ -60,6 +71,11 @@ end
 
 -- A producer's last accepted {epoch, seq}, or false if it has none.
 local function producer_state(st, s, pid)
+  if not st.producers then
+    -- producers: their last {epoch, seq} as read or written in this run;
+    -- states: those to write back, as HSET's field-value pairs.
+    st.producers, st.states = {}, {}
+  end
   local state = st.producers[pid]
   if state == nil then
     state = false
@@ -123,7 +139,7 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
   end
 
   if has_body then
-    tail = next_id(tail, now)
+    tail = next_id_now(tail)
     if count ~= '' then
       redis.call('XADD', KEYS[3 * s - 1], tail, 'd', data, 'n', count)
     else
@@ -141,11 +157,11 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
   st.dirty = true
   if stream_seq ~= '' then
     m.seq = stream_seq
-    st.wrote.seq = true
+    st.wrote_seq = true
   end
   if close then
     m.closed = '1'
-    st.wrote.closed = true
+    st.wrote_closed = true
     if pid ~= '' then m.closer = pid .. ':' .. epoch_s .. ':' .. seq_s end
   end
   if pid ~= '' then
@@ -153,7 +169,7 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
     st.states[#st.states + 1] = pid
     st.states[#st.states + 1] = epoch_s .. ':' .. seq_s
   end
-  if pid == '' and not close then return {'ok', tail} end  -- the common case, kept short
+  if pid == '' and not close then return tail end  -- the common case, kept short
   return {'ok', tail, close and '1' or '', epoch_s, seq_s}
 end
 
@@ -191,11 +207,11 @@ for s = 1, nstreams do
         fields[#fields + 1] = string.format('%d', m.mx)
       end
     end
-    if st.wrote.seq then
+    if st.wrote_seq then
       fields[#fields + 1] = 'seq'
       fields[#fields + 1] = m.seq
     end
-    if st.wrote.closed then
+    if st.wrote_closed then
       fields[#fields + 1] = 'closed'
       fields[#fields + 1] = '1'
       if m.closer then
@@ -209,7 +225,7 @@ for s = 1, nstreams do
       -- and a stale copy would mislead whoever inspects the hash.
       redis.call('HDEL', KEYS[3 * s - 2], 'c')
     end
-    if #st.states > 0 then
+    if st.states and #st.states > 0 then
       -- Later states of one producer overwrite earlier ones, as HSET applies
       -- field-value pairs in order.
       redis.call('HSET', KEYS[3 * s], unpack(st.states))
@@ -220,7 +236,7 @@ for s = 1, nstreams do
     -- A single small append travels in its wake-up ('+prev next closed\ndata'),
     -- so a reader waiting at the previous tail answers without reading it back;
     -- otherwise the wake-up is the new tail, and readers read.
-    local closed = st.wrote.closed
+    local closed = st.wrote_closed
     local message = closed and (m.tail .. ' closed') or m.tail
     if st.appends == 1 and #st.data <= 16384 then
       message = '+' .. st.prev .. ' ' .. m.tail .. ' ' .. (closed and '1' or '') .. '\n'
