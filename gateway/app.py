@@ -10,7 +10,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import backend, handlers
@@ -162,47 +162,47 @@ class Gateway:
         body = (exc.reason + "\n").encode()
         await res.send(exc.status, out, body, head=req.method == "HEAD")
 
-    async def route(self, req: Request, res: Response) -> None:
+    # route and stream_request return the handler's coroutine for handle to
+    # await, rather than awaiting it themselves: two coroutines fewer on every
+    # request, and their errors still surface inside handle's try.
+
+    def route(self, req: Request, res: Response) -> Awaitable[None]:
         path = req.path
         if path.startswith(self._prefix):
-            await self.stream_request(req, stream_path(path[len(self._prefix) :]), res)
-        elif path == "/healthz":
-            await res.send(200, self._plain_headers(), b"ok\n")
-        elif path == "/readyz":
-            await self.readyz(res)
-        else:
-            raise NotFound("not found")
+            return self.stream_request(req, stream_path(path[len(self._prefix) :]), res)
+        if path == "/healthz":
+            return res.send(200, self._plain_headers(), b"ok\n")
+        if path == "/readyz":
+            return self.readyz(res)
+        raise NotFound("not found")
 
-    async def stream_request(self, req: Request, path: str, res: Response) -> None:
+    def stream_request(self, req: Request, path: str, res: Response) -> Awaitable[None]:
         ctx, live = self.ctx, self.live
         if ctx is None or live is None:
             raise Unavailable("gateway is starting")
         if path.startswith(RESERVED_PREFIX) and path.split("/", 1)[0] == RESERVED_PREFIX:
             if req.method == "OPTIONS":
-                await handlers.options(ctx, req, path, res)
-                return
+                return handlers.options(ctx, req, path, res)
             raise NotImplementedYet("subscription APIs (__ds) are not supported yet")
         method = req.method
+        if method == "POST":
+            return handlers.append(ctx, req, path, res)
         if method == "GET":
             params = handlers.read_params(req)
             if params.live == "long-poll":
-                await live.long_poll(req, path, params, res)
-            elif params.live == "sse":
-                await live.sse(req, path, params, res)
-            else:
-                await handlers.catch_up(ctx, req, path, params, res)
-        elif method == "POST":
-            await handlers.append(ctx, req, path, res)
-        elif method == "PUT":
-            await handlers.create(ctx, req, path, res)
-        elif method == "HEAD":
-            await handlers.head(ctx, req, path, res)
-        elif method == "DELETE":
-            await handlers.delete(ctx, req, path, res)
-        elif method == "OPTIONS":
-            await handlers.options(ctx, req, path, res)
-        else:
-            raise MethodNotAllowed(f"method {method} is not allowed")
+                return live.long_poll(req, path, params, res)
+            if params.live == "sse":
+                return live.sse(req, path, params, res)
+            return handlers.catch_up(ctx, req, path, params, res)
+        if method == "PUT":
+            return handlers.create(ctx, req, path, res)
+        if method == "HEAD":
+            return handlers.head(ctx, req, path, res)
+        if method == "DELETE":
+            return handlers.delete(ctx, req, path, res)
+        if method == "OPTIONS":
+            return handlers.options(ctx, req, path, res)
+        raise MethodNotAllowed(f"method {method} is not allowed")
 
     def _plain_headers(self) -> Headers:
         return [*self._base, ("content-type", "text/plain"), ("cache-control", "no-store")]

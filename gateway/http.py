@@ -129,6 +129,10 @@ class Request:
         """The body when its declared length is within the limit."""
         return b"".join([chunk async for chunk in self._chunks()])
 
+    def _body_at_hand(self) -> bytes | None:
+        """The whole body if it has already arrived (no await needed), else None."""
+        return None
+
     def base_url(self) -> str:
         raise NotImplementedError
 
@@ -172,7 +176,9 @@ class Request:
                 raise BadRequest("malformed Content-Length")
             if int(declared) > limit:
                 raise PayloadTooLarge(f"body larger than {limit} bytes")
-            body = await self._whole_body()
+            body = self._body_at_hand()
+            if body is None:
+                body = await self._whole_body()
             self.body_read = True
             return body
         chunks: list[bytes] = []

@@ -218,9 +218,15 @@ class Http1Request(Request):
                 await self._more()
 
     async def _whole_body(self) -> bytes:
-        # The common case: a small body arrived with its headers.
         while not self.complete:
             await self._more()
+        return self._joined()
+
+    def _body_at_hand(self) -> bytes | None:
+        # The common case: a small body arrived with its headers.
+        return self._joined() if self.complete else None
+
+    def _joined(self) -> bytes:
         body = self._take()
         return body[0] if len(body) == 1 else b"".join(body)
 
