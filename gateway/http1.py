@@ -63,8 +63,11 @@ _COPY_LIMIT = 16 * 1024
 _header_lines: dict[tuple[str, str], bytes] = {}
 # Request header names as sent -> lower-case str: the same few on every request.
 _header_names: dict[bytes, str] = {}
+# Both caches are bounded in entries and in entry size: clients choose request
+# header names (and, through stream content types, some response values).
 _MAX_HEADER_NAMES = 1024
 _MAX_HEADER_LINES = 1024
+_MAX_CACHED_BYTES = 256
 _VARYING_HEADERS = frozenset(
     {
         "stream-next-offset",
@@ -256,7 +259,11 @@ class Http1Response(Response):
                 if name == "connection":
                     if value.lower() == "close":
                         self.close = True
-                elif name not in _VARYING_HEADERS and len(_header_lines) < _MAX_HEADER_LINES:
+                elif (
+                    name not in _VARYING_HEADERS
+                    and len(_header_lines) < _MAX_HEADER_LINES
+                    and len(line) <= _MAX_CACHED_BYTES
+                ):
                     _header_lines[pair] = line
             parts.append(line)
         req = conn.request
@@ -557,7 +564,7 @@ class Http1Connection(asyncio.Protocol):
         key = _header_names.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
-            if len(_header_names) < _MAX_HEADER_NAMES:
+            if len(_header_names) < _MAX_HEADER_NAMES and len(name) <= _MAX_CACHED_BYTES:
                 _header_names[name] = key
         headers.setdefault(key, value.decode("latin-1"))
 
