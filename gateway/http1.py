@@ -11,9 +11,11 @@ What a connection does, in the order a request meets it:
   ``Http2Connection`` (cleartext HTTP/2 with prior knowledge);
 - header limits (431), malformed requests (400) and a slow client (408) are
   answered here, before the app sees anything;
-- the handler task starts as soon as the headers are in; the body streams to
-  it (``Expect: 100-continue`` is answered when it first reads), and reading
-  pauses while a body piles up that nobody reads yet;
+- the handler starts as soon as the headers are in, in the connection's one
+  task (a task per request would cost more than the rest of a small append's
+  dispatch); the body streams to it (``Expect: 100-continue`` is answered when
+  it first reads), and reading pauses while a body piles up that nobody reads
+  yet;
 - pipelined requests wait their turn: one response at a time, in order;
 - responses are written straight to the transport, waiting for it to drain
   when the client reads slowly; SSE goes out with chunked encoding.
