@@ -38,6 +38,7 @@ log = logging.getLogger("gateway")
 
 MAX_PATH_BYTES = 1024
 RESERVED_PREFIX = "__ds"  # section 6: subscription control APIs
+_RESERVED_DIR = RESERVED_PREFIX + "/"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -180,7 +181,7 @@ class Gateway:
         ctx, live = self.ctx, self.live
         if ctx is None or live is None:
             raise Unavailable("gateway is starting")
-        if path.startswith(RESERVED_PREFIX) and path.split("/", 1)[0] == RESERVED_PREFIX:
+        if path == RESERVED_PREFIX or path.startswith(_RESERVED_DIR):
             if req.method == "OPTIONS":
                 return handlers.options(ctx, req, path, res)
             raise NotImplementedYet("subscription APIs (__ds) are not supported yet")

@@ -37,16 +37,7 @@
 --   {'ct_mismatch', tail}  {'seq_conflict', tail}  {'not_found'}  {'gone'}
 local nstreams = tonumber(ARGV[1])
 local now = now_ms()
-local now_id = string.format('%d-0', now)
-
--- next_id (_lib.lua) for this run: most appends are the first of their stream
--- in this millisecond and take the id made once above.
-local function next_id_now(tail)
-  local dash = string.find(tail, '-', 1, true)
-  local ms = tonumber(string.sub(tail, 1, dash - 1))
-  if now > ms then return now_id end
-  return string.format('%d-%d', ms, tonumber(string.sub(tail, dash + 1)) + 1)
-end
+local now_id = string.format('%d-0', now)  -- for next_id
 
 -- Per stream, loaded on its first request: its metadata (kept current as
 -- requests apply, and written back once at the end), its producers' states,
@@ -139,7 +130,7 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
   end
 
   if has_body then
-    tail = next_id_now(tail)
+    tail = next_id(tail, now, now_id)
     if count ~= '' then
       redis.call('XADD', KEYS[3 * s - 1], tail, 'd', data, 'n', count)
     else

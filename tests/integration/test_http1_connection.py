@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from support.raw_http import read_response
 
 from gateway import http1
 from gateway.http import Request, Response
@@ -45,15 +46,8 @@ async def _request(
 ) -> tuple[int, bytes]:
     writer.write(head)
     await writer.drain()
-    status_line = await asyncio.wait_for(reader.readline(), TIMEOUT)
-    headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    length = 0
-    for line in headers.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.lower() == b"content-length":
-            length = int(value)
-    body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
-    return int(status_line.split()[1]), body
+    status, _, body, _ = await asyncio.wait_for(read_response(reader), TIMEOUT)
+    return status, body
 
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
