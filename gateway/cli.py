@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.config import Settings
-from gateway.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
-from gateway.server import ServerOptions
+from gateway.servers.native.server import ServerOptions
+from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
+from gateway.web.forwarded import TrustedProxies
 
 APP = "gateway.main:app"
 DEFAULT_PORT = 4437  # IANA-registered port of the Durable Streams protocol
@@ -110,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="native: seconds requests in flight get to finish on SIGTERM "
         f"(default: {ServerOptions.graceful_timeout:g})",
     )
+    parser.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="ADDRESSES",
+        help="peers whose X-Forwarded-Proto/-Host/-For and Forwarded headers are believed: "
+        "addresses or networks, comma-separated, '*' for any (default: "
+        "DS_FORWARDED_ALLOW_IPS, else 127.0.0.1)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--app", default=APP, help=f"app to serve, RSGI and ASGI (default: {APP})")
     return parser
@@ -132,8 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
+    if args.forwarded_allow_ips is not None:
+        # Through the environment, so every worker and every server sees it.
+        os.environ["DS_FORWARDED_ALLOW_IPS"] = args.forwarded_allow_ips
     try:
         settings = Settings.from_env()
+        TrustedProxies(settings.forwarded_allow_ips)  # refuse a malformed list at start
     except ValueError as exc:
         parser.error(str(exc))
     _raise_open_file_limit()
@@ -165,7 +178,7 @@ def _start_embedded_if_needed(settings: Settings) -> EmbeddedRedis | None:
 
 
 def _run_native(args: argparse.Namespace) -> int:
-    from gateway import server
+    from gateway.servers.native import server
 
     options = ServerOptions(
         keep_alive_timeout=args.keep_alive_timeout,

@@ -65,6 +65,9 @@ class Settings:
     # When set, every response carries X-DS-Instance with this value (debugging
     # which replica answered behind a load balancer).
     instance_id: str | None = None
+    # Peers whose X-Forwarded-* / Forwarded headers are believed (addresses or
+    # networks, comma-separated; "*" for any). See gateway/web/forwarded.py.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -91,4 +94,5 @@ class Settings:
             cors_origin=_str("DS_CORS_ORIGIN", "*"),
             cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),
             instance_id=os.environ.get("DS_INSTANCE_ID") or None,
+            forwarded_allow_ips=_str("DS_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         )

@@ -60,8 +60,7 @@ async def client(gw: GatewayServer) -> AsyncIterator[httpx.AsyncClient]:
     # A new connection per request: connection reuse after an early error
     # response has its own test (test_keep_alive_survives_an_early_error_response).
     limits = httpx.Limits(max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=f"{gw.url}/v1/stream/", timeout=5,
-                                 limits=limits) as c:
+    async with httpx.AsyncClient(base_url=f"{gw.url}/v1/stream/", timeout=5, limits=limits) as c:
         yield c
 
 
@@ -99,8 +98,9 @@ def utf8(headers: dict[str, str]) -> dict[str, bytes]:
     return {name: value.encode("utf-8") for name, value in headers.items()}
 
 
-async def make_stream(client: httpx.AsyncClient, path: str, body: bytes = b"hello",
-                      content_type: str = "text/plain") -> str:
+async def make_stream(
+    client: httpx.AsyncClient, path: str, body: bytes = b"hello", content_type: str = "text/plain"
+) -> str:
     r = await client.put(path, content=body, headers={"Content-Type": content_type})
     assert r.status_code == 201, r.text
     return r.headers["stream-next-offset"]
@@ -109,8 +109,26 @@ async def make_stream(client: httpx.AsyncClient, path: str, body: bytes = b"hell
 # -- offsets (section 8) --------------------------------------------------------------
 
 BAD_OFFSETS = [
-    "$", "+", "-", ">", "*", "0-0", "0", "1", "-2", "", " ", "NOW", "Now", "now ", " now",
-    "-1 ", " -1", ZERO + " ", " " + ZERO, ZERO + "\n",
+    "$",
+    "+",
+    "-",
+    ">",
+    "*",
+    "0-0",
+    "0",
+    "1",
+    "-2",
+    "",
+    " ",
+    "NOW",
+    "Now",
+    "now ",
+    " now",
+    "-1 ",
+    " -1",
+    ZERO + " ",
+    " " + ZERO,
+    ZERO + "\n",
     "0" * 17 + "_" + "0" * 16,  # 17-digit parts
     "0" * 16 + "_" + "0" * 17,
     "9" * 20 + "_" + "0" * 16,
@@ -161,10 +179,12 @@ async def test_malformed_query_parameters(
         assert_rejected(await client.get(f"q?{query}"), 400)
     # A garbage cursor is not an error: the server just mints a fresh one.
     cursors = ("abc", "\u00b2\u00b3", "9" * 40, "-5", "")
-    polls = await asyncio.gather(*(
-        client.get("q", params={"offset": "now", "live": "long-poll", "cursor": cursor})
-        for cursor in cursors
-    ))
+    polls = await asyncio.gather(
+        *(
+            client.get("q", params={"offset": "now", "live": "long-poll", "cursor": cursor})
+            for cursor in cursors
+        )
+    )
     for cursor, r in zip(cursors, polls, strict=True):
         assert r.status_code == 204 and r.headers["stream-cursor"].isdigit(), (cursor, r)
     assert await snapshot(redis_client) == before
@@ -178,8 +198,9 @@ async def test_malformed_fork_offsets_create_nothing(
 ) -> None:
     await make_stream(client, "fsrc")
     before = await snapshot(redis_client)
-    r = await client.put("fork", headers=utf8({"Stream-Forked-From": "fsrc",
-                                               "Stream-Fork-Offset": fork_offset}))
+    r = await client.put(
+        "fork", headers=utf8({"Stream-Forked-From": "fsrc", "Stream-Fork-Offset": fork_offset})
+    )
     assert_rejected(r, 400)
     assert await snapshot(redis_client) == before  # no fork, no reference taken
 
@@ -190,22 +211,53 @@ async def test_malformed_fork_sub_offsets_create_nothing(
 ) -> None:
     await make_stream(client, "fsrc")
     before = await snapshot(redis_client)
-    r = await client.put("fork", headers={"Stream-Forked-From": "fsrc",
-                                          "Stream-Fork-Offset": ZERO,
-                                          "Stream-Fork-Sub-Offset": sub})
+    r = await client.put(
+        "fork",
+        headers={
+            "Stream-Forked-From": "fsrc",
+            "Stream-Fork-Offset": ZERO,
+            "Stream-Fork-Sub-Offset": sub,
+        },
+    )
     assert_rejected(r, 400)
     assert await snapshot(redis_client) == before
 
 
 # -- Stream-TTL and Stream-Expires-At (section 5.1) ------------------------------------------------
 
-BAD_TTLS = ["-1", "+60", "060", "00", "1.5", "60.0", "1e3", "abc", "", "0x10", "60s", "60 60",
-            "\uff16\uff10", "\u0666\u0660", "\u00b9", "99999999999999999999999"]
+BAD_TTLS = [
+    "-1",
+    "+60",
+    "060",
+    "00",
+    "1.5",
+    "60.0",
+    "1e3",
+    "abc",
+    "",
+    "0x10",
+    "60s",
+    "60 60",
+    "\uff16\uff10",
+    "\u0666\u0660",
+    "\u00b9",
+    "99999999999999999999999",
+]
 BAD_EXPIRES = [
-    "tomorrow", "2030-01-01", "2030-01-01T00:00:00", "2030-01-01T00:00", "20300101T000000Z",
-    "2030-13-01T00:00:00Z", "2030-02-30T00:00:00Z", "2030-01-01T25:00:00Z",
-    "2030-01-01T00:00:00+25:00", "2030-01-01T00:00:00.Z", "1893456000", "",
-    "\uff12\uff10\uff13\uff10-01-01T00:00:00Z", "2030-01-01T00:00:00Z2",
+    "tomorrow",
+    "2030-01-01",
+    "2030-01-01T00:00:00",
+    "2030-01-01T00:00",
+    "20300101T000000Z",
+    "2030-13-01T00:00:00Z",
+    "2030-02-30T00:00:00Z",
+    "2030-01-01T25:00:00Z",
+    "2030-01-01T00:00:00+25:00",
+    "2030-01-01T00:00:00.Z",
+    "1893456000",
+    "",
+    "\uff12\uff10\uff13\uff10-01-01T00:00:00Z",
+    "2030-01-01T00:00:00Z2",
 ]
 
 
@@ -237,10 +289,14 @@ BAD_PRODUCERS = [
     {"Producer-Id": "p", "Producer-Seq": "0"},
     {"Producer-Epoch": "0", "Producer-Seq": "0"},
     {"Producer-Seq": "0"},
-    *({"Producer-Id": "p", "Producer-Epoch": v, "Producer-Seq": "0"}
-      for v in ("a", "1.5", "-1", "01", "+1", "1e3", "", "9007199254740992", "\uff11")),
-    *({"Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": v}
-      for v in ("a", "0.0", "-1", "00", "9007199254740992", "18446744073709551616")),
+    *(
+        {"Producer-Id": "p", "Producer-Epoch": v, "Producer-Seq": "0"}
+        for v in ("a", "1.5", "-1", "01", "+1", "1e3", "", "9007199254740992", "\uff11")
+    ),
+    *(
+        {"Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": v}
+        for v in ("a", "0.0", "-1", "00", "9007199254740992", "18446744073709551616")
+    ),
     {"Producer-Id": "", "Producer-Epoch": "0", "Producer-Seq": "0"},
     {"Producer-Id": "x" * 257, "Producer-Epoch": "0", "Producer-Seq": "0"},
 ]
@@ -252,8 +308,9 @@ async def test_malformed_producer_headers_write_nothing(
 ) -> None:
     await make_stream(client, "prod")
     before = await snapshot(redis_client)
-    r = await client.post("prod", content=b"data",
-                          headers=utf8({"Content-Type": "text/plain", **headers}))
+    r = await client.post(
+        "prod", content=b"data", headers=utf8({"Content-Type": "text/plain", **headers})
+    )
     assert_rejected(r, 400)
     # Also as a close: a malformed producer must not close the stream.
     r = await client.post("prod", headers=utf8({"Stream-Closed": "true", **headers}))
@@ -264,9 +321,16 @@ async def test_malformed_producer_headers_write_nothing(
 async def test_largest_safe_producer_values_are_accepted(client: httpx.AsyncClient) -> None:
     await make_stream(client, "maxprod")
     big = str(2**53 - 1)
-    r = await client.post("maxprod", content=b"x", headers={
-        "Content-Type": "text/plain", "Producer-Id": "p", "Producer-Epoch": big,
-        "Producer-Seq": "0"})
+    r = await client.post(
+        "maxprod",
+        content=b"x",
+        headers={
+            "Content-Type": "text/plain",
+            "Producer-Id": "p",
+            "Producer-Epoch": big,
+            "Producer-Seq": "0",
+        },
+    )
     assert r.status_code == 200 and r.headers["producer-epoch"] == big
 
 
@@ -307,8 +371,9 @@ async def test_non_true_stream_closed_values_are_ignored(
 ) -> None:
     r = await client.put("sc", headers={"Content-Type": "text/plain", "Stream-Closed": value})
     assert r.status_code == 201 and "stream-closed" not in r.headers
-    r = await client.post("sc", content=b"more",
-                          headers={"Content-Type": "text/plain", "Stream-Closed": value})
+    r = await client.post(
+        "sc", content=b"more", headers={"Content-Type": "text/plain", "Stream-Closed": value}
+    )
     assert r.status_code == 204 and "stream-closed" not in r.headers
     head = await client.head("sc")
     assert head.status_code == 200 and "stream-closed" not in head.headers
@@ -330,24 +395,49 @@ async def test_true_in_any_case_closes(client: httpx.AsyncClient, value: str) ->
 # -- JSON mode (section 9.1) ---------------------------------------------------------------------
 
 INVALID_JSON = [
-    b"{", b"[1,", b"]", b"NaN", b"Infinity", b"-Infinity", b"[NaN]", b"{'a': 1}", b"undefined",
-    b" ", b"\n\t", b"\xff\xfe", b"[1] [2]", b"{}{}", b'{"a":}', b'"\\x"', b"01", b"1.", b".5",
-    b"+1", b"tru", b'{"a" 1}', b"[1,]", b'{"a":1,}', b"\x00", b'"unterminated',
+    b"{",
+    b"[1,",
+    b"]",
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"[NaN]",
+    b"{'a': 1}",
+    b"undefined",
+    b" ",
+    b"\n\t",
+    b"\xff\xfe",
+    b"[1] [2]",
+    b"{}{}",
+    b'{"a":}',
+    b'"\\x"',
+    b"01",
+    b"1.",
+    b".5",
+    b"+1",
+    b"tru",
+    b'{"a" 1}',
+    b"[1,]",
+    b'{"a":1,}',
+    b"\x00",
+    b'"unterminated',
     b"[" * 100_000,  # deeper than any parser allows
 ]
 EMPTY_ARRAYS = [b"[]", b"[ ]", b" [\n] "]
 
 
-@pytest.mark.parametrize("body", INVALID_JSON + EMPTY_ARRAYS,
-                         ids=[repr(b[:20]) for b in INVALID_JSON + EMPTY_ARRAYS])
+@pytest.mark.parametrize(
+    "body", INVALID_JSON + EMPTY_ARRAYS, ids=[repr(b[:20]) for b in INVALID_JSON + EMPTY_ARRAYS]
+)
 async def test_invalid_json_and_empty_arrays_append_nothing(
     gw: GatewayServer, redis_client: aioredis.Redis, body: bytes
 ) -> None:
     # A body limit big enough for the deep-nesting case is not needed: over the
     # limit is 413, which is also a rejection that writes nothing.
     limits = httpx.Limits(max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=f"{gw.url}/v1/stream/", timeout=5,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=f"{gw.url}/v1/stream/", timeout=5, limits=limits
+    ) as client:
         await make_stream(client, "js", b'[{"a":1}]', "application/json")
         before = await snapshot(redis_client)
         r = await client.post("js", content=body, headers={"Content-Type": "application/json"})
@@ -367,15 +457,22 @@ async def test_invalid_json_and_empty_arrays_append_nothing(
 
 async def test_valid_json_is_stored_exactly(client: httpx.AsyncClient) -> None:
     await make_stream(client, "exact", b"[]", "application/json")
-    body = (b'[123456789012345678901234567890, -98765432109876543210, 1e400, 0.1, '
-            b'"\\ud800", "\\u0000", {"k": [1, 2.50, -0.0]}, 9007199254740993]')
+    body = (
+        b"[123456789012345678901234567890, -98765432109876543210, 1e400, 0.1, "
+        b'"\\ud800", "\\u0000", {"k": [1, 2.50, -0.0]}, 9007199254740993]'
+    )
     r = await client.post("exact", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 204, r.text
     got = (await client.get("exact", params={"offset": "-1"})).content
     parsed = json.loads(got, parse_float=Decimal, parse_int=int)
     assert parsed == [
-        123456789012345678901234567890, -98765432109876543210, Decimal("1e400"),
-        Decimal("0.1"), "\ud800", "\u0000", {"k": [1, Decimal("2.5"), Decimal("-0.0")]},
+        123456789012345678901234567890,
+        -98765432109876543210,
+        Decimal("1e400"),
+        Decimal("0.1"),
+        "\ud800",
+        "\u0000",
+        {"k": [1, Decimal("2.5"), Decimal("-0.0")]},
         9007199254740993,
     ]
 
@@ -409,8 +506,9 @@ async def test_bodies_over_the_limit_are_413(
     assert_rejected(r, 413)
     r = await client.put("big-new", content=_chunks(MAX_BODY + 1), headers=text)
     assert_rejected(r, 413)
-    r = await client.post("big", content=b"x" * (MAX_BODY + 1),
-                          headers={**text, "Stream-Closed": "true"})
+    r = await client.post(
+        "big", content=b"x" * (MAX_BODY + 1), headers={**text, "Stream-Closed": "true"}
+    )
     assert_rejected(r, 413)
     assert await snapshot(redis_client) == before
     assert (await client.head("big-new")).status_code == 404
@@ -437,9 +535,12 @@ async def test_a_large_chunked_body_over_the_limit_gets_413_not_a_reset(
     for _ in range(3):
         async with httpx.AsyncClient(base_url=f"{gw.url}/v1/stream/", timeout=5) as client:
             try:
-                r = await client.request(method, "chunked" if method == "POST" else "chunked-new",
-                                         content=_chunks(64 * MAX_BODY),
-                                         headers={"Content-Type": "text/plain"})
+                r = await client.request(
+                    method,
+                    "chunked" if method == "POST" else "chunked-new",
+                    content=_chunks(64 * MAX_BODY),
+                    headers={"Content-Type": "text/plain"},
+                )
                 outcomes.append(r.status_code)
             except httpx.TransportError as exc:
                 outcomes.append(type(exc).__name__)
@@ -457,8 +558,9 @@ async def test_unknown_methods_get_405_with_allow(
     await make_stream(client, "m")
     before = await snapshot(redis_client)
     for path in ("m", "not-there"):
-        r = await client.request(method, path, content=b"payload",
-                                 headers={"Content-Type": "text/plain"})
+        r = await client.request(
+            method, path, content=b"payload", headers={"Content-Type": "text/plain"}
+        )
         assert_rejected(r, 405)
         allowed = {m.strip() for m in r.headers["allow"].split(",")}
         assert allowed == {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"}
@@ -471,10 +573,14 @@ async def test_unknown_methods_get_405_with_allow(
 async def test_reserved_ds_paths_are_not_streams(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:
-    for method, body in (("PUT", b"x"), ("POST", b"x"), ("GET", b""), ("DELETE", b""),
-                         ("HEAD", b"")):
-        r = await client.request(method, path, content=body,
-                                 headers={"Content-Type": "text/plain"})
+    for method, body in (
+        ("PUT", b"x"),
+        ("POST", b"x"),
+        ("GET", b""),
+        ("DELETE", b""),
+        ("HEAD", b""),
+    ):
+        r = await client.request(method, path, content=body, headers={"Content-Type": "text/plain"})
         assert_rejected(r, 404, 501)
     r = await client.get(path, params={"offset": "-1", "live": "long-poll"})
     assert_rejected(r, 404, 501)
@@ -499,11 +605,26 @@ async def _raw_request(gw: GatewayServer, method: str, target: str) -> tuple[int
 
 
 BAD_PATHS = [
-    "/v1/stream/a/../b", "/v1/stream/../b", "/v1/stream/a/..", "/v1/stream/./a",
-    "/v1/stream/a/./b", "/v1/stream/a//b", "/v1/stream//a", "/v1/stream/a/", "/v1/stream/",
-    "/v1/stream/%2e%2e/b", "/v1/stream/a/%2E%2E/b", "/v1/stream/a%2F..%2Fb",
-    "/v1/stream/a%2F%2Fb", "/v1/stream/%00", "/v1/stream/a%0Ab", "/v1/stream/a%7Fb",
-    "/v1/stream/" + "p" * 1100, "/v1/streamx", "/v2/stream/a", "/",
+    "/v1/stream/a/../b",
+    "/v1/stream/../b",
+    "/v1/stream/a/..",
+    "/v1/stream/./a",
+    "/v1/stream/a/./b",
+    "/v1/stream/a//b",
+    "/v1/stream//a",
+    "/v1/stream/a/",
+    "/v1/stream/",
+    "/v1/stream/%2e%2e/b",
+    "/v1/stream/a/%2E%2E/b",
+    "/v1/stream/a%2F..%2Fb",
+    "/v1/stream/a%2F%2Fb",
+    "/v1/stream/%00",
+    "/v1/stream/a%0Ab",
+    "/v1/stream/a%7Fb",
+    "/v1/stream/" + "p" * 1100,
+    "/v1/streamx",
+    "/v2/stream/a",
+    "/",
 ]
 
 
@@ -531,8 +652,9 @@ EARLY_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("method,target,extra,status", EARLY_ERRORS,
-                         ids=[f"{m}-{s}" for m, _, _, s in EARLY_ERRORS])
+@pytest.mark.parametrize(
+    "method,target,extra,status", EARLY_ERRORS, ids=[f"{m}-{s}" for m, _, _, s in EARLY_ERRORS]
+)
 async def test_keep_alive_survives_an_early_error_response(
     gw: GatewayServer, method: str, target: str, extra: str, status: int
 ) -> None:
@@ -542,8 +664,10 @@ async def test_keep_alive_survives_an_early_error_response(
     (RFC 9112 section 9.6). Many clients write headers and body separately."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
-        writer.write(f"{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n"
-                     f"{extra}Content-Length: 5\r\n\r\n".encode())
+        writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n"
+            f"{extra}Content-Length: 5\r\n\r\n".encode()
+        )
         await writer.drain()
         got, headers, _ = await _read_response(reader)
         assert got == status
@@ -554,8 +678,10 @@ async def test_keep_alive_survives_an_early_error_response(
         try:
             second, _, body = await _read_response(reader)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            pytest.fail(f"the connection was dropped without 'Connection: close' "
-                        f"after the {status}: {exc!r}")
+            pytest.fail(
+                f"the connection was dropped without 'Connection: close' "
+                f"after the {status}: {exc!r}"
+            )
         assert (second, body) == (200, b"ok\n")
     finally:
         writer.close()
@@ -564,8 +690,14 @@ async def test_keep_alive_survives_an_early_error_response(
 
 
 async def test_percent_encoded_paths_never_500(gw: GatewayServer) -> None:
-    for target in ("/v1/stream/pe1-%ff", "/v1/stream/pe2-%c3%28", "/v1/stream/pe3-%e2%82",
-                   "/v1/stream/pe4-a%", "/v1/stream/pe5-a%zz", "/v1/stream/pe6-%F0%9F%92%A9"):
+    for target in (
+        "/v1/stream/pe1-%ff",
+        "/v1/stream/pe2-%c3%28",
+        "/v1/stream/pe3-%e2%82",
+        "/v1/stream/pe4-a%",
+        "/v1/stream/pe5-a%zz",
+        "/v1/stream/pe6-%F0%9F%92%A9",
+    ):
         status, body = await _raw_request(gw, "PUT", target)
         assert status in (201, 400, 404), (target, status, body)
 
@@ -597,8 +729,7 @@ async def test_readers_that_leave_are_not_errors(
     offset = await make_stream(client, name)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(
-        f"GET /v1/stream/{name}?offset={offset}&live={live} HTTP/1.1\r\n"
-        f"Host: t\r\n\r\n".encode()
+        f"GET /v1/stream/{name}?offset={offset}&live={live} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
     )
     await writer.drain()
     if live == "sse":

@@ -53,8 +53,9 @@ def path() -> str:
     return f"live-{uuid.uuid4().hex[:12]}"
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 3.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within_s: float = 3.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + within_s
     while not await check():
         assert time.monotonic() < deadline, f"{what} not reached within {within_s}s"
@@ -71,15 +72,25 @@ async def parked(redis: aioredis.Redis, path: str, subscribers: int = 1) -> None
     await eventually(subscribed, 3, f"subscription of {channel}")
 
 
-async def create(client: httpx.AsyncClient, path: str, body: bytes = b"",
-                 content_type: str = "text/plain", **headers: str) -> str:
+async def create(
+    client: httpx.AsyncClient,
+    path: str,
+    body: bytes = b"",
+    content_type: str = "text/plain",
+    **headers: str,
+) -> str:
     r = await client.put(path, content=body, headers={"Content-Type": content_type, **headers})
     assert r.status_code == 201, r.text
     return r.headers["stream-next-offset"]
 
 
-async def append(client: httpx.AsyncClient, path: str, body: bytes,
-                 content_type: str = "text/plain", **headers: str) -> str:
+async def append(
+    client: httpx.AsyncClient,
+    path: str,
+    body: bytes,
+    content_type: str = "text/plain",
+    **headers: str,
+) -> str:
     r = await client.post(path, content=body, headers={"Content-Type": content_type, **headers})
     assert r.status_code in (200, 204), r.text
     return r.headers["stream-next-offset"]
@@ -165,8 +176,7 @@ async def test_long_poll_is_woken_by_an_append_within_milliseconds(
     offset = await create(client, path)
     latencies = []
     for i in range(5):
-        poll = asyncio.create_task(client.get(path, params={"offset": offset,
-                                                            "live": "long-poll"}))
+        poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
         await parked(redis_client, path)
         assert not poll.done(), "the long-poll answered before there was data"
         sent = time.monotonic()
@@ -361,12 +371,14 @@ async def test_a_waiting_long_poll_of_a_deleted_stream_ends(
     assert response.status_code == 404
 
 
-async def _raw_long_poll(port: int, path: str, offset: str) -> tuple[
-    asyncio.StreamReader, asyncio.StreamWriter
-]:
+async def _raw_long_poll(
+    port: int, path: str, offset: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET /v1/stream/{path}?offset={offset}&live=long-poll HTTP/1.1\r\n"
-                 "Host: t\r\nConnection: close\r\n\r\n".encode())
+    writer.write(
+        f"GET /v1/stream/{path}?offset={offset}&live=long-poll HTTP/1.1\r\n"
+        "Host: t\r\nConnection: close\r\n\r\n".encode()
+    )
     await writer.drain()
     return reader, writer
 
@@ -376,8 +388,7 @@ async def test_many_concurrent_long_polls_all_receive_one_append(
 ) -> None:
     """200 readers on the session gateway (3 s long-poll) share one subscription
     and all get the one append. (Raw sockets: httpx's pool is slow at 200.)"""
-    async with httpx.AsyncClient(base_url=f"{gateway_server.url}/v1/stream/",
-                                 timeout=10) as client:
+    async with httpx.AsyncClient(base_url=f"{gateway_server.url}/v1/stream/", timeout=10) as client:
         tail = await create(client, path, b"", "application/json")
         conns = await asyncio.gather(
             *(_raw_long_poll(gateway_server.port, path, tail) for _ in range(200))
@@ -424,8 +435,11 @@ async def test_sse_text_events_and_closure(
         assert (data.type, data.data) == ("data", "hello\nworld")
         control = await sse.next_event()
         assert control.type == "control"
-        assert control.json() == {"streamNextOffset": tail, "upToDate": True,
-                                  "streamCursor": control.json()["streamCursor"]}
+        assert control.json() == {
+            "streamNextOffset": tail,
+            "upToDate": True,
+            "streamCursor": control.json()["streamCursor"],
+        }
         assert control.json()["streamCursor"].isdigit()
 
         await parked(redis_client, path)
@@ -439,8 +453,11 @@ async def test_sse_text_events_and_closure(
         closed = await client.post(path, headers={"Stream-Closed": "true"})
         final = await sse.next_event()
         assert final.type == "control"
-        assert final.json() == {"streamNextOffset": closed.headers["stream-next-offset"],
-                                "streamClosed": True, "upToDate": True}
+        assert final.json() == {
+            "streamNextOffset": closed.headers["stream-next-offset"],
+            "streamClosed": True,
+            "upToDate": True,
+        }
         # The server closes the connection after the final control event.
         assert await asyncio.wait_for(sse.next(), 1) is None
 
@@ -452,8 +469,11 @@ async def test_sse_on_a_closed_stream_at_its_tail(client: httpx.AsyncClient, pat
         async with client.stream("GET", path, params=sse_params(offset)) as response:
             sse = SSE(response)
             event = await sse.next_event()
-            assert event.json() == {"streamNextOffset": tail, "streamClosed": True,
-                                    "upToDate": True}
+            assert event.json() == {
+                "streamNextOffset": tail,
+                "streamClosed": True,
+                "upToDate": True,
+            }
             assert await sse.next() is None
         assert time.monotonic() - start < 0.5
 
@@ -492,8 +512,7 @@ async def test_sse_json_events_are_arrays(
         assert json.loads(data.data) == [{"n": 1}, {"n": 2}]
         await sse.next_event()
         await parked(redis_client, path)
-        await append(client, path, b'[{"n":3},["x","y\\nz"],"line\\u2028sep"]',
-                     "application/json")
+        await append(client, path, b'[{"n":3},["x","y\\nz"],"line\\u2028sep"]', "application/json")
         data = await sse.next_event()
         assert json.loads(data.data) == [{"n": 3}, ["x", "y\nz"], "line\u2028sep"]
 

@@ -70,8 +70,7 @@ async def start() -> AsyncIterator[Callable[..., Awaitable[Setup]]]:
     async def _start(redis_up: bool = True, **env: str) -> Setup:
         redis = RestartableRedis()
         await asyncio.to_thread(redis.start)
-        gateway = GatewayServer(redis_url=redis.url, env={"DS_LONG_POLL_TIMEOUT_MS": "5000",
-                                                          **env})
+        gateway = GatewayServer(redis_url=redis.url, env={"DS_LONG_POLL_TIMEOUT_MS": "5000", **env})
         setup = Setup(redis, gateway, httpx.AsyncClient(timeout=10))
         setups.append(setup)
         if not redis_up:
@@ -100,8 +99,7 @@ def assert_unavailable(response: httpx.Response, elapsed: float, what: str) -> N
     assert elapsed < FAST_S, (what, elapsed)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float,
-                     what: str) -> float:
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> float:
     start = time.monotonic()
     while True:
         with contextlib.suppress(httpx.TransportError):
@@ -115,6 +113,7 @@ async def wake_listener_connected(setup: Setup) -> None:
     """Wait for the gateway's pub/sub connection to be back on the new Redis."""
     admin = setup.admin()
     try:
+
         async def listening() -> bool:
             return any(c["flags"] == "P" for c in await admin.client_list())
 
@@ -127,6 +126,7 @@ async def parked(setup: Setup, path: str) -> None:
     admin = setup.admin()
     channel = f"ds:{{{path}}}:wake"
     try:
+
         async def subscribed() -> bool:
             return dict(await admin.pubsub_numsub(channel))[channel.encode()] >= 1
 
@@ -181,9 +181,9 @@ async def test_redis_down_means_fast_503s_and_recovery_without_restart(
 
     # Many at once: none waits for another's timeout.
     started = time.monotonic()
-    burst = await asyncio.gather(*(
-        client.get(f"{S}/s", params={"offset": "-1", "live": "long-poll"}) for _ in range(30)
-    ))
+    burst = await asyncio.gather(
+        *(client.get(f"{S}/s", params={"offset": "-1", "live": "long-poll"}) for _ in range(30))
+    )
     assert {r.status_code for r in burst} == {503}
     assert time.monotonic() - started < FAST_S * 2
 
@@ -210,8 +210,7 @@ async def test_redis_down_means_fast_503s_and_recovery_without_restart(
     # Live reads work again: a long-poll is woken by an append through the
     # re-established wake-up listener.
     await wake_listener_connected(setup)
-    poll = asyncio.create_task(
-        client.get(f"{S}/s", params={"offset": tail, "live": "long-poll"}))
+    poll = asyncio.create_task(client.get(f"{S}/s", params={"offset": tail, "live": "long-poll"}))
     await parked(setup, "s")
     sent = time.monotonic()
     assert (await client.post(f"{S}/s", content=b"+new", headers=TEXT)).status_code == 204
@@ -229,8 +228,7 @@ async def test_a_long_poll_waiting_when_redis_dies_gets_503(
     client = setup.client
     put = await client.put(f"{S}/lp", content=b"x", headers=TEXT)
     tail = put.headers["stream-next-offset"]
-    poll = asyncio.create_task(
-        client.get(f"{S}/lp", params={"offset": tail, "live": "long-poll"}))
+    poll = asyncio.create_task(client.get(f"{S}/lp", params={"offset": tail, "live": "long-poll"}))
     await parked(setup, "lp")
     assert not poll.done()
 
@@ -280,10 +278,16 @@ async def test_a_frozen_redis_means_503_after_the_command_timeout(
         kinds: list[tuple[str, Callable[[], Awaitable[httpx.Response]]]] = [
             ("GET", lambda: client.get(f"{S}/f", params={"offset": "-1"})),
             ("HEAD", lambda: client.head(f"{S}/f")),
-            ("POST", lambda: client.post(f"{S}/f", content=b"b",
-                                         headers={**TEXT, **producer, "Producer-Seq": "0"})),
-            ("long-poll",
-             lambda: client.get(f"{S}/f", params={"offset": "now", "live": "long-poll"})),
+            (
+                "POST",
+                lambda: client.post(
+                    f"{S}/f", content=b"b", headers={**TEXT, **producer, "Producer-Seq": "0"}
+                ),
+            ),
+            (
+                "long-poll",
+                lambda: client.get(f"{S}/f", params={"offset": "now", "live": "long-poll"}),
+            ),
             ("PUT", lambda: client.put(f"{S}/g", headers=TEXT)),
         ]
         for what, request in kinds:
@@ -300,8 +304,9 @@ async def test_a_frozen_redis_means_503_after_the_command_timeout(
     await eventually(serving, 5, "recovery after SIGCONT")
     # The POST that got 503 may or may not have been applied once Redis woke up;
     # retrying it with the same producer tuple never duplicates it.
-    retry = await client.post(f"{S}/f", content=b"b",
-                              headers={**TEXT, **producer, "Producer-Seq": "0"})
+    retry = await client.post(
+        f"{S}/f", content=b"b", headers={**TEXT, **producer, "Producer-Seq": "0"}
+    )
     assert retry.status_code in (200, 204)
     assert (await client.get(f"{S}/f", params={"offset": "-1"})).content == b"ab"
 
@@ -326,7 +331,8 @@ async def test_a_gateway_started_without_redis_serves_503_then_recovers(
     await wake_listener_connected(setup)
     tail = (await client.head(f"{S}/late")).headers["stream-next-offset"]
     poll = asyncio.create_task(
-        client.get(f"{S}/late", params={"offset": tail, "live": "long-poll"}))
+        client.get(f"{S}/late", params={"offset": tail, "live": "long-poll"})
+    )
     await parked(setup, "late")
     await client.post(f"{S}/late", content=b"y", headers=TEXT)
     woken = await asyncio.wait_for(poll, 2)

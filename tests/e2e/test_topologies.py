@@ -30,7 +30,7 @@ from support.haproxy import HAPROXY_INSTALL_HINT, HAProxy, haproxy_binary
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer, redis7_binary, redis62_binary
 
-from gateway.keys import stream_keys
+from gateway.storage.keys import stream_keys
 
 pytestmark = pytest.mark.timeout(90)
 

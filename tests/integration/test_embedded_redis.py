@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from gateway.config import Settings
-from gateway.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
+from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,7 +131,7 @@ def test_concurrent_starts_share_one_server(tmp_path: Path, servers: list[Embedd
 _OTHER_PROCESS = """
 import json, sys
 from gateway.config import Settings
-from gateway.embedded import start_embedded
+from gateway.storage.embedded import start_embedded
 
 server = start_embedded(Settings(data_dir=sys.argv[1]))
 print(json.dumps({"url": server.url, "pid": server.pid, "owned": server.owned}), flush=True)

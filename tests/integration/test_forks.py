@@ -14,13 +14,14 @@ import time
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from support.store_reads import read_all
+from support.store_reads import read_all, store_client
 
-from gateway import jsonmode
-from gateway import offsets as off
-from gateway.errors import BadRequest, Conflict, Gone, NotFound
-from gateway.headers import Producer
-from gateway.store import AppendRequest, CreateRequest, Store
+from gateway.protocol import jsonmode
+from gateway.protocol import offsets as off
+from gateway.protocol.errors import BadRequest, Conflict, Gone, NotFound
+from gateway.protocol.headers import Producer
+from gateway.storage.models import AppendRequest, CreateRequest
+from gateway.storage.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,7 +31,7 @@ JSON = "application/json"
 
 @pytest.fixture
 async def store(redis_client: aioredis.Redis) -> Store:
-    s = Store(redis_client, "ds", 1024 * 1024)
+    s = Store(store_client(redis_client), "ds", 1024 * 1024)
     await s.load_scripts()
     return s
 
@@ -81,7 +82,7 @@ async def test_fork_at_zero_mid_and_tail(store: Store, redis_client: aioredis.Re
     await store.create("f-zero", fork("src", off.ZERO))
     await store.create("f-mid", fork("src", o2))
     tail_fork = await store.create("f-tail", fork("src"))  # no offset: the source's tail
-    assert tail_fork.info_tail == o3
+    assert tail_fork.tail == o3
     assert await refs(redis_client, store, "src") == 3
 
     assert (await read_all(store, "f-zero"))[0] == b""
@@ -433,7 +434,7 @@ async def test_an_expired_fork_releases_its_source(
 
 
 async def test_small_pages_across_the_fork_boundary(redis_client: aioredis.Redis) -> None:
-    store = Store(redis_client, "ds", 25)
+    store = Store(store_client(redis_client), "ds", 25)
     await store.create("src", CreateRequest(OCTET))
     source_tails = [(await store.append("src", data(b"s%09d" % i))).tail for i in range(5)]
     # Two inherited entries fill most of the first page (20 of 25 bytes).
@@ -459,7 +460,7 @@ async def test_small_pages_across_the_fork_boundary(redis_client: aioredis.Redis
 
 
 async def test_small_json_pages_across_the_fork_boundary(redis_client: aioredis.Redis) -> None:
-    store = Store(redis_client, "ds", 20)
+    store = Store(store_client(redis_client), "ds", 20)
     await store.create("src", CreateRequest(JSON))
     for i in range(4):
         await store.append("src", json_data(json.dumps([{"s": i}, {"s": i}]).encode()))

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 from support.raw_http import read_response
 
-from gateway import http1
-from gateway.http import Request, Response
-from gateway.http1 import Http1Connection
-from gateway.server import ServerOptions, ServerState
+from gateway.servers.native import http1
+from gateway.servers.native.http1 import Http1Connection
+from gateway.servers.native.server import ServerOptions, ServerState
+from gateway.web.request import Request, Response
 
 Handle = Callable[[Request, Response], Awaitable[None]]
 TIMEOUT = 5.0

@@ -26,9 +26,9 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from gateway.errors import BadRequest
-from gateway.http import ClientGone, Request, Response
-from gateway.http2 import CONNECTION_WINDOW, PREFACE, STREAM_WINDOW, Http2Connection
+from gateway.protocol.errors import BadRequest
+from gateway.servers.native.http2 import CONNECTION_WINDOW, PREFACE, STREAM_WINDOW, Http2Connection
+from gateway.web.request import ClientGone, Request, Response
 
 Handle = Callable[[Request, Response], Awaitable[None]]
 TEXT = [("content-type", "text/plain")]
@@ -234,7 +234,7 @@ async def echo(req: Request, res: Response) -> None:
         ("x-path", req.path),
         ("x-query", req.query_string),
         ("x-header", req.header("x-test") or "-"),
-        ("x-base", req.base_url()),
+        ("x-base", f"{req.scheme}://{req.authority()}"),
         # HTTP/1-only headers the connection must drop.
         ("connection", "keep-alive"),
         ("keep-alive", "timeout=5"),

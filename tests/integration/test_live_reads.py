@@ -11,22 +11,23 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from support.store_reads import store_client
 
-from gateway import offsets as off
 from gateway.config import Settings
-from gateway.errors import NotFound
-from gateway.handlers import Context
-from gateway.live import Live
-from gateway.store import AppendRequest, CreateRequest, Store
+from gateway.live.reads import Live
+from gateway.protocol import offsets as off
+from gateway.protocol.errors import NotFound
+from gateway.storage.models import AppendRequest, CreateRequest
+from gateway.storage.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
 async def live(redis_client: aioredis.Redis) -> Live:
-    store = Store(redis_client, "ds", 1024 * 1024)
+    store = Store(store_client(redis_client), "ds", 1024 * 1024)
     await store.load_scripts()
-    return Live(Context(Settings(), store, []), hub=None)  # no waiting here: no hub
+    return Live(store, hub=None, settings=Settings())  # type: ignore[arg-type]  # no waiting here: no hub
 
 
 def text(body: bytes) -> AppendRequest:
@@ -35,20 +36,20 @@ def text(body: bytes) -> AppendRequest:
 
 def counting_reads(live: Live, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    read = live.ctx.store.read
+    read = live.store.read
 
     async def counted(path: str, offset: str | None) -> object:
         calls.append(path)
         return await read(path, offset)
 
-    monkeypatch.setattr(live.ctx.store, "read", counted)
+    monkeypatch.setattr(live.store, "read", counted)
     return calls
 
 
 async def test_concurrent_readers_share_one_read_and_one_page(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = live.ctx.store
+    store = live.store
     await store.create("s", CreateRequest("text/plain"))
     await store.append("s", text(b"hello"))
     tail = (await store.read("s", off.ZERO)).next_offset
@@ -65,7 +66,7 @@ async def test_concurrent_readers_share_one_read_and_one_page(
 
 
 async def test_a_cancelled_reader_does_not_cancel_the_others(live: Live) -> None:
-    store = live.ctx.store
+    store = live.store
     await store.create("c", CreateRequest("text/plain"))
     await store.append("c", text(b"data"))
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from gateway.resp import READER_BUFFER_BYTES, PipelinedClient
+from gateway.storage.resp import READER_BUFFER_BYTES, PipelinedClient
 
 
 def _client(url: str, **overrides: float) -> PipelinedClient:

@@ -11,18 +11,21 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from support.store_reads import read_all
+from support.store_reads import read_all, store_client
 
-from gateway import jsonmode
-from gateway import offsets as off
-from gateway import store as store_module
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
-from gateway.headers import Producer
-from gateway.resp import PipelinedClient
-from gateway.store import AppendRequest, CreateRequest, Store
+from gateway.protocol import jsonmode
+from gateway.protocol import offsets as off
+from gateway.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.protocol.headers import Producer
+from gateway.storage import commit as commit_module
+from gateway.storage import store as store_module
+from gateway.storage.models import AppendRequest, AppendResult, CreateRequest
+from gateway.storage.resp import PipelinedClient
+from gateway.storage.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,7 +37,11 @@ OFFSET_RE = re.compile(r"\A[0-9]{16}_[0-9]{16}\Z")
 # -- helpers ---------------------------------------------------------------------
 
 
-def make_store(client: aioredis.Redis, max_read_bytes: int = 1024 * 1024) -> Store:
+def make_store(client: Any, max_read_bytes: int = 1024 * 1024) -> Store:
+    """A store on ``client``: a redis-py client (wrapped for the store) or the
+    pipelined client."""
+    if isinstance(client, aioredis.Redis):
+        client = store_client(client)
     return Store(client, "ds", max_read_bytes)
 
 
@@ -110,9 +117,9 @@ async def meta(client: aioredis.Redis, store: Store, path: str) -> dict[str, str
 async def test_create_append_read_round_trip(store: Store) -> None:
     created = await store.create("rt", CreateRequest(OCTET, entries=((b"hello ", None),)))
     assert created.created and not created.closed
-    assert OFFSET_RE.match(created.info_tail)
+    assert OFFSET_RE.match(created.tail)
 
-    tails = [created.info_tail]
+    tails = [created.tail]
     for chunk in (b"brave ", b"new ", b"\x00\xffworld"):
         result = await store.append("rt", data(chunk))
         assert result.status == "ok"
@@ -197,7 +204,7 @@ async def test_idempotent_create_returns_existing_and_writes_nothing(
     # Same configuration: the existing stream is confirmed, the body is not appended.
     again = await store.create("idem", CreateRequest(OCTET, ttl=600, entries=((b"b", None),)))
     assert not again.created
-    assert again.info_tail == first.info_tail
+    assert again.tail == first.tail
     assert again.content_type == OCTET
     assert await redis_client.xlen(store.keys("idem").data) == 1
 
@@ -662,7 +669,7 @@ async def test_recreate_after_delete_has_no_old_data_or_producer_state(
         await store.read("re", off.ZERO)
 
     created = await store.create("re", CreateRequest("text/plain"))
-    assert created.created and not created.closed and created.info_tail == off.ZERO
+    assert created.created and not created.closed and created.tail == off.ZERO
     page = await store.read("re", off.ZERO)
     assert page.body == b"" and page.info.content_type == "text/plain"
 
@@ -849,7 +856,7 @@ async def test_concurrent_plain_appends_share_one_script_run(
     store: Store, redis_client: aioredis.Redis
 ) -> None:
     await store.create("hot", CreateRequest(OCTET))
-    n = store_module.SEND_AT_APPENDS - 1
+    n = commit_module.SEND_AT_APPENDS - 1
     before = await _script_runs(redis_client)
     results = await asyncio.gather(*(store.append("hot", data(b"%03d;" % i)) for i in range(n)))
     # One EVALSHA for all of them (and the INFO call itself is not an EVALSHA).
@@ -872,7 +879,7 @@ async def test_a_batch_goes_to_redis_once_it_holds_enough_appends(
     """A turn's batch is sent as soon as it holds SEND_AT_APPENDS appends, not
     at the end of the turn (Redis works on it while the turn goes on); the
     turn's batches still run in the order issued."""
-    monkeypatch.setattr(store_module, "SEND_AT_APPENDS", 4)
+    monkeypatch.setattr(commit_module, "SEND_AT_APPENDS", 4)
     client = PipelinedClient(redis_url, connections=3, connect_timeout=1, command_timeout=2)
     store = make_store(client)  # type: ignore[arg-type]
     await store.load_scripts()
@@ -945,7 +952,7 @@ async def test_a_batch_applies_each_request_as_if_alone(
     )
     assert await _script_runs(redis_client) - before == 1
     kinds = [
-        o.status if isinstance(o, store_module.AppendResult) else type(o).__name__ for o in outcomes
+        o.status if isinstance(o, AppendResult) else type(o).__name__ for o in outcomes
     ]
     assert kinds == [
         "ok",
@@ -995,7 +1002,7 @@ async def test_own_wake_ups_come_back_with_the_reply_for_watched_streams(
     """For streams this process has readers of, the script returns the very
     wake-up message it published; for the others it returns nothing."""
     wakes = RecordingWakes(set())
-    store = Store(redis_client, "ds", 1024 * 1024, local_wakes=wakes)
+    store = Store(store_client(redis_client), "ds", 1024 * 1024, local_wakes=wakes)
     await store.load_scripts()
     await store.create("seen", CreateRequest(OCTET))
     await store.create("unseen", CreateRequest(OCTET))
@@ -1024,8 +1031,8 @@ async def test_a_crowded_turn_is_split_over_several_runs(
     store: Store, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.create("crowd", CreateRequest(OCTET))
-    monkeypatch.setattr(store_module, "MAX_BATCH_APPENDS", 10)
-    monkeypatch.setattr(store_module, "MAX_BATCH_BYTES", 1000)
+    monkeypatch.setattr(commit_module, "MAX_BATCH_APPENDS", 10)
+    monkeypatch.setattr(commit_module, "MAX_BATCH_BYTES", 1000)
     before = await _script_runs(redis_client)
     results = await asyncio.gather(*(store.append("crowd", data(b"%02d" % i)) for i in range(25)))
     assert await _script_runs(redis_client) - before == 3  # 10 + 10 + 5
@@ -1046,7 +1053,7 @@ async def test_a_crowded_turn_is_split_over_several_runs(
 async def test_per_stream_batches_for_redis_cluster(redis_client: aioredis.Redis) -> None:
     """Where a script's keys must share a hash slot, only appends to the same
     stream share a run."""
-    store = Store(redis_client, "ds", 1024 * 1024, batch_per_stream=True)
+    store = Store(store_client(redis_client), "ds", 1024 * 1024, batch_per_stream=True)
     await store.load_scripts()
     for path in ("c/1", "c/2", "c/3"):
         await store.create(path, CreateRequest(OCTET))

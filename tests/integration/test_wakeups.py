@@ -23,8 +23,8 @@ from redis.backoff import NoBackoff
 from support.procs import free_port
 from support.redis_server import RedisServer
 
-from gateway import wakeups
-from gateway.wakeups import HUB_CHANNEL, WakeHub, Watch
+from gateway.live import wakeups
+from gateway.live.wakeups import HUB_CHANNEL, WakeHub, Watch
 
 pytestmark = pytest.mark.timeout(30)
 

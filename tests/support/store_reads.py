@@ -1,11 +1,16 @@
-"""Reading a whole stream through gateway.store.Store, page by page."""
+"""Reading a whole stream through the store page by page, and the store's client in tests."""
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from gateway import offsets as off
-from gateway.store import Page, Store
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.protocol import offsets as off
+from gateway.storage.client import RedisPyClient
+from gateway.storage.models import Page
+from gateway.storage.store import Store
 
 
 async def read_all(
@@ -26,3 +31,10 @@ async def read_all(
         pytest.fail("read never became up to date")
     sep = b"," if pages[0].info.is_json else b""
     return sep.join(p.body for p in pages if p.body), pages
+
+
+def store_client(redis_client: Any) -> RedisPyClient:
+    """The store's client interface over a test's redis-py client: a Redis
+    object of its own on the same connection pool, so the raw reply shapes the
+    store asks for do not change what the test's own client returns."""
+    return RedisPyClient(aioredis.Redis(connection_pool=redis_client.connection_pool))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import cursor
-from gateway.cursor import CURSOR_EPOCH_S, current_interval, next_cursor
+from gateway.protocol import cursor
+from gateway.protocol.cursor import CURSOR_EPOCH_S, current_interval, next_cursor
 
 INTERVAL = 20
 CURRENT = 86_400  # interval number used as "now" throughout

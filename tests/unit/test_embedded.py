@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from redis.connection import parse_url
 
-from gateway import embedded
 from gateway.config import Settings
-from gateway.embedded import (
+from gateway.storage import embedded
+from gateway.storage.embedded import (
     MAX_SOCKET_PATH_BYTES,
     Endpoint,
     build_url,

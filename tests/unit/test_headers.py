@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway import headers
-from gateway.errors import BadRequest
-from gateway.headers import MAX_SAFE_INTEGER, MAX_TTL_SECONDS, Producer
+from gateway.protocol import headers
+from gateway.protocol.errors import BadRequest
+from gateway.protocol.headers import MAX_SAFE_INTEGER, MAX_TTL_SECONDS, Producer
 
 # Strings that are not canonical non-negative integers (protocol section 5.1).
 NOT_CANONICAL_UINTS = [

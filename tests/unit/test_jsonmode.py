@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway import jsonmode
-from gateway.errors import BadRequest
+from gateway.protocol import jsonmode
+from gateway.protocol.errors import BadRequest
 
 
 def _reject(name: str) -> Any:

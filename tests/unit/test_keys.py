@@ -7,9 +7,9 @@ import random
 import pytest
 from redis.crc import key_slot as redis_py_key_slot
 
-from gateway.app import stream_path
-from gateway.errors import NotFound
-from gateway.keys import StreamKeys, stream_keys
+from gateway.protocol.errors import NotFound
+from gateway.protocol.paths import stream_path
+from gateway.storage.keys import StreamKeys, stream_keys
 
 SLOTS = 16384
 

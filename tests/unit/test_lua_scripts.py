@@ -14,12 +14,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from gateway.keys import stream_keys
-from gateway.scripts import OPERATIONS, Script, Scripts, _lua_dir
+from gateway.storage.keys import stream_keys
+from gateway.storage.scripts import OPERATIONS, Script, Scripts, read_lua
 
 SCRIPTS = Scripts()
 # Scripts() prepends _lib.lua and a newline to each operation's file.
-LIB = (_lua_dir() / "_lib.lua").read_text() + "\n"
+LIB = read_lua("_lib") + "\n"
 
 
 def _body(script: Script) -> str:

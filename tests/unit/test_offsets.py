@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from gateway import offsets
-from gateway.errors import BadRequest
+from gateway.protocol import offsets
+from gateway.protocol.errors import BadRequest
 
 MAX_PART = 10**16 - 1  # the largest value a 16-digit part can hold
 

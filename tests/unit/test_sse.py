@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway import sse
-from gateway.offsets import ZERO
+from gateway.protocol import sse
+from gateway.protocol.offsets import ZERO
 
 
 @dataclass

@@ -32,11 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from .http import ALLOWED_METHODS, ClientGone, Headers, Request, Response, decode_url_path
-from .http2 import PREFACE
+from gateway.servers.native.http2 import PREFACE
+from gateway.web.request import (
+    ALLOWED_METHODS,
+    LIST_HEADERS,
+    ClientGone,
+    Headers,
+    Request,
+    Response,
+    decode_url_path,
+)
 
 if TYPE_CHECKING:
-    from .server import ServerState
+    from gateway.servers.native.server import ServerState
 
 log = logging.getLogger("gateway.server")
 
@@ -134,7 +142,6 @@ class Http1Request(Request):
         "_buffered",
         "_conn",
         "_continue",
-        "_headers",
         "_raw_url",
         "_waiter",
         "complete",
@@ -142,11 +149,20 @@ class Http1Request(Request):
         "keep_alive",
     )
 
-    def __init__(self, conn: Http1Connection, raw_url: bytes, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        conn: Http1Connection,
+        raw_url: bytes,
+        headers: dict[str, str],
+        repeated: frozenset[str] | None,
+    ) -> None:
         super().__init__()
         self._conn = conn
         self._raw_url = raw_url
         self._headers = headers
+        self._repeated = repeated
+        self.scheme = conn.server.scheme
+        self.peer = conn.peer
         self._body: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -177,12 +193,11 @@ class Http1Request(Request):
 
     # -- read by the handler ----------------------------------------------------------
 
-    def header(self, name: str) -> str | None:
-        return self._headers.get(name)
+    def authority(self) -> str:
+        return self._headers.get("host") or self._conn.server.default_host
 
     def release(self) -> None:
         super().release()
-        self._headers = {}
         self._raw_url = b""
 
     def _decode_path(self) -> str:
@@ -234,10 +249,6 @@ class Http1Request(Request):
     def _joined(self) -> bytes:
         body = self._take()
         return body[0] if len(body) == 1 else b"".join(body)
-
-    def base_url(self) -> str:
-        host = self._headers.get("host") or self._conn.server.default_host
-        return f"{self._conn.server.scheme}://{host}"
 
 
 class Http1Response(Response):
@@ -353,6 +364,7 @@ class Http1Connection(asyncio.Protocol):
         "_pending",
         "_preamble",
         "_reading_paused",
+        "_repeated",
         "_response",
         "_task",
         "_upgraded",
@@ -360,6 +372,7 @@ class Http1Connection(asyncio.Protocol):
         "closed",
         "deadline",
         "loop",
+        "peer",
         "request",
         "server",
         "state",
@@ -379,6 +392,8 @@ class Http1Connection(asyncio.Protocol):
         self._preamble: bytes | None = b""  # first bytes, until we know it is not HTTP/2
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._repeated: set[str] | None = None  # names sent twice (not list headers)
+        self.peer: str | None = None  # the client's address
         self._header_bytes = 0
         self._in_head = False  # a request head has begun and not ended
         self._head_bytes = 0  # bytes of it read while it stayed unfinished
@@ -399,6 +414,8 @@ class Http1Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
         if not self.server.admit(self):
             transport.write(_plain_response(503, "too many connections"))
             transport.close()
@@ -542,6 +559,7 @@ class Http1Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = {}
+        self._repeated = None
         self._header_bytes = 0
         self._in_head = True
         self._head_bytes = 0
@@ -562,18 +580,27 @@ class Http1Connection(asyncio.Protocol):
         headers = self._headers
         if len(headers) >= MAX_HEADERS:
             raise _HeadRefused(431, "too many request headers")
-        # Names are case-insensitive; a repeated header keeps its first value.
+        # Names are case-insensitive.
         key = _header_names.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
             if len(_header_names) < _MAX_HEADER_NAMES and len(name) <= _MAX_CACHED_BYTES:
                 _header_names[name] = key
-        headers.setdefault(key, value.decode("latin-1"))
+        if key in headers:  # a repeated header: a list, or refused when read
+            if key in LIST_HEADERS:
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                if self._repeated is None:
+                    self._repeated = set()
+                self._repeated.add(key)
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
-        req = Http1Request(self, self._url, self._headers)
+        repeated = frozenset(self._repeated) if self._repeated else None
+        req = Http1Request(self, self._url, self._headers, repeated)
         req.method = parser.get_method().decode("ascii")
         req.http_version = parser.get_http_version()
         req.http1 = True

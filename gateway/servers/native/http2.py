@@ -52,7 +52,14 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from .http import ClientGone, Headers, Request, Response, decode_url_path
+from gateway.web.request import (
+    ClientGone,
+    Headers,
+    Request,
+    Response,
+    collect_headers,
+    decode_url_path,
+)
 
 log = logging.getLogger("gateway.http2")
 
@@ -80,7 +87,6 @@ GOAWAY_AFTER_S = 0.1
 _CONNECTION_HEADERS = frozenset(
     ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
 )
-_NO_HEADERS: dict[str, str] = {}  # shared by released requests; never mutated
 # One string per method for all requests, not one per request.
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
 
@@ -113,7 +119,7 @@ class _Stream:
 
 
 class H2Request(Request):
-    __slots__ = ("_authority", "_headers", "_raw_path", "_stream")
+    __slots__ = ("_authority", "_raw_path", "_stream")
 
     def __init__(
         self,
@@ -122,19 +128,23 @@ class H2Request(Request):
         raw_path: bytes,
         authority: str | None,
         headers: dict[str, str],
+        repeated: frozenset[str] | None,
     ) -> None:
         super().__init__()
         self._stream = stream
         self.method = method
         self.http1 = False
+        self.scheme = stream.conn._scheme
+        self.peer = stream.conn.peer
+        self._repeated = repeated
         path, _, query = raw_path.partition(b"?")
         self._raw_path = path
         self.query_string = query.decode("latin-1")
         self._authority = authority
         self._headers = headers
 
-    def header(self, name: str) -> str | None:
-        return self._headers.get(name)
+    def authority(self) -> str:
+        return self._authority or self._headers.get("host", "")
 
     def _decode_path(self) -> str:
         return decode_url_path(self._raw_path)
@@ -159,13 +169,8 @@ class H2Request(Request):
                 return
             await conn._wait(stream)
 
-    def base_url(self) -> str:
-        host = self._authority or self._headers.get("host", "")
-        return f"{self._stream.conn._scheme}://{host}"
-
     def release(self) -> None:
         super().release()
-        self._headers = _NO_HEADERS
         if self._path is not None:  # decoded already: the raw form is not needed
             self._raw_path = b""
 
@@ -238,6 +243,7 @@ class Http2Connection(asyncio.Protocol):
         "_paused",
         "_scheme",
         "_streams",
+        "peer",
         "transport",
     )
 
@@ -287,11 +293,14 @@ class Http2Connection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._linger: asyncio.TimerHandle | None = None
+        self.peer: str | None = None  # the client's address
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
         self._loop = asyncio.get_running_loop()
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - H2_DEFAULT_WINDOW)
@@ -405,7 +414,7 @@ class Http2Connection(asyncio.Protocol):
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         method = raw_path = authority = None
-        headers: dict[str, str] = {}
+        regular: list[tuple[str, str]] = []
         for name, value in event.headers:
             if name[:1] == b":":  # pseudo-headers (h2 checked that they come first)
                 if name == b":method":
@@ -415,15 +424,14 @@ class Http2Connection(asyncio.Protocol):
                 elif name == b":authority":
                     authority = value.decode("latin-1")
             else:
-                key = name.decode("latin-1")
-                if key not in headers:  # a repeated header gives its first value
-                    headers[key] = value.decode("latin-1")
+                regular.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers, repeated = collect_headers(regular)
         if method is None or not raw_path:  # CONNECT, which we do not serve
             self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         stream = _Stream(self, stream_id)
         self._streams[stream_id] = stream
-        req = H2Request(stream, method, raw_path, authority, headers)
+        req = H2Request(stream, method, raw_path, authority, headers, repeated)
         stream.task = self._loop.create_task(self._run(stream, req, H2Response(stream)))
 
     def _on_data(self, event: DataReceived) -> None:

@@ -1,9 +1,11 @@
 """The Lua scripts: loaded once at start-up, called by SHA.
 
-One file per atomic operation lives in ``lua/``; ``_lib.lua`` (shared helpers) is
-prepended to each. Each script is registered with ``SCRIPT LOAD`` when the
-gateway starts and called with ``EVALSHA``; if Redis has lost its script cache
-(a restart, ``SCRIPT FLUSH``, a failover) the call falls back to loading it again.
+One file per atomic operation lives in ``gateway/storage/lua/`` (package data,
+read with ``importlib.resources``, so a wheel and a source checkout behave the
+same); ``_lib.lua`` (shared helpers) is prepended to each. Each script is
+registered with ``SCRIPT LOAD`` when the gateway starts and called with
+``EVALSHA``; if Redis has lost its script cache (a restart, ``SCRIPT FLUSH``, a
+failover) the call falls back to loading it again.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -26,13 +27,9 @@ OPERATIONS = (
 )
 
 
-def _lua_dir() -> Path:
-    # Installed wheels carry the scripts as gateway/lua; a source checkout keeps
-    # them at the repository root.
-    packaged = resources.files("gateway") / "lua"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "lua"
+def read_lua(name: str) -> str:
+    """The source of ``lua/<name>.lua``."""
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 class Script:
@@ -64,10 +61,9 @@ class Script:
 
 class Scripts:
     def __init__(self) -> None:
-        directory = _lua_dir()
-        lib = (directory / "_lib.lua").read_text()
+        lib = read_lua("_lib")
         for name in OPERATIONS:
-            body = (directory / f"{name}.lua").read_text()
+            body = read_lua(name)
             setattr(self, name, Script(name, lib + "\n" + body))
 
     def all(self) -> list[Script]:

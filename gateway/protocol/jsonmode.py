@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .errors import BadRequest
+from gateway.protocol.errors import BadRequest
 
 # Numbers orjson might not round-trip exactly: 16+ digit runs, 3-digit exponents.
 _RISKY_NUMBER = re.compile(rb"[0-9]{16}|[eE][+-]?[0-9]{3}")

@@ -1,14 +1,20 @@
-"""The HTTP layer as the protocol needs it: one Request and one Response shape,
-whichever server interface carries them, and the headers every response has.
+"""The request interface: one Request and one Response shape, whichever server
+carries them, and the one place for the rules every server must apply alike.
 
 The gateway serves one kind of resource, so it speaks the server interfaces
 directly instead of going through a routing framework: one dispatch on the
-method, no per-request middleware stack. Two interfaces are adapted here:
+method, no per-request middleware stack. The adapters live in gateway/servers/
+(ASGI, RSGI, and the native HTTP/1.1 and HTTP/2 connections); each subclasses
+``Request`` and ``Response`` and supplies only how bytes and headers move.
+The rules live here:
 
-- ASGI (``hypercorn gateway.main:app``, any ASGI server), and
-- RSGI, granian's native interface, used by ``durable-streams-gateway``: it
-  hands over the body and takes the response without a message dict per step,
-  which roughly halves the server overhead per request.
+- a protocol header sent twice is a ``400``, under every server
+  (``collect_headers``, ``Request.header``); list-valued headers are joined;
+- the base URL honours forwarded headers only from trusted peers
+  (gateway/web/forwarded.py, from ``Request.scheme``, ``authority`` and ``peer``);
+- HEAD, ``1xx``, ``204`` and ``304`` responses carry no body (``bodiless``);
+- the ``500`` a failed handler gets (``INTERNAL_ERROR``);
+- no header value with CR, LF or NUL is written (``check_header_value``).
 
 Handlers see only ``Request`` and ``Response``; headers are ``(name, value)``
 pairs of ``str`` with lower-case names.
@@ -17,17 +23,13 @@ pairs of ``str`` with lower-case names.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import re
+from collections.abc import AsyncIterator, Iterable
 from urllib.parse import parse_qs, unquote_to_bytes
 
-from .errors import BadRequest, PayloadTooLarge
+from gateway.protocol.errors import BadRequest, PayloadTooLarge
 
 Headers = list[tuple[str, str]]
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # Headers a browser may read from our responses (CORS).
 EXPOSED_HEADERS = ", ".join(
@@ -68,6 +70,14 @@ ALLOWED_REQUEST_HEADERS = ", ".join(
 )
 
 
+_NO_HEADERS: dict[str, str] = {}  # shared by released requests; never mutated
+
+
+def header_title(name: str) -> str:
+    """``stream-ttl`` -> ``Stream-Ttl``, for error messages."""
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
 def base_headers(cors_origin: str, instance_id: str | None = None) -> Headers:
     """Headers on every response: MIME-sniffing and embedding protection
     (section 12.7), CORS, and optionally which replica answered."""
@@ -92,14 +102,64 @@ class ClientGone(Exception):
     """The client disconnected before we finished reading its request."""
 
 
+# Headers whose repetitions are one list (RFC 9110 section 5.3): joined with
+# ", " instead of refused. Every other header the gateway reads is a single
+# value, and sending it twice is ambiguous (first or last?): a 400.
+LIST_HEADERS = frozenset(
+    {
+        "if-none-match",
+        "x-forwarded-for",
+        "forwarded",
+        "access-control-request-headers",
+        "accept",
+        "accept-encoding",
+        "cache-control",
+        "te",
+        "via",
+    }
+)
+
+
+def collect_headers(
+    pairs: Iterable[tuple[str, str]],
+) -> tuple[dict[str, str], frozenset[str] | None]:
+    """Headers by lower-case name, and the names sent more than once that are
+    not lists (None when there are none, as nearly always)."""
+    headers: dict[str, str] = {}
+    repeated: set[str] | None = None
+    for name, value in pairs:
+        if name in headers:
+            if name in LIST_HEADERS:
+                headers[name] += ", " + value
+            else:
+                repeated = repeated or set()
+                repeated.add(name)
+        else:
+            headers[name] = value
+    return headers, (frozenset(repeated) if repeated else None)
+
+
 class Request:
     """What handlers read: method, path, query, headers and the body.
 
-    Subclasses supply the interface-specific parts: ``_raw_path`` decoding,
-    ``header`` lookup, ``_chunks`` and ``_whole_body``.
+    Adapters set ``method``, ``query_string``, ``http1``, ``scheme``, ``peer``
+    (the client's address, or None), ``_headers`` and ``_repeated`` (see
+    ``collect_headers``), and supply ``_decode_path``, ``authority``,
+    ``_chunks`` and optionally ``_whole_body``/``_body_at_hand``.
     """
 
-    __slots__ = ("_path", "_query", "body_read", "http1", "method", "query_string")
+    __slots__ = (
+        "_headers",
+        "_path",
+        "_query",
+        "_repeated",
+        "body_read",
+        "http1",
+        "method",
+        "peer",
+        "query_string",
+        "scheme",
+    )
 
     method: str
     query_string: str
@@ -108,16 +168,27 @@ class Request:
     def __init__(self) -> None:
         self._path: str | None = None
         self._query: dict[str, list[str]] | None = None
+        self._headers: dict[str, str] = {}
+        self._repeated: frozenset[str] | None = None
         self.body_read = False
+        self.scheme = "http"
+        self.peer: str | None = None
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (lower case), or None; 400 when a
+        single-valued header was sent more than once."""
+        if self._repeated is not None and name in self._repeated:
+            raise BadRequest(f"{header_title(name)} sent more than once")
+        return self._headers.get(name)
+
+    def has_header(self, name: str) -> bool:
+        return name in self._headers
 
     # -- interface-specific --------------------------------------------------------
 
-    def header(self, name: str) -> str | None:
-        """The value of header ``name`` (lower case), or None."""
+    def authority(self) -> str:
+        """The host (and port) the client addressed: Host, or :authority."""
         raise NotImplementedError
-
-    def has_header(self, name: str) -> bool:
-        return self.header(name) is not None
 
     def _decode_path(self) -> str:
         raise NotImplementedError
@@ -133,15 +204,13 @@ class Request:
         """The whole body if it has already arrived (no await needed), else None."""
         return None
 
-    def base_url(self) -> str:
-        raise NotImplementedError
-
     def release(self) -> None:
         """Forget the parsed query and the headers: called once a long-lived
         response (SSE) has started and needs neither, so an idle reader does not
         hold them for the connection's lifetime."""
         self._query = None
         self.query_string = ""
+        self._headers = _NO_HEADERS
 
     # -- common --------------------------------------------------------------------
 
@@ -172,6 +241,7 @@ class Request:
         """The whole request body; 413 as soon as it exceeds ``limit`` bytes."""
         declared = self.header("content-length")
         if declared is not None:
+            declared = declared.strip(" \t")  # optional whitespace (RFC 9110 section 5.5)
             if not declared.isdigit():
                 raise BadRequest("malformed Content-Length")
             if int(declared) > limit:
@@ -200,7 +270,7 @@ class Request:
         flight; its HTTP/1.1 connection cannot carry another request."""
         if self.body_read or self.method in _BODYLESS_METHODS:
             return False
-        declared = self.header("content-length")
+        declared = self._headers.get("content-length")
         return declared != "0" and (declared is not None or self.has_header("transfer-encoding"))
 
 
@@ -240,6 +310,39 @@ def check_decoded_path(path: str) -> str:
     if "\ufffd" in path:
         raise BadRequest("URL path is not valid UTF-8")
     return path
+
+
+# Responses that never carry a body, whatever the handler passes.
+BODILESS_STATUSES = frozenset({204, 304})
+
+
+def bodiless(status: int, head: bool) -> bool:
+    """HEAD responses, 1xx, 204 and 304 have no body (RFC 9110 sections 9.3.2, 15)."""
+    return head or status in BODILESS_STATUSES or status < 200
+
+
+_UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
+
+
+class UnsafeHeader(ValueError):
+    """A response header value that would split the response on the wire."""
+
+
+def check_header_value(name: str, value: str) -> None:
+    """Refuse a header value holding CR, LF or NUL. Request parsers refuse them
+    inbound, so only a corrupted store (say, a content type edited in Redis) can
+    supply one: the response becomes a 500 rather than a split response."""
+    if _UNSAFE_VALUE.search(value) is not None:
+        raise UnsafeHeader(f"response header {name!r} holds CR, LF or NUL")
+
+
+# The response of a handler that failed: the one 500, whatever the server.
+INTERNAL_ERROR_STATUS = 500
+INTERNAL_ERROR_HEADERS: Headers = [
+    ("content-type", "text/plain; charset=utf-8"),
+    ("cache-control", "no-store"),
+]
+INTERNAL_ERROR_BODY = b"internal error\n"
 
 
 class Response:

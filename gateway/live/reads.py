@@ -1,89 +1,100 @@
-"""Live reads: long-poll (section 5.7) and SSE (section 5.8).
+"""Live reads: long-poll (section 5.7) and SSE (section 5.8), without HTTP.
 
 Both follow the same loop: read; if there is nothing new, wait on the stream's
-watch (gateway/wakeups.py) and read again. Every error status is decided by the
-first read, before the first byte of the response is sent.
+watch (gateway/live/wakeups.py) and read again. The web layer supplies how a
+page reaches the client (a ``LongPollAnswer``, an ``SseSink``); this module
+decides only *when* and *which* page. Every error status is decided by the
+first read, before the web layer starts a response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from . import headers as h
-from . import offsets as off
-from . import sse
-from .cursor import next_cursor
-from .errors import ProtocolError, Unavailable
-from .handlers import Context, ReadParams, page_body, page_headers
-from .http import Request, Response
-from .store import Page, StreamInfo
+from gateway.config import Settings
+from gateway.protocol import offsets
+from gateway.protocol.errors import ProtocolError, Unavailable
+from gateway.storage.models import Page, StreamInfo
+from gateway.storage.store import Store
+
 from .wakeups import Alarms, Wake, WakeHub, Watch
+
+# Called exactly once per long-poll, with the page to answer: data, or an empty
+# page at the offset to resume from (timeout, closed tail, or the server stopping).
+LongPollAnswer = Callable[[Page], Awaitable[None]]
+
+
+class SseSink(Protocol):
+    """How an SSE reader's pages reach its client (the web layer's side)."""
+
+    def open(self, page: Page) -> Awaitable[None]:
+        """The first page was read (so no error status is left): start the response."""
+        ...
+
+    def send(self, page: Page) -> Awaitable[None]:
+        """Deliver a page (its data, if any, and its control event)."""
+        ...
+
+    def keepalive(self) -> Awaitable[None]:
+        """Nothing happened for a while: keep the connection alive."""
+        ...
+
+    def end(self) -> Awaitable[None]:
+        """The read is over (also after the client left)."""
+        ...
 
 
 class Live:
-    def __init__(self, ctx: Context, hub: WakeHub) -> None:
-        self.ctx = ctx
+    def __init__(self, store: Store, hub: WakeHub, settings: Settings) -> None:
+        self.store = store
         self.hub = hub
+        self.long_poll_timeout_s = settings.long_poll_timeout_ms / 1000
+        self.sse_max_duration_s = settings.sse_max_duration_ms / 1000
+        self.sse_keepalive_s = settings.sse_keepalive_ms / 1000
         self.draining = asyncio.Event()  # set on shutdown: end live reads now
         self.alarms = Alarms()  # the timers of every waiting reader
         # Reads in flight for woken readers: (path, offset) -> the readers' futures.
         self._reads: dict[tuple[str, str], list[asyncio.Future[Page]]] = {}
         self._read_tasks: set[asyncio.Task[None]] = set()
-        # The last SSE chunk built, kept for the next reader of the same page.
-        self._last_chunk: tuple[Page, str | None, bool, bytes] | None = None
 
     def drain(self) -> None:
         """End every live read promptly with a valid response (shutdown)."""
         self.draining.set()
         self.hub.wake_all()
 
-    def cursor(self, params: ReadParams) -> str:
-        return next_cursor(params.cursor, self.ctx.settings.cursor_interval_s)
-
     # -- long-poll -----------------------------------------------------------------
 
-    async def long_poll(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
-        store = self.ctx.store
+    async def long_poll(self, path: str, offset: str | None, answer: LongPollAnswer) -> None:
+        """Answer with the page after ``offset`` (None: the tail), waiting for
+        data up to the long-poll timeout."""
+        store = self.store
         # When this replica already listens to the stream (other readers, or one
         # that just left), capture the wake-up before the first read: that read
         # then needs no repeat once we wait.
         watch = self.hub.try_join(store.keys(path).wake)
         try:
             event = None if watch is None else watch.event
-            page = await store.read(path, params.offset)
+            page = await store.read(path, offset)
             # offset=now starts waiting at the tail, without returning what is there.
-            offset = page.info.tail if params.offset is None else params.offset
-            if params.offset is None:
-                page = _empty_at(page, offset)
+            start = page.info.tail if offset is None else offset
+            if offset is None:
+                page = _empty_at(page, start)
             if not _has_data(page) and not page.at_closed_tail:
                 try:
-                    page = await self._wait(path, offset, page, watch, event)
+                    page = await self._wait(path, start, page, watch, event)
                 except asyncio.CancelledError:
-                    # The server is stopping and gave up waiting for us: still answer
-                    # with a valid 204 so the client simply polls again elsewhere.
-                    out = page_headers(
-                        self.ctx, page, stream_cursor=self.cursor(params), cache_control="no-store"
-                    )
+                    # The server is stopping and gave up waiting for us: still
+                    # answer, so the client simply polls again elsewhere.
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(res.send(204, out))
+                        await asyncio.shield(answer(page))
                     raise
         finally:
             if watch is not None:
                 self.hub.leave(watch)
-        cursor = None if page.at_closed_tail else self.cursor(params)
-        if _has_data(page):
-            out = page_headers(
-                self.ctx,
-                page,
-                stream_cursor=cursor,
-                cache_control=self.ctx.catch_up_cache_control,
-            )
-            await res.send(200, out, page_body(page))
-            return
-        # Timed out (or closed at the tail): 204 with the tail offset.
-        out = page_headers(self.ctx, page, stream_cursor=cursor, cache_control="no-store")
-        await res.send(204, out)
+        await answer(page)
 
     async def _wait(
         self, path: str, offset: str, page: Page, watch: Watch | None, event: Wake | None
@@ -93,12 +104,12 @@ class Live:
         ``event``, when given, was captured from ``watch`` before ``page`` was read.
         """
         alarms = self.alarms
-        deadline = alarms.time() + self.ctx.settings.long_poll_timeout_ms / 1000
+        deadline = alarms.time() + self.long_poll_timeout_s
         joined = None
         try:
             if watch is None:
                 watch = joined = await self.hub.join(
-                    self.ctx.store.keys(path).wake, within_s=deadline - alarms.time()
+                    self.store.keys(path).wake, within_s=deadline - alarms.time()
                 )
             fired: Wake | None = None
             while True:
@@ -126,40 +137,30 @@ class Live:
 
     # -- SSE -------------------------------------------------------------------------
 
-    async def sse(self, req: Request, path: str, params: ReadParams, res: Response) -> None:
-        settings = self.ctx.settings
-        store = self.ctx.store
+    async def sse(self, path: str, offset: str | None, sink: SseSink) -> None:
+        """Follow the stream from ``offset`` (None: the tail) until the
+        connection's lifetime is over, the stream closes, or the server stops."""
+        store = self.store
         # As in long_poll: capture the wake-up before the first read when the
         # stream is already listened to here, so that read needs no repeat.
         channel = store.keys(path).wake
         watch = self.hub.try_join(channel)
         event = None if watch is None else watch.event
         try:
-            page = await store.read(path, params.offset)  # decides 404/410 before any byte
-            offset = page.info.tail if params.offset is None else params.offset
-            if params.offset is None:
-                page = _empty_at(page, offset)
-            binary = not h.is_text(page.info.content_type)
-            await res.start_stream(
-                200,
-                self.ctx.response_headers(
-                    content_type="text/event-stream",
-                    cache_control="no-cache",
-                    stream_sse_data_encoding="base64" if binary else None,
-                    x_accel_buffering="no",
-                ),
-            )
+            page = await store.read(path, offset)  # decides 404/410 before any byte
+            if offset is None:
+                page = _empty_at(page, page.info.tail)
+            await sink.open(page)
         except BaseException:
             if watch is not None:
                 self.hub.leave(watch)
             raise
-        req.release()
-        # This one frame is all an idle reader holds (besides the server's own
-        # objects): no helper coroutines, no timeout object, no page while idle.
-        client_cursor = params.cursor
+        # This one frame is all an idle reader holds (besides the sink and the
+        # server's own objects): no helper coroutines, no timeout object, no
+        # page while idle.
         alarms = self.alarms
-        keepalive = settings.sse_keepalive_ms / 1000
-        deadline = alarms.time() + settings.sse_max_duration_ms / 1000
+        keepalive = self.sse_keepalive_s
+        deadline = alarms.time() + self.sse_max_duration_s
         try:
             if watch is None:
                 watch = await self.hub.join(channel, deadline - alarms.time())
@@ -167,13 +168,13 @@ class Live:
             # so an append after that read cannot be missed. A first page read
             # before subscribing has none: it is read again first.
             while True:
-                await res.write(self._chunk(page, client_cursor, binary))
+                await sink.send(page)
                 if page.at_closed_tail:
                     return  # final control event sent: close (section 5.8)
-                offset = page.next_offset
+                at = page.next_offset
                 if page.more:
                     event = watch.event
-                    page = await store.read(path, offset)
+                    page = await store.read(path, at)
                     continue
                 info = page.info
                 del page  # not held while idle
@@ -189,13 +190,11 @@ class Live:
                         finally:
                             alarms.disarm(event, fut, slot)
                         if not woken:
-                            await res.write(sse.KEEPALIVE)
+                            await sink.keepalive()
                     if self.draining.is_set():
                         return
                     fired, event = event, watch.event
-                    page = _pushed_page(fired, offset, info) or await self._shared_read(
-                        path, offset
-                    )
+                    page = _pushed_page(fired, at, info) or await self._shared_read(path, at)
                     if _has_data(page) or page.at_closed_tail:
                         break
         except (ProtocolError, TimeoutError):
@@ -206,7 +205,7 @@ class Live:
             if watch is not None:
                 self.hub.leave(watch)
             with contextlib.suppress(Exception):
-                await res.end_stream()
+                await sink.end()
 
     def _shared_read(self, path: str, offset: str) -> asyncio.Future[Page]:
         """The page after ``offset``, read once for all readers that ask while
@@ -232,7 +231,7 @@ class Live:
 
     async def _read_for(self, key: tuple[str, str]) -> None:
         try:
-            page = await self.ctx.store.read(*key)
+            page = await self.store.read(*key)
         except asyncio.CancelledError:
             for fut in self._reads.pop(key):
                 fut.cancel()
@@ -245,31 +244,6 @@ class Live:
             for fut in self._reads.pop(key):
                 if not fut.done():
                     fut.set_result(page)
-
-    def _chunk(self, page: Page, client_cursor: str | None, binary: bool) -> bytes:
-        """A data event (when the page has data) and its control event (section 5.8).
-
-        Readers woken by one append share the coalesced Page object, and
-        usually their cursor: the last chunk is kept and reused for them.
-        """
-        cursor = (
-            None
-            if page.at_closed_tail
-            else next_cursor(client_cursor, self.ctx.settings.cursor_interval_s)
-        )
-        last = self._last_chunk
-        if last is not None and last[0] is page and last[1] == cursor and last[2] == binary:
-            return last[3]
-        chunk = sse.control_event(
-            page.next_offset,
-            cursor=cursor,
-            up_to_date=page.up_to_date,
-            closed=page.at_closed_tail,
-        )
-        if _has_data(page):
-            chunk = sse.data_event(page_body(page), base64_encoded=binary) + chunk
-        self._last_chunk = (page, cursor, binary, chunk)
-        return chunk
 
 
 def _pushed_page(fired: Wake | None, offset: str, info: StreamInfo) -> Page | None:
@@ -287,9 +261,9 @@ def _pushed_page(fired: Wake | None, offset: str, info: StreamInfo) -> Page | No
         built_for, page = fired.page
         return page if built_for == offset else None
     pushed = fired.pushed
-    if off.from_entry_id(pushed.prev) != offset:
+    if offsets.from_entry_id(pushed.prev) != offset:
         return None
-    tail = off.from_entry_id(pushed.tail)
+    tail = offsets.from_entry_id(pushed.tail)
     page = Page(
         StreamInfo(info.content_type, tail, pushed.closed, info.ttl, info.expires_at),
         pushed.data,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import BadRequest
+from gateway.protocol.errors import BadRequest
 
 WIDTH = 16
 ZERO = "0" * WIDTH + "_" + "0" * WIDTH

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from .errors import BadRequest
+from gateway.protocol.errors import BadRequest
 
 # Section 5.1: a non-negative decimal integer without leading zeros, signs,
 # decimal points or exponents.

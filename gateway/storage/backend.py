@@ -24,21 +24,23 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import Settings
+from gateway.config import Settings
+
+from .client import RedisClient, RedisPyClient
 from .resp import PipelinedClient
 
 
 @dataclass
 class Backend:
-    client: Any  # redis.asyncio.Redis or RedisCluster
+    client: RedisClient  # what the store talks to
     cluster: bool
-    # Called by the wake-up listener for each (re)connection: a new PubSub.
     settings: Settings
+    # The cluster client (for its node list) or the standalone URL: where the
+    # wake-up listener connects, on each (re)connection a new PubSub.
+    _cluster_client: Any = None
+    _standalone_url: str | None = None
     _pubsub_clients: list[Any] = field(default_factory=list)
     _node_cycle: Any = None
-    _standalone_url: str | None = None
-    # Caps concurrent commands per process (and so connections per node).
-    limiter: asyncio.Semaphore | None = None
 
     def pubsub(self) -> Any:
         if not self.cluster:
@@ -49,9 +51,10 @@ class Backend:
                     )
                 )
             return self._pubsub_clients[0].pubsub()
-        nodes = self.client.get_nodes() or []
+        cluster = self._cluster_client
+        nodes = cluster.get_nodes() or []
         if self._node_cycle is None or not nodes:
-            self._node_cycle = itertools.cycle(nodes or self.client.startup_nodes.values())
+            self._node_cycle = itertools.cycle(nodes or cluster.startup_nodes.values())
         node = next(self._node_cycle)
         client = aioredis.Redis(host=node.host, port=node.port, **_listener_options(self.settings))
         self._pubsub_clients.append(client)
@@ -85,20 +88,25 @@ def _listener_options(settings: Settings) -> dict[str, Any]:
     return {**_common_options(settings), "socket_timeout": None}
 
 
-def connect(settings: Settings, url: str, *, cluster: bool) -> Backend:
+def connect(settings: Settings, url: str, *, cluster: bool, pipelined: bool = True) -> Backend:
+    """Connections to the Redis at ``url``. ``pipelined=False`` uses redis-py
+    for a standalone ``redis://`` Redis too (the tests run the store on both)."""
     command_timeout = settings.redis_command_timeout_ms / 1000
     if cluster:
-        client = RedisCluster.from_url(
+        cluster_client = RedisCluster.from_url(
             url,
             max_connections=max(settings.redis_pool_size, 1),
             socket_timeout=command_timeout,
             **_common_options(settings),
         )
-        # The cluster client opens connections per node on demand and raises
-        # when a node's limit is reached; a semaphore makes callers wait instead.
-        return Backend(client, True, settings, limiter=asyncio.Semaphore(settings.redis_pool_size))
-    if urlparse(url).scheme in ("redis", "unix"):
-        client = PipelinedClient(
+        return Backend(
+            RedisPyClient(cluster_client, limit=settings.redis_pool_size),
+            True,
+            settings,
+            _cluster_client=cluster_client,
+        )
+    if pipelined and urlparse(url).scheme in ("redis", "unix"):
+        client: RedisClient = PipelinedClient(
             url,
             connections=settings.redis_pool_size,
             connect_timeout=settings.redis_connect_timeout_ms / 1000,
@@ -114,4 +122,5 @@ def connect(settings: Settings, url: str, *, cluster: bool) -> Backend:
         socket_timeout=command_timeout,
         **_common_options(settings),
     )
-    return Backend(aioredis.Redis(connection_pool=pool), False, settings, _standalone_url=url)
+    client = RedisPyClient(aioredis.Redis(connection_pool=pool))
+    return Backend(client, False, settings, _standalone_url=url)

@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .http import Request, Response
-from .http1 import BUSY, Http1Connection
-from .http2 import Http2Connection
+from gateway.servers.native.http1 import BUSY, Http1Connection
+from gateway.servers.native.http2 import Http2Connection
+from gateway.web.request import Request, Response
 
 log = logging.getLogger("gateway.server")
 
@@ -170,8 +170,10 @@ async def serve_app(app: Any, sock: socket.socket, options: ServerOptions) -> No
     """One worker: start the app, serve ``sock`` until SIGTERM/SIGINT, stop gracefully.
 
     ``app`` needs ``startup()``, ``handle(request, response)``, ``drain()`` (end
-    live reads) and ``shutdown()``: gateway.app.Gateway.
+    live reads) and ``shutdown()``: gateway.web.app.Gateway (a ``ServedApp``
+    is served through its ``gateway``).
     """
+    app = getattr(app, "gateway", app)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     signals = (signal.SIGTERM, signal.SIGINT)

@@ -9,21 +9,28 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
-from . import headers as h
-from . import jsonmode
-from . import offsets as off
-from .config import Settings
-from .errors import BadRequest, Conflict, Gone
-from .http import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Headers, Request, Response
-from .store import AppendRequest, CreateRequest, Page, Store, StreamInfo
+from gateway.config import Settings
+from gateway.live.reads import Live
+from gateway.protocol import headers as h
+from gateway.protocol import jsonmode
+from gateway.protocol import offsets as off
+from gateway.protocol.errors import BadRequest, Conflict, Gone
+from gateway.storage.models import AppendRequest, CreateRequest, Page, StreamInfo
+from gateway.storage.store import Store
+
+from .forwarded import TrustedProxies, base_url
+from .request import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Headers, Request, Response
 
 
 @dataclass
 class Context:
-    """What every handler needs: settings, storage, and the common headers."""
+    """What every handler needs: settings, storage, live reads, the peers whose
+    forwarded headers count, and the common headers."""
 
     settings: Settings
     store: Store
+    live: Live
+    trusted: TrustedProxies
     base: Headers
 
     def response_headers(self, **extra: str | None) -> Headers:
@@ -116,12 +123,12 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
     )
     out = ctx.response_headers(
         content_type=result.content_type,
-        stream_next_offset=result.info_tail,
+        stream_next_offset=result.tail,
         stream_closed="true" if result.closed else None,
         cache_control="no-store",
     )
     if result.created:
-        out.append(("location", req.base_url() + quote(req.path, safe=_PATH_SAFE)))
+        out.append(("location", base_url(req, ctx.trusted) + quote(req.path, safe=_PATH_SAFE)))
     await res.send(201 if result.created else 200, out)
 
 

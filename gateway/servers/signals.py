@@ -1,0 +1,60 @@
+"""End live reads as soon as a hosting server is told to stop.
+
+ASGI and RSGI servers (hypercorn, granian) stop accepting on SIGTERM but wait
+for open requests before they run the app's shutdown; without this, every
+long-poll and SSE connection would hold a stopping replica for up to its full
+lifetime. Readers get a valid protocol response (a 204, or a final SSE control
+event) and resume elsewhere. The native server (gateway/servers/native/)
+handles its signals itself and calls ``drain`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("gateway")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def drain_on_signals(drain: Callable[[], None]) -> None:
+    """Call ``drain`` on SIGTERM/SIGINT, and let the server's own handling go
+    on as before.
+
+    The hook is a Python-level signal handler that calls the previous one. Event
+    loops (asyncio, uvloop) learn of signals through the wake-up fd, which the
+    interpreter writes whichever Python handler is installed, so a server's
+    ``loop.add_signal_handler`` keeps working underneath.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        previous = signal.getsignal(sig)
+
+        def on_signal(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(_announce_and_drain, signum, drain)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                # Nobody else handles it: exit the way the default action would,
+                # after giving live readers a moment to receive their responses.
+                loop.call_soon_threadsafe(loop.call_later, 1.0, _exit_now, signum)
+
+        try:
+            signal.signal(sig, on_signal)
+        except ValueError:
+            return  # not the main thread: lifespan shutdown drains instead
+
+
+def _announce_and_drain(signum: int, drain: Callable[[], None]) -> None:
+    log.info("signal %s: ending live reads", signal.Signals(signum).name)
+    drain()
+
+
+def _exit_now(sig: int) -> None:
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)

@@ -1,0 +1,56 @@
+"""The one place where Redis failures become protocol errors.
+
+Every storage call runs inside ``storage_errors``: an unreachable, stuck,
+loading or read-only Redis (and a cluster in the middle of a failover) becomes
+the protocol's fast ``503`` with ``Retry-After``; anything else propagates.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from redis import exceptions as redis_errors
+
+from gateway.protocol.errors import Unavailable
+
+_UNAVAILABLE = (
+    TimeoutError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MaxConnectionsError,
+    redis_errors.RedisClusterException,
+    OSError,
+)
+# Error replies that mean "not now" rather than "wrong".
+_UNAVAILABLE_REPLIES = ("OOM", "MASTERDOWN", "LOADING", "NOREPLICAS")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, _UNAVAILABLE) or (
+        isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+    )
+
+
+class _StorageErrors:
+    """A plain class rather than ``@asynccontextmanager``: it wraps every
+    storage call, and a generator-based manager costs a generator per use."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is not None and is_unavailable(exc):
+            raise Unavailable() from exc
+        return False
+
+
+storage_errors = _StorageErrors()
