@@ -393,10 +393,10 @@ class WakeHub:
                 # Readers re-check on every (re-)subscription: whatever was
                 # published while the channel was not subscribed is read now.
                 watch.wake()
-            elif channel != HUB_CHANNEL:
+            elif isinstance(channel, str) and channel != HUB_CHANNEL:
                 self._spawn(self._send("UNSUBSCRIBE", channel))
         elif kind == "unsubscribe":
-            if watch is not None:
+            if watch is not None and isinstance(channel, str):
                 # A reader arrived while this channel was being dropped as idle.
                 self._spawn(self._send("SUBSCRIBE", channel))
 

@@ -57,14 +57,16 @@ class RsgiRequest(Request):
             if name not in LIST_HEADERS:
                 raise BadRequest(f"{header_title(name)} sent more than once")
             return ", ".join(values)
-        return values[0]
+        value: str = values[0]
+        return value
 
     def has_header(self, name: str) -> bool:
         return name in self._rsgi_headers
 
     def authority(self) -> str:
         scope = self.rsgi_scope
-        return self._rsgi_headers.get("host") or scope.authority or scope.server
+        host: str = self._rsgi_headers.get("host") or scope.authority or scope.server
+        return host
 
     def release(self) -> None:
         super().release()
@@ -85,9 +87,10 @@ class RsgiRequest(Request):
 
     async def _whole_body(self) -> bytes:
         try:
-            return await self.proto()
+            body: bytes = await self.proto()
         except (RuntimeError, OSError) as exc:
             raise ClientGone() from exc
+        return body
 
 
 class RsgiResponse(Response):

@@ -45,6 +45,7 @@ class Backend:
     def pubsub(self) -> Any:
         if not self.cluster:
             if not self._pubsub_clients:
+                assert self._standalone_url is not None
                 self._pubsub_clients.append(
                     aioredis.Redis.from_url(
                         self._standalone_url, **_listener_options(self.settings)

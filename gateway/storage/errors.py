@@ -47,10 +47,10 @@ class _StorageErrors:
         kind: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
+        # Never swallows: other errors propagate as they are.
         if exc is not None and is_unavailable(exc):
             raise Unavailable() from exc
-        return False
 
 
 storage_errors = _StorageErrors()

@@ -87,7 +87,7 @@ class ReadReply(NamedTuple):
     entries: list[bytes]
     last: str  # entry id
     more: bool
-    count: int  # 'xrange': how many entries to fetch
+    entry_count: int  # 'xrange': how many entries to fetch
 
     @classmethod
     def parse(cls, reply: list[Any]) -> ReadReply:

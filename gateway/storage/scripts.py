@@ -17,6 +17,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from .client import RedisClient
+
 OPERATIONS = (
     "create",
     "append",
@@ -38,17 +40,17 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
         return await self.finish(client, self.start(client, keys, args), keys, args)
 
-    def start(self, client: Any, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+    def start(self, client: RedisClient, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         """Issue the call now and return its reply's awaitable (to ``finish``).
         With the pipelined client the command is queued at once; others send it
         when awaited."""
         return client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def finish(
-        self, client: Any, pending: Awaitable[Any], keys: list[str], args: list[Any]
+        self, client: RedisClient, pending: Awaitable[Any], keys: list[str], args: list[Any]
     ) -> Any:
         """The reply of a ``start``ed call, loading the script first if Redis
         had lost it."""
@@ -69,7 +71,7 @@ class Scripts:
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in OPERATIONS]
 
-    async def load(self, client: Any) -> None:
+    async def load(self, client: RedisClient) -> None:
         for script in self.all():
             await client.script_load(script.source)
 

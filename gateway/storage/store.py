@@ -413,7 +413,7 @@ class Store:
         reply = ReadReply.parse(await self.scripts.read(self.client, self.keys(path).all, args))
         info = await self._info(path, reply)
         if reply.status == "xrange":
-            return await self._xrange(path, info, after, budget, reply.count)
+            return await self._xrange(path, info, after, budget, reply.entry_count)
         if reply.status == "ok":
             size = sum(map(len, reply.entries))
             return _Range(info, reply.entries, size, reply.last, reply.more)

@@ -579,6 +579,24 @@ def _post_in_one_segment(port: int, body: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
 
+def test_haproxy_forwarded_headers_name_the_gateway_and_cannot_be_spoofed(
+    gateway: str, haproxy_in_front_of
+) -> None:
+    """Through the shipped configuration the 201 Location names the balancer's
+    URL as the client used it: HAProxy overwrites the X-Forwarded-* headers a
+    client sends, and the gateway believes them from HAProxy (on loopback, the
+    default DS_FORWARDED_ALLOW_IPS)."""
+    gateway_port = int(gateway.rsplit(":", 1)[1])
+    lb = haproxy_in_front_of([("127.0.0.1", gateway_port)])
+    lb.wait_until("/readyz", 200)
+    path = f"/v1/stream/deploy-test/{uuid.uuid4().hex}"
+    spoofed = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
+    with httpx.Client(timeout=5) as http:
+        created = http.put(f"{lb.url}{path}", headers=spoofed)
+    assert created.status_code == 201
+    assert created.headers["location"] == f"{lb.url}{path}"
+
+
 def test_haproxy_never_sends_a_post_twice(haproxy_in_front_of) -> None:
     replicas = [_DyingReplica(), _DyingReplica()]
     threads = [threading.Thread(target=r.serve_forever, daemon=True) for r in replicas]

@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +206,7 @@ def run_worker(load_app: Callable[[], Any], sock: socket.socket, options: Server
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner: Callable[[Awaitable[None]], None] = asyncio.run
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     else:
         runner = uvloop.run
     try:
