@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import report
 from bench.procs import raise_nofile_limit
 from bench.scenarios import RUN_ORDER, SCENARIOS, measures_for, wrk_version
-from bench.servers import NODE_DIR, REDIS_SERVER, ROOT, select_configs
+from bench.servers import NODE_DIR, REDIS_SERVER, ROOT, prepare_baseline, select_configs
 
 FULL = {
     "rounds": 3,
@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json-batch", type=int, default=100, help="messages per POST in (e) (100)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the gateway (1 worker) at commit REV, as config gw-baseline: a same-run "
+        "A/B of a change (e.g. --baseline HEAD~1 --only gw-native-1w,gw-baseline)",
+    )
     return p
 
 
@@ -123,6 +129,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if unknown or not scenarios:
         raise SystemExit(f"unknown scenarios {unknown}; choose from a,b,c,d,e")
     args.scenario_list = [s for s in RUN_ORDER if s in scenarios]
+    if args.baseline:
+        prepare_baseline(args.baseline)
+        if args.only and "gw-baseline" not in args.only.split(","):
+            args.only += ",gw-baseline"
     args.configs = select_configs(args.only)
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")

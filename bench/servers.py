@@ -144,7 +144,8 @@ class ServerConfig:
                 "PYTHONUNBUFFERED": "1",
             }
             args = self.gateway_args(port)
-            proc = _spawn(args, log, env)
+            cwd = baseline_dir() if self.key == "gw-baseline" else None
+            proc = _spawn(args, log, env, cwd=cwd)
             running = Running("127.0.0.1", port, proc, workdir, redis, [proc, redis])
             try:
                 _wait_port("127.0.0.1", port, proc, log, start_timeout)
@@ -175,6 +176,13 @@ class ServerConfig:
             return [
                 VENV_BIN / "hypercorn", "gateway.main:app",
                 "--bind", f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning",
+            ]  # fmt: skip
+        if self.key == "gw-baseline":
+            # The same server from another checkout (bench/run --baseline REV).
+            return [
+                baseline_dir() / ".venv" / "bin" / "durable-streams-gateway",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--log-level", "warning",
             ]  # fmt: skip
         workers = "2" if self.key.endswith("-2w") else "1"
         common = [
@@ -261,6 +269,12 @@ EXTRA_CONFIGS: list[ServerConfig] = [
     ),
     # The granian CLI with its per-worker concurrency limit (--backpressure,
     # default backlog/workers = 1024) raised.
+    # The primary configuration at another commit, for same-run A/B comparisons
+    # of a change (bench/run --baseline REV adds it).
+    ServerConfig(
+        "gw-baseline", "gateway (1 worker) at the baseline commit", "gateway",
+        "durable-streams-gateway --workers 1  (its own server, from --baseline REV)",
+    ),
     ServerConfig(
         "gw-granian-1w-bp", "gateway (granian CLI, 1 worker, backpressure 16384)", "gateway",
         "granian --interface asgi --workers 1 --backpressure 16384 gateway.main:app",
@@ -276,6 +290,40 @@ ALIASES = {
     "extra": [c.key for c in EXTRA_CONFIGS],
     "floor": ["floor-granian"],
 }
+
+
+def baseline_dir() -> Path:
+    """The checkout of the baseline commit (prepare_baseline)."""
+    path = os.environ.get("BENCH_BASELINE_DIR")
+    if not path:
+        raise RuntimeError("gw-baseline needs bench/run --baseline REV")
+    return Path(path)
+
+
+def prepare_baseline(rev: str) -> Path:
+    """A detached worktree of ``rev`` with its own .venv holding that commit's
+    gateway, reused when it exists (under bench/.baseline/<commit>)."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    target = ROOT / "bench" / ".baseline" / commit[:12]
+    if not (target / ".git").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(target), commit],
+            check=True,
+        )
+    venv = target / ".venv"
+    if not (venv / "bin" / "durable-streams-gateway").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [venv / "bin" / "python", "-m", "pip", "install", "--quiet",
+             "--disable-pip-version-check", str(target)],
+            check=True,
+        )  # fmt: skip
+    os.environ["BENCH_BASELINE_DIR"] = str(target)
+    return target
 
 
 def select_configs(spec: str | None) -> list[ServerConfig]:
