@@ -1,7 +1,7 @@
 """Protocol errors as data.
 
 Handlers raise these; the application turns each into one response in one place
-(gateway/app.py). Every error carries its status, a short human reason (the body)
+(gateway/web/app.py). Every error carries its status, a short human reason (the body)
 and any protocol headers the client needs to react without parsing the body.
 """
 
@@ -19,6 +19,17 @@ class ProtocolError(Exception):
 
 class BadRequest(ProtocolError):
     status = 400
+
+
+class Unauthorized(ProtocolError):
+    """No usable credentials (missing, expired, malformed, wrongly signed):
+    401 with a ``WWW-Authenticate: Bearer`` challenge (RFC 6750 section 3)."""
+
+    status = 401
+
+    def __init__(self, reason: str, error: str = "invalid_token") -> None:
+        challenge = f'Bearer realm="durable-streams", error="{error}"'
+        super().__init__(reason, {"WWW-Authenticate": challenge})
 
 
 class Forbidden(ProtocolError):
@@ -43,6 +54,15 @@ class Gone(ProtocolError):
 
 class PayloadTooLarge(ProtocolError):
     status = 413
+
+
+class TooManyRequests(ProtocolError):
+    """A rate limit or quota is exhausted (section 12.5)."""
+
+    status = 429
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(reason, {"Retry-After": str(max(1, retry_after_s))})
 
 
 class NotImplementedYet(ProtocolError):

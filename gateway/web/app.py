@@ -31,6 +31,7 @@ from gateway.storage.store import Store
 
 from . import handlers
 from . import live as live_http
+from .auth import OPERATION_OF_METHOD, Authorizer
 from .forwarded import TrustedProxies
 from .handlers import Context
 from .request import (
@@ -57,6 +58,8 @@ class Gateway:
         self.hub: WakeHub | None = None
         self.backend: backend.Backend | None = None
         self.embedded: Any = None
+        # The trust boundary; None (DS_AUTH=none) costs the request path nothing.
+        self.auth: Authorizer | None = None
         self._prefix = self.settings.stream_prefix + "/"
         self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
 
@@ -114,6 +117,22 @@ class Gateway:
             if req.method == "OPTIONS":
                 return handlers.options(ctx, req, path, res)
             raise NotImplementedYet("subscription APIs (__ds) are not supported yet")
+        if ctx.auth is not None and req.method != "OPTIONS":
+            return self._authorized(ctx, ctx.auth, req, path, res)
+        return self._dispatch(ctx, req, path, res)
+
+    async def _authorized(
+        self, ctx: Context, auth: Authorizer, req: Request, path: str, res: Response
+    ) -> None:
+        """The trust boundary (gateway/web/auth/): before the handler, and so
+        before anything about the stream is read."""
+        operation = OPERATION_OF_METHOD.get(req.method)
+        if operation is None:
+            raise MethodNotAllowed(f"method {req.method} is not allowed")
+        await auth.authorize(req, operation, path)
+        await self._dispatch(ctx, req, path, res)
+
+    def _dispatch(self, ctx: Context, req: Request, path: str, res: Response) -> Awaitable[None]:
         method = req.method
         if method == "POST":
             return handlers.append(ctx, req, path, res)
@@ -181,7 +200,7 @@ class Gateway:
             # Start anyway: requests get 503 until Redis is back, then recover.
             log.warning("Redis is unreachable at start-up; serving 503 until it is back")
         self.live = Live(store, self.hub, settings)
-        self.ctx = Context(settings, store, self.live, self.trusted, self._base)
+        self.ctx = Context(settings, store, self.live, self.trusted, self._base, self.auth)
         await self.hub.start()
         # What exists now (modules, scripts, settings) lives as long as the
         # process: keep it out of every later garbage collection.

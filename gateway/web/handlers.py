@@ -18,6 +18,7 @@ from gateway.protocol.errors import BadRequest, Conflict, Gone
 from gateway.storage.models import AppendRequest, CreateRequest, Page, StreamInfo
 from gateway.storage.store import Store
 
+from .auth import Authorizer, Operation
 from .forwarded import TrustedProxies, base_url
 from .request import ALLOWED_METHODS, ALLOWED_REQUEST_HEADERS, Headers, Request, Response
 
@@ -32,6 +33,7 @@ class Context:
     live: Live
     trusted: TrustedProxies
     base: Headers
+    auth: Authorizer | None = None  # None: no trust boundary (DS_AUTH=none)
 
     def response_headers(self, **extra: str | None) -> Headers:
         out = list(self.base)
@@ -89,6 +91,9 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
             raise BadRequest("fork headers need Stream-Forked-From")
     else:
         source = _fork_source(forked_from, ctx.settings.stream_prefix)
+        if ctx.auth is not None:
+            # A fork reads its source (section 4.2): it needs read there too.
+            await ctx.auth.authorize(req, Operation.READ, source)
         if fork_offset is not None and not off.is_offset(fork_offset.strip()):
             raise BadRequest("malformed Stream-Fork-Offset")
 
