@@ -4,6 +4,7 @@ the lifespan protocol around the app's start-up and shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,6 +44,7 @@ class AsgiRequest(Request):
         self.scheme = scope.get("scheme", "http")
         client = scope.get("client")
         self.peer = client[0] if client else None
+        self.root_path = scope.get("root_path", "").rstrip("/")
         self.query_string = scope.get("query_string", b"").decode("utf-8", "replace")
         # Header names are lower case in ASGI.
         self._headers, self._repeated = collect_headers(
@@ -62,8 +64,8 @@ class AsgiRequest(Request):
         path = check_decoded_path(scope["path"]) if raw is None else decode_url_path(raw)
         # Mounted inside another application (Starlette's Mount): the paths we
         # serve are relative to where we are mounted.
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
+        root = self.root_path
+        if root and (path == root or path.startswith(root + "/")):
             path = path[len(root) :] or "/"
         return path
 
@@ -119,10 +121,28 @@ class AsgiResponse(Response):
 
 
 class AsgiApp:
-    """The gateway as an ASGI application."""
+    """The gateway as an ASGI application.
+
+    Served directly, it runs its start-up and shutdown from the ASGI lifespan
+    protocol. Mounted inside a host application (Starlette and FastAPI do not
+    pass the lifespan on to mounted apps), hand ``lifespan`` to the host::
+
+        served = ServedApp(Gateway())
+        host = Starlette(routes=[Mount("/streams", app=served)], lifespan=served.lifespan)
+    """
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, host_app: object = None) -> AsyncIterator[None]:
+        """The gateway's start-up and shutdown around a host application's life."""
+        await self.gateway.startup()
+        drain_on_signals(self.gateway.drain)
+        try:
+            yield
+        finally:
+            await self.gateway.shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -61,9 +61,12 @@ def _json_entries(body: bytes, *, allow_empty: bool) -> tuple[tuple[bytes, int |
     return ((data, count),) if count else ()
 
 
-def _fork_source(raw: str, stream_prefix: str) -> str:
-    """``Stream-Forked-From`` carries the source's URL path."""
+def _fork_source(raw: str, stream_prefix: str, root_path: str = "") -> str:
+    """``Stream-Forked-From`` carries the source's URL path (under the mount
+    point, when the gateway is mounted inside another application)."""
     path = unquote(raw.strip())
+    if root_path and path.startswith(root_path + "/"):
+        path = path[len(root_path) :]
     if path.startswith(stream_prefix + "/"):
         path = path[len(stream_prefix) + 1 :]
     path = path.lstrip("/")
@@ -90,7 +93,7 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
         if fork_offset is not None or sub_offset is not None:
             raise BadRequest("fork headers need Stream-Forked-From")
     else:
-        source = _fork_source(forked_from, ctx.settings.stream_prefix)
+        source = _fork_source(forked_from, ctx.settings.stream_prefix, req.root_path)
         if ctx.auth is not None:
             # A fork reads its source (section 4.2): it needs read there too.
             await ctx.auth.authorize(req, Operation.READ, source)
@@ -133,7 +136,8 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
         cache_control="no-store",
     )
     if result.created:
-        out.append(("location", base_url(req, ctx.trusted) + quote(req.path, safe=_PATH_SAFE)))
+        url = base_url(req, ctx.trusted) + req.root_path + quote(req.path, safe=_PATH_SAFE)
+        out.append(("location", url))
     await res.send(201 if result.created else 200, out)
 
 

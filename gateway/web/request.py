@@ -143,9 +143,9 @@ class Request:
     """What handlers read: method, path, query, headers and the body.
 
     Adapters set ``method``, ``query_string``, ``http1``, ``scheme``, ``peer``
-    (the client's address, or None), ``_headers`` and ``_repeated`` (see
-    ``collect_headers``), and supply ``_decode_path``, ``authority``,
-    ``_chunks`` and optionally ``_whole_body``/``_body_at_hand``.
+    (the client's address, or None), ``root_path`` (ASGI mounts), ``_headers``
+    and ``_repeated`` (see ``collect_headers``), and supply ``_decode_path``,
+    ``authority``, ``_chunks`` and optionally ``_whole_body``/``_body_at_hand``.
     """
 
     __slots__ = (
@@ -158,6 +158,7 @@ class Request:
         "method",
         "peer",
         "query_string",
+        "root_path",
         "scheme",
     )
 
@@ -173,6 +174,9 @@ class Request:
         self.body_read = False
         self.scheme = "http"
         self.peer: str | None = None
+        # Where the gateway is mounted inside a host application (ASGI's
+        # root_path); ``path`` is relative to it. Empty when served directly.
+        self.root_path = ""
 
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (lower case), or None; 400 when a
