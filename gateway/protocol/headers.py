@@ -22,6 +22,14 @@ MAX_STREAM_SEQ_LENGTH = 256
 MAX_PRODUCER_ID_LENGTH = 256
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Control characters other than HTAB (RFC 9110 section 5.5): never part of a
+# field value, and in a value the gateway stores and sends back they would
+# split the response.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 section 5.6.1-2: a comma-separated list of tokens (header names).
+_TOKEN_LIST = re.compile(
+    r"\A[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*[ \t]*\Z"
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -99,7 +107,15 @@ def normalize_content_type(raw: str | None) -> str | None:
     mt = media_type(value)
     if not re.match(r"\A[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\Z", mt):
         raise BadRequest("malformed Content-Type")
+    if _CONTROL_CHARACTERS.search(value):  # in the parameters: the media type has none
+        raise BadRequest("malformed Content-Type")
     return value
+
+
+def is_token_list(raw: str) -> bool:
+    """True for a comma-separated list of tokens, such as a CORS preflight's
+    ``Access-Control-Request-Headers`` (``content-type, producer-id``)."""
+    return _TOKEN_LIST.match(raw) is not None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from .request import (
     Headers,
     Request,
     Response,
+    UnsafeHeader,
     base_headers,
 )
 
@@ -73,6 +74,16 @@ class Gateway:
                 await self.send_error(req, res, exc)
         except ClientGone:
             return
+        except UnsafeHeader as exc:
+            # Inbound values are validated before they are stored or echoed, so
+            # only a store edited behind the gateway's back gets here (a content
+            # type with a line break, say): the operator's problem, not the
+            # client's, and a traceback would say nothing more. The client gets
+            # the 500 without the header.
+            log.error("%s on %s %s", exc, req.method, req.path)
+            if not res.started:
+                out = [*self._base, *INTERNAL_ERROR_HEADERS]
+                await res.send(INTERNAL_ERROR_STATUS, out, INTERNAL_ERROR_BODY)
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
             if not res.started:

@@ -294,6 +294,8 @@ async def catch_up(
 async def options(ctx: Context, req: Request, path: str, res: Response) -> None:
     """CORS preflight, including If-None-Match (section 10.1)."""
     requested = req.header("access-control-request-headers")
+    if requested is not None and not h.is_token_list(requested):
+        requested = None  # echo header names, nothing else: send the default list
     out = ctx.response_headers(
         access_control_allow_methods=ALLOWED_METHODS,
         access_control_allow_headers=requested or None,

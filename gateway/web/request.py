@@ -246,7 +246,7 @@ class Request:
         declared = self.header("content-length")
         if declared is not None:
             declared = declared.strip(" \t")  # optional whitespace (RFC 9110 section 5.5)
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):
                 raise BadRequest("malformed Content-Length")
             if int(declared) > limit:
                 raise PayloadTooLarge(f"body larger than {limit} bytes")

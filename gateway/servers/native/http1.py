@@ -9,8 +9,11 @@ What a connection does, in the order a request meets it:
 
 - a connection that opens with the HTTP/2 preface is handed to
   ``Http2Connection`` (cleartext HTTP/2 with prior knowledge);
-- header limits (431), malformed requests (400) and a slow client (408) are
-  answered here, before the app sees anything;
+- header limits (431), malformed requests (400), HTTP versions other than
+  1.0 and 1.1 (505), transfer codings other than chunked (501) and a slow
+  client (408: a request head must arrive whole within the read timeout of its
+  first byte, a body must not pause for longer) are answered here, before the
+  app sees anything;
 - the handler starts as soon as the headers are in, in the connection's one
   task (a task per request would cost more than the rest of a small append's
   dispatch); the body streams to it (``Expect: 100-continue`` is answered when
@@ -18,7 +21,8 @@ What a connection does, in the order a request meets it:
   yet;
 - pipelined requests wait their turn: one response at a time, in order;
 - responses are written straight to the transport, waiting for it to drain
-  when the client reads slowly; SSE goes out with chunked encoding.
+  when the client reads slowly; SSE goes out with chunked encoding. No header
+  value holding CR, LF or NUL is ever written (``check_header_value``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gateway.web.request import (
     Headers,
     Request,
     Response,
+    check_header_value,
     decode_url_path,
 )
 
@@ -54,7 +59,9 @@ MAX_HEADERS = 200
 
 # Connection states, for the timeout sweep.
 IDLE = 0  # between requests: the keep-alive timeout applies
-READING = 1  # a request is arriving: the read timeout applies
+# a request is arriving: its head has one deadline from its first byte, its
+# body the read timeout between bytes
+READING = 1
 BUSY = 2  # the handler has the whole request: no timeout (live reads wait here)
 
 _STATUS_LINES = {
@@ -125,6 +132,10 @@ _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 # Room for the framing of a request head besides its URL and header names and
 # values (request line, separators, whitespace).
 _HEAD_FRAMING = 16 * 1024
+# llhttp's error for a well-formed HTTP-version it does not know (HTTP/1.2,
+# HTTP/3.0); HTTP/0.9 and HTTP/2.0 it passes on to on_headers_complete.
+_UNKNOWN_VERSION = "Invalid HTTP version"
+_SUPPORTED_VERSIONS = ("1.1", "1.0")
 
 
 class _HeadRefused(Exception):
@@ -266,8 +277,9 @@ class Http1Response(Response):
         parts = [_status_line(status)]
         for pair in headers:
             line = _header_lines.get(pair)
-            if line is None:
+            if line is None:  # (a cached line was checked when it was cached)
                 name, value = pair
+                check_header_value(name, value)
                 line = f"{name}: {value}\r\n".encode("latin-1")
                 if name == "connection":
                     if value.lower() == "close":
@@ -295,13 +307,15 @@ class Http1Response(Response):
     async def send(
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
     ) -> None:
-        self.started = True
         conn = self._conn
+        # The head first: a header it refuses (InvalidHeaderValue) leaves the
+        # response unstarted, so that the app can still answer with a 500.
         if head or status in (204, 304):
             block = self._head(status, headers, "\r\n")
             body = b""
         else:
             block = self._head(status, headers, f"content-length: {len(body)}\r\n\r\n")
+        self.started = True
         self.ended = True
         if conn.closed:
             return
@@ -313,15 +327,15 @@ class Http1Response(Response):
             await conn.drain()
 
     async def start_stream(self, status: int, headers: Headers) -> None:
-        self.started = True
         conn = self._conn
         req = conn.request
         if req is not None and req.http_version == "1.1":
-            self._chunked = True
             block = self._head(status, headers, "transfer-encoding: chunked\r\n\r\n")
+            self._chunked = True
         else:  # HTTP/1.0: the body ends when the connection does
-            self.close = True
             block = self._head(status, headers, "connection: close\r\n\r\n")
+            self.close = True
+        self.started = True
         if conn.closed:
             raise ClientGone()
         conn.transport.write(block)
@@ -355,6 +369,7 @@ class Http1Connection(asyncio.Protocol):
         "_drain_waiter",
         "_eof",
         "_head_bytes",
+        "_head_deadline",
         "_header_bytes",
         "_headers",
         "_in_head",
@@ -397,6 +412,7 @@ class Http1Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._in_head = False  # a request head has begun and not ended
         self._head_bytes = 0  # bytes of it read while it stayed unfinished
+        self._head_deadline = 0.0  # when it must have arrived whole
         self._parsing: Http1Request | None = None  # the request being received
         self.request: Http1Request | None = None  # the request being answered
         self._response: Http1Response | None = None
@@ -458,7 +474,10 @@ class Http1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._preamble is not None and not self._check_preamble(data):
             return
-        if self.state == READING:
+        if self.state == READING and not self._in_head:
+            # A body: the read timeout runs between bytes. A head keeps the one
+            # deadline set by its first byte however slowly it trickles in, or a
+            # byte every few seconds would hold the connection forever.
             self.deadline = self.loop.time() + self.server.read_timeout
         # The head still unfinished from earlier reads, if any (its header dict).
         head = self._headers if self._in_head else None
@@ -473,7 +492,7 @@ class Http1Connection(asyncio.Protocol):
             self._refuse(exc.status, exc.reason)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _HeadRefused):
+            if isinstance(cause, _HeadRefused):  # raised in on_headers_complete
                 self._refuse(cause.status, cause.reason)
             else:
                 log.exception("HTTP/1.1 parser callback failed")
@@ -486,7 +505,11 @@ class Http1Connection(asyncio.Protocol):
             else:
                 self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}")
+            reason = _reason(exc)
+            if reason == _UNKNOWN_VERSION:
+                self._refuse(505, "HTTP version not supported")
+            else:
+                self._refuse(400, f"malformed HTTP/1.1 request: {reason}")
         else:
             if head is not None and self._in_head and self._headers is head:
                 # httptools keeps a header line to itself until the line ends, so
@@ -563,9 +586,10 @@ class Http1Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._in_head = True
         self._head_bytes = 0
+        self._head_deadline = self.loop.time() + self.server.read_timeout
         if self.state == IDLE:
             self.state = READING
-            self.deadline = self.loop.time() + self.server.read_timeout
+            self.deadline = self._head_deadline
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -586,15 +610,22 @@ class Http1Connection(asyncio.Protocol):
             key = name.decode("latin-1").lower()
             if len(_header_names) < _MAX_HEADER_NAMES and len(name) <= _MAX_CACHED_BYTES:
                 _header_names[name] = key
+        # llhttp drops the whitespace before a value, not after it (RFC 9110
+        # section 5.5: neither belongs to the value; "Content-Length: 5 " is 5).
+        text = value.rstrip(b" \t").decode("latin-1")
         if key in headers:  # a repeated header: a list, or refused when read
-            if key in LIST_HEADERS:
-                headers[key] += ", " + value.decode("latin-1")
+            if key == "host":  # refused now: it says where the request goes
+                raise _HeadRefused(400, "more than one Host header")  # RFC 9112 section 3.2
+            if key in LIST_HEADERS or key == "transfer-encoding":
+                # (Transfer-Encoding lines are one list of codings, checked whole
+                # in on_headers_complete: RFC 9112 section 6.1.)
+                headers[key] += ", " + text
             else:
                 if self._repeated is None:
                     self._repeated = set()
                 self._repeated.add(key)
         else:
-            headers[key] = value.decode("latin-1")
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -605,8 +636,13 @@ class Http1Connection(asyncio.Protocol):
         req.http_version = parser.get_http_version()
         req.http1 = True
         req.keep_alive = parser.should_keep_alive()
+        if req.http_version not in _SUPPORTED_VERSIONS:  # HTTP/0.9, HTTP/2.0
+            raise _HeadRefused(505, "HTTP version not supported")
         if req.http_version == "1.1" and "host" not in self._headers:
             raise _HeadRefused(400, "Host header required")  # RFC 9112 section 3.2
+        codings = self._headers.get("transfer-encoding")
+        if codings is not None:
+            _check_transfer_codings(codings, req.http_version)
         _, _, query = self._url.partition(b"?")
         req.query_string = query.decode("latin-1")
         self._parsing = req
@@ -641,7 +677,11 @@ class Http1Connection(asyncio.Protocol):
 
     def _start(self, req: Http1Request) -> None:
         self.request = req
-        self.state = READING if not req.complete and self._parsing is req else BUSY
+        if not req.complete and self._parsing is req:
+            self.state = READING  # its body: the read timeout between bytes
+            self.deadline = self.loop.time() + self.server.read_timeout
+        else:
+            self.state = BUSY
         self._response = Http1Response(self)
         waiter = self._next_request
         if waiter is not None:  # the connection's task waits for this request
@@ -691,11 +731,15 @@ class Http1Connection(asyncio.Protocol):
             return False
         if self._pending:
             self._start(self._pending.pop(0))
+        elif self._parsing is not None:  # the next request's body is arriving
+            self.state = READING
+            self.deadline = self.loop.time() + self.server.read_timeout
+        elif self._in_head:  # the next request's head is arriving
+            self.state = READING
+            self.deadline = self._head_deadline
         else:
-            self.state = READING if self._parsing is not None else IDLE
-            self.deadline = self.loop.time() + (
-                self.server.read_timeout if self._parsing else self.server.keep_alive_timeout
-            )
+            self.state = IDLE
+            self.deadline = self.loop.time() + self.server.keep_alive_timeout
         self.want_body()
         return True
 
@@ -735,6 +779,22 @@ class Http1Connection(asyncio.Protocol):
         connection with none (idle, or a request still arriving) closes now."""
         if self.request is None and not self.closed:
             self.transport.close()
+
+
+def _check_transfer_codings(value: str, http_version: str) -> None:
+    """RFC 9112 section 6.1: the body of a request with Transfer-Encoding is
+    framed by its final coding, which must be chunked; we decode no other.
+    (llhttp refuses some of these itself and lets the others through.)"""
+    if http_version == "1.0":
+        # Section 6.1: an HTTP/1.0 message's framing is faulty with one.
+        raise _HeadRefused(400, "Transfer-Encoding in an HTTP/1.0 request")
+    codings = [coding for part in value.split(",") if (coding := part.strip(" \t").lower())]
+    if "chunked" in codings and (codings.count("chunked") > 1 or codings[-1] != "chunked"):
+        raise _HeadRefused(400, "chunked must be the final transfer coding, once")
+    if any(coding != "chunked" for coding in codings):
+        raise _HeadRefused(501, "unsupported transfer coding")
+    if not codings:
+        raise _HeadRefused(400, "empty Transfer-Encoding")
 
 
 def _reason(exc: Exception) -> str:
