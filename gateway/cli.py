@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-timeout",
         type=_positive_float,
         default=ServerOptions.read_timeout,
-        help="native: seconds a client may pause while sending a request's headers or "
-        "body before it gets 408 or is disconnected, and may leave a response unread "
-        f"before it is disconnected (default: {ServerOptions.read_timeout:g})",
+        help="native: seconds a client may take to send a request's headers (from their "
+        "first byte) and may pause while sending its body, before it gets 408 or is "
+        "disconnected, and may leave a response unread before it is disconnected "
+        f"(default: {ServerOptions.read_timeout:g})",
     )
     parser.add_argument(
         "--graceful-timeout",

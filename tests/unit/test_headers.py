@@ -261,6 +261,60 @@ def test_normalize_content_type_rejects_malformed(raw: str) -> None:
         headers.normalize_content_type(raw)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "text/plain; a=b\r\nX-Injected: 1",
+        "text/plain;\ncharset=utf-8",
+        "text/plain; charset=utf-8\r",
+        "text/plain; a=\x00",
+        "text/plain; a=\x01",
+        "text/plain; a=\x1f",
+        "text/plain; a=\x7f",
+    ],
+)
+def test_normalize_content_type_rejects_control_characters_in_parameters(raw: str) -> None:
+    """The value is stored and sent back on every read: a line break in it
+    would split those responses."""
+    with pytest.raises(BadRequest, match="Content-Type"):
+        headers.normalize_content_type(raw)
+
+
+def test_normalize_content_type_accepts_a_tab_around_parameters() -> None:
+    assert headers.normalize_content_type("text/plain;\tcharset=utf-8") == (
+        "text/plain;\tcharset=utf-8"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["content-type", "Content-Type,Producer-Id", " content-type , producer-id ", "x-a,\tx-b"],
+)
+def test_is_token_list_accepts_comma_separated_header_names(raw: str) -> None:
+    assert headers.is_token_list(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        " ",
+        ",",
+        "content-type,",
+        ",content-type",
+        "content-type,,producer-id",
+        "content-type producer-id",
+        "content-type;q=1",
+        '"content-type"',
+        "content-type\r\nx-injected: 1",
+        "content-type\x00",
+        "x-\u00e9",
+    ],
+)
+def test_is_token_list_rejects_anything_else(raw: str) -> None:
+    assert not headers.is_token_list(raw)
+
+
 # -- Producer-Id / Producer-Epoch / Producer-Seq --------------------------------------------
 
 

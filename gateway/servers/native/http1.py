@@ -333,8 +333,8 @@ class Http1Response(Response):
             block = self._head(status, headers, "transfer-encoding: chunked\r\n\r\n")
             self._chunked = True
         else:  # HTTP/1.0: the body ends when the connection does
+            self.close = True  # (before _head, which would add a second close)
             block = self._head(status, headers, "connection: close\r\n\r\n")
-            self.close = True
         self.started = True
         if conn.closed:
             raise ClientGone()

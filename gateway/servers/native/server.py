@@ -50,8 +50,8 @@ MIN_WORKER_LIFETIME_S = 5.0
 @dataclass(frozen=True)
 class ServerOptions:
     keep_alive_timeout: float = 5.0  # idle connection between requests
-    # A request's headers and body, between bytes; and a response the client
-    # does not read.
+    # A request's headers from their first byte to their end; its body between
+    # bytes; and a response the client does not read.
     read_timeout: float = 30.0
     graceful_timeout: float = 30.0  # requests in flight at stop
     max_connections: int = 100_000  # per worker
