@@ -23,7 +23,6 @@ pairs of ``str`` with lower-case names.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import AsyncIterator, Iterable
 from urllib.parse import parse_qs, unquote_to_bytes
 
@@ -325,9 +324,6 @@ def bodiless(status: int, head: bool) -> bool:
     return head or status in BODILESS_STATUSES or status < 200
 
 
-_UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
-
-
 class UnsafeHeader(ValueError):
     """A response header value that would split the response on the wire."""
 
@@ -336,7 +332,9 @@ def check_header_value(name: str, value: str) -> None:
     """Refuse a header value holding CR, LF or NUL. Request parsers refuse them
     inbound, so only a corrupted store (say, a content type edited in Redis) can
     supply one: the response becomes a 500 rather than a split response."""
-    if _UNSAFE_VALUE.search(value) is not None:
+    # Three scans beat one regular expression on values this short; the
+    # native server calls this for every header line it has not cached.
+    if "\r" in value or "\n" in value or "\0" in value:
         raise UnsafeHeader(f"response header {name!r} holds CR, LF or NUL")
 
 

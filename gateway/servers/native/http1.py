@@ -612,7 +612,7 @@ class Http1Connection(asyncio.Protocol):
                 _header_names[name] = key
         # llhttp drops the whitespace before a value, not after it (RFC 9110
         # section 5.5: neither belongs to the value; "Content-Length: 5 " is 5).
-        text = value.rstrip(b" \t").decode("latin-1")
+        text = value.decode("latin-1").rstrip(" \t")
         if key in headers:  # a repeated header: a list, or refused when read
             if key == "host":  # refused now: it says where the request goes
                 raise _HeadRefused(400, "more than one Host header")  # RFC 9112 section 3.2
