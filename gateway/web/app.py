@@ -81,14 +81,17 @@ class Gateway:
             # client's, and a traceback would say nothing more. The client gets
             # the 500 without the header.
             log.error("%s on %s %s", exc, req.method, req.path)
-            if not res.started:
-                out = [*self._base, *INTERNAL_ERROR_HEADERS]
-                await res.send(INTERNAL_ERROR_STATUS, out, INTERNAL_ERROR_BODY)
+            await self.send_internal_error(req, res)
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
-            if not res.started:
-                out = [*self._base, *INTERNAL_ERROR_HEADERS]
-                await res.send(INTERNAL_ERROR_STATUS, out, INTERNAL_ERROR_BODY)
+            await self.send_internal_error(req, res)
+
+    async def send_internal_error(self, req: Request, res: Response) -> None:
+        if not res.started:
+            out = [*self._base, *INTERNAL_ERROR_HEADERS]
+            # A HEAD response has no body, whatever its status.
+            head = req.method == "HEAD"
+            await res.send(INTERNAL_ERROR_STATUS, out, INTERNAL_ERROR_BODY, head=head)
 
     async def send_error(self, req: Request, res: Response, exc: ProtocolError) -> None:
         out = [

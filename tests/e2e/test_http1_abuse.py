@@ -546,6 +546,8 @@ async def test_a_stored_content_type_with_control_characters_never_reaches_the_w
             raw = await asyncio.wait_for(reader.read(), 5)
         lines = _head_lines(raw)
         assert lines[0] == b"HTTP/1.1 500 Internal Server Error", raw[:300]
+        body = raw.partition(b"\r\n\r\n")[2]
+        assert body == (b"internal error\n" if method == "GET" else b""), body
         for line in lines[1:]:
             assert b"\r" not in line and b"\n" not in line and b"\x00" not in line, line
             assert line.split(b":", 1)[0].lower() not in (b"x-injected", b"content-type") or (
