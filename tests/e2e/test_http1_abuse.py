@@ -247,6 +247,51 @@ async def test_a_trickling_request_head_gets_408_at_the_read_timeout(
     assert max(waited) < READ_TIMEOUT_S + SWEEP_S + SLACK_S, max(waited)
 
 
+async def test_a_head_trickling_in_behind_a_waiting_request_keeps_its_deadline(
+    gw: GatewayServer,
+) -> None:
+    """The next request's head starts while a long-poll waits on the same
+    connection: its deadline still counts from its first byte, not from the
+    end of the long-poll's response."""
+    name = unique("behind")
+    head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"s" * 100
+    async with connect(gw) as (reader, writer):
+        writer.write(request("PUT", f"/v1/stream/{name}", "Host: t", "Content-Type: text/plain"))
+        status, headers, _ = await response(reader)
+        assert status == 201
+        tail = headers["stream-next-offset"]
+        writer.write(request("GET", f"/v1/stream/{name}?offset={tail}&live=long-poll", "Host: t"))
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < READ_TIMEOUT_S / 2:  # the long-poll waits
+            writer.write(head[sent : sent + 1])
+            sent += 1
+            await asyncio.sleep(0.25)
+        async with connect(gw) as (other, other_writer):
+            other_writer.write(
+                request(
+                    "POST", f"/v1/stream/{name}", "Host: t", "Content-Type: text/plain", body=b"x"
+                )
+            )
+            assert (await response(other))[0] == 204
+        assert (await response(reader))[::2] == (200, b"x")
+        answer = asyncio.create_task(read_response(reader))
+        try:
+            while not answer.done() and time.monotonic() - start < READ_TIMEOUT_S + 10:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(head[sent : sent + 1])
+                sent += 1
+                await asyncio.wait([answer], timeout=0.5)
+            assert answer.done(), "the trickling head was never refused"
+            status, _, body, arrived = answer.result()
+        finally:
+            answer.cancel()
+        assert (status, body) == (408, b"request timeout\n")
+        assert await closed_by_server(reader) == b""
+    waited = arrived - start
+    assert READ_TIMEOUT_S - 0.1 < waited < READ_TIMEOUT_S + SWEEP_S + SLACK_S, waited
+
+
 async def test_a_slow_body_keeps_the_between_bytes_timeout(gw: GatewayServer) -> None:
     """The total deadline is for the head: a body may take longer than the read
     timeout as long as its bytes keep coming."""
