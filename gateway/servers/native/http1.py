@@ -308,7 +308,7 @@ class Http1Response(Response):
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
     ) -> None:
         conn = self._conn
-        # The head first: a header it refuses (InvalidHeaderValue) leaves the
+        # The head first: a header it refuses (UnsafeHeader) leaves the
         # response unstarted, so that the app can still answer with a 500.
         if head or status in (204, 304):
             block = self._head(status, headers, "\r\n")
@@ -731,7 +731,7 @@ class Http1Connection(asyncio.Protocol):
             return False
         if self._pending:
             self._start(self._pending.pop(0))
-        elif self._parsing is not None:  # the next request's body is arriving
+        elif self._parsing is not None:  # a request body is still arriving
             self.state = READING
             self.deadline = self.loop.time() + self.server.read_timeout
         elif self._in_head:  # the next request's head is arriving
