@@ -1,21 +1,26 @@
-"""The console script's own HTTP/1.1 server (gateway/http1.py) against abusive
-clients, over real loopback sockets with a real Redis.
+"""The console script's own HTTP/1.1 server (gateway/servers/native/http1.py)
+against abusive clients, over real loopback sockets with a real Redis.
 
 Each class of abuse is checked for its bound (what the abuser gets, and when
 its connection ends) and for its cost to everybody else: a well-behaved client
-on its own connection appends and reads throughout, and each of its requests
-must be answered within ``FAST_S``.
+on its own connection appends and reads throughout every test (the autouse
+``bystander``), and each of its requests must be answered within ``FAST_S``.
 
 - slowloris: a request head that trickles in gets 408 at ``--read-timeout``
-  after its first byte, however steadily it trickles;
-- RFC 9112 framing: HTTP versions, repeated Host, Content-Length whitespace,
-  transfer codings, and a table of classic request-smuggling payloads, each
-  refused with a 400 and a closed connection (a request smuggled after it is
-  never answered);
-- response headers: no CR, LF or NUL reaches the wire in a header line, even
-  from a stream whose stored content type was edited in Redis.
+  after its first byte, however steadily it trickles (200 such connections at
+  once); a body keeps the between-bytes timeout;
+- RFC 9112 framing: HTTP versions (505), repeated Host, Content-Length
+  whitespace, transfer codings (501 or 400), and a table of classic
+  request-smuggling payloads, each refused with a 400 and a closed connection
+  (the request smuggled after it is never answered);
+- headers: no CR, LF or NUL reaches the wire in a response header line, even
+  from a stream whose stored content type was edited in Redis (a 500 without
+  it); content types with control characters are not stored, and a CORS
+  preflight echoes only a list of header names.
 
-Every test ends by checking that the gateway logged no error and no traceback.
+Every test ends by checking that the gateway logged no traceback and no error
+line, but for the one line about a corrupted stored value in the tests that
+corrupt one.
 """
 
 from __future__ import annotations
