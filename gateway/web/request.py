@@ -344,7 +344,8 @@ INTERNAL_ERROR_HEADERS: Headers = [
     ("content-type", "text/plain; charset=utf-8"),
     ("cache-control", "no-store"),
 ]
-INTERNAL_ERROR_BODY = b"internal error\n"
+INTERNAL_ERROR_REASON = "internal error"
+INTERNAL_ERROR_BODY = (INTERNAL_ERROR_REASON + "\n").encode()
 
 
 class Response:

@@ -39,11 +39,14 @@ import httptools
 from gateway.servers.native.http2 import PREFACE
 from gateway.web.request import (
     ALLOWED_METHODS,
+    INTERNAL_ERROR_REASON,
+    INTERNAL_ERROR_STATUS,
     LIST_HEADERS,
     ClientGone,
     Headers,
     Request,
     Response,
+    bodiless,
     check_header_value,
     decode_url_path,
 )
@@ -292,9 +295,9 @@ class Http1Response(Response):
                     _header_lines[pair] = line
             parts.append(line)
         req = conn.request
-        # _upgraded: the connection ends after this response (an Upgrade request,
+        # The connection ends after this response (an Upgrade request,
         # or unparsable bytes after it): say so, or the client may reuse it.
-        if req is None or not req.keep_alive or conn.server.stopping or conn._upgraded:
+        if req is None or not req.keep_alive or conn.server.stopping or conn._close_after_response:
             if not self.close:
                 parts.append(b"connection: close\r\n")
             self.close = True
@@ -310,7 +313,7 @@ class Http1Response(Response):
         conn = self._conn
         # The head first: a header it refuses (UnsafeHeader) leaves the
         # response unstarted, so that the app can still answer with a 500.
-        if head or status in (204, 304):
+        if bodiless(status, head):
             block = self._head(status, headers, "\r\n")
             body = b""
         else:
@@ -366,6 +369,7 @@ class Http1Response(Response):
 
 class Http1Connection(asyncio.Protocol):
     __slots__ = (
+        "_close_after_response",
         "_drain_waiter",
         "_eof",
         "_head_bytes",
@@ -382,7 +386,6 @@ class Http1Connection(asyncio.Protocol):
         "_repeated",
         "_response",
         "_task",
-        "_upgraded",
         "_url",
         "closed",
         "deadline",
@@ -423,7 +426,9 @@ class Http1Connection(asyncio.Protocol):
         self._pending: list[Http1Request] = []  # pipelined requests, in order
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._upgraded = False
+        # Close once the response in progress is sent: an Upgrade request (we
+        # speak no other protocol here), or a refused request after it.
+        self._close_after_response = False
         self._eof = False  # the client sent all it will send
 
     # -- transport events ---------------------------------------------------------------
@@ -486,7 +491,7 @@ class Http1Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # We speak no other protocol on an HTTP/1.1 connection (h2c upgrades
             # included): the request is answered, then the connection ends.
-            self._upgraded = True
+            self._close_after_response = True
             self.transport.pause_reading()
         except _HeadRefused as exc:
             self._refuse(exc.status, exc.reason)
@@ -496,7 +501,7 @@ class Http1Connection(asyncio.Protocol):
                 self._refuse(cause.status, cause.reason)
             else:
                 log.exception("HTTP/1.1 parser callback failed")
-                self._refuse(500, "internal error")
+                self._refuse(INTERNAL_ERROR_STATUS, INTERNAL_ERROR_REASON)
         except httptools.HttpParserInvalidMethodError as exc:
             # With no request in progress, the refused request starts in ``data``
             # (a split method token leaves at least its end there).
@@ -574,7 +579,7 @@ class Http1Connection(asyncio.Protocol):
             # A response is in progress: end after it, without a second one.
             self._pending.clear()
             self._parsing = None
-            self._upgraded = True
+            self._close_after_response = True
             self.transport.pause_reading()
 
     # -- parser callbacks ---------------------------------------------------------------
@@ -720,11 +725,12 @@ class Http1Connection(asyncio.Protocol):
         if self.closed:
             return False
         if not res.started:
-            self.transport.write(_plain_response(500, "internal error"))
+            self.transport.write(_plain_response(INTERNAL_ERROR_STATUS, INTERNAL_ERROR_REASON))
             res.close = True
         elif not res.ended:
             res.end()
-        if res.close or self._upgraded or self.server.stopping or (self._eof and not self._pending):
+        done = res.close or self._close_after_response or self.server.stopping
+        if done or (self._eof and not self._pending):
             # After EOF nothing can follow: closing now, not after the keep-alive
             # timeout, frees the connection (and its slot) at once.
             self.transport.close()
