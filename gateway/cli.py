@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.servers.native.server import ServerOptions
+from gateway.servers.native.tls import TLSConfigError, server_context
 from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 from gateway.web.forwarded import TrustedProxies
 
@@ -120,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         "addresses or networks, comma-separated, '*' for any (default: "
         "DS_FORWARDED_ALLOW_IPS, else 127.0.0.1)",
     )
+    parser.add_argument(
+        "--certfile",
+        default=os.environ.get("DS_TLS_CERTFILE") or None,
+        help="native: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate "
+        "chain; needs --keyfile (default: $DS_TLS_CERTFILE)",
+    )
+    parser.add_argument(
+        "--keyfile",
+        default=os.environ.get("DS_TLS_KEYFILE") or None,
+        help="native: the certificate's PEM private key, unencrypted (default: $DS_TLS_KEYFILE)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--app", default=APP, help=f"app to serve, RSGI and ASGI (default: {APP})")
     return parser
@@ -146,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Through the environment, so every worker and every server sees it.
         os.environ["DS_FORWARDED_ALLOW_IPS"] = args.forwarded_allow_ips
     try:
+        args.tls = _tls_context(args)
+    except TLSConfigError as exc:
+        parser.error(str(exc))
+    try:
         settings = Settings.from_env()
         TrustedProxies(settings.forwarded_allow_ips)  # refuse a malformed list at start
     except ValueError as exc:
@@ -162,6 +179,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="[%(levelname)s] %(name)s: %(message)s")
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of --certfile/--keyfile (or DS_TLS_CERTFILE/DS_TLS_KEYFILE),
+    checked before anything starts; None without them."""
+    if not args.certfile and not args.keyfile:
+        return None
+    if not (args.certfile and args.keyfile):
+        raise TLSConfigError(
+            "TLS needs both a certificate and its key: --certfile and --keyfile "
+            "(or DS_TLS_CERTFILE and DS_TLS_KEYFILE)"
+        )
+    if args.server != "native":
+        raise TLSConfigError("--certfile/--keyfile are served by --server native only")
+    return server_context(args.certfile, args.keyfile)
 
 
 def _start_embedded_if_needed(settings: Settings) -> EmbeddedRedis | None:
@@ -187,6 +219,7 @@ def _run_native(args: argparse.Namespace) -> int:
         graceful_timeout=args.graceful_timeout,
         max_connections=args.max_connections,
         backlog=max(1024, min(args.max_connections, 65535)),
+        tls=args.tls,
     )
     # Workers import the app after the fork, each its own.
     return server.run(lambda: _load_app(args.app), args.host, args.port, args.workers, options)

@@ -12,6 +12,7 @@ named in every failure message.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,13 +62,18 @@ class GatewayServer:
         server: str = "hypercorn",
         start_timeout: float = 20.0,
         args: Sequence[str] = (),
+        tls_ca: str | None = None,
     ) -> None:
+        """``tls_ca``: the gateway serves HTTPS (its certificate and key come in
+        ``args`` or ``env``) with a certificate this CA file signed; ``url`` then
+        says https and the health check trusts that CA."""
         self.redis_url = redis_url
         self.extra_env = dict(env or {})
         self.app = app
         self.server = server
         self.start_timeout = start_timeout
         self.args = tuple(args)
+        self.tls_ca = tls_ca
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ds-gateway-")
@@ -78,7 +84,14 @@ class GatewayServer:
         """Base URL, e.g. ``http://127.0.0.1:PORT`` (streams live under /v1/stream/)."""
         if self.port is None:
             raise RuntimeError("GatewayServer is not started")
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_ca else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the gateway's certificate (``tls_ca``)."""
+        if self.tls_ca is None:
+            raise RuntimeError("GatewayServer serves plain HTTP (no tls_ca)")
+        return ssl.create_default_context(cafile=self.tls_ca)
 
     @property
     def pid(self) -> int | None:
@@ -119,7 +132,8 @@ class GatewayServer:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         last = "no answer yet"
-        with httpx.Client(timeout=1.0) as client:
+        verify = self.ssl_context() if self.tls_ca else True
+        with httpx.Client(timeout=1.0, verify=verify) as client:
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(

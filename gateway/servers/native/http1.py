@@ -8,7 +8,8 @@ kilobytes, not the tens of kilobytes of a general-purpose server.
 What a connection does, in the order a request meets it:
 
 - a connection that opens with the HTTP/2 preface is handed to
-  ``Http2Connection`` (cleartext HTTP/2 with prior knowledge);
+  ``Http2Connection`` (cleartext HTTP/2 with prior knowledge), and so is a
+  TLS connection whose ALPN chose ``h2``;
 - header limits (431), malformed requests (400), HTTP versions other than
   1.0 and 1.1 (505), transfer codings other than chunked (501) and a slow
   client (408: a request head must arrive whole within the read timeout of its
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from gateway.servers.native.http2 import PREFACE
+from gateway.servers.native.tls import selected_alpn
 from gateway.web.request import (
     ALLOWED_METHODS,
     INTERNAL_ERROR_REASON,
@@ -442,6 +444,9 @@ class Http1Connection(asyncio.Protocol):
             transport.close()
             self.closed = True
             return
+        if self.server.scheme == "https" and selected_alpn(transport) == "h2":
+            self._switch_to_http2(b"")
+            return
         self.deadline = self.loop.time() + self.server.keep_alive_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -549,7 +554,8 @@ class Http1Connection(asyncio.Protocol):
         self.transport.set_protocol(conn)
         conn.connection_made(self.transport)
         server.adopt(conn)
-        conn.data_received(data)
+        if data:
+            conn.data_received(data)
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still read the response it is waiting for,

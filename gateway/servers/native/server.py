@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,6 +37,7 @@ from typing import Any
 
 from gateway.servers.native.http1 import BUSY, Http1Connection
 from gateway.servers.native.http2 import Http2Connection
+from gateway.servers.native.tls import SHUTDOWN_TIMEOUT_S
 from gateway.web.request import Request, Response
 
 log = logging.getLogger("gateway.server")
@@ -58,6 +60,8 @@ class ServerOptions:
     max_header_bytes: int = 64 * 1024
     max_url_bytes: int = 16 * 1024
     backlog: int = 4096
+    # HTTPS (tls.py beside this module builds it); the TLS handshake gets ``read_timeout``.
+    tls: ssl.SSLContext | None = None
 
 
 class ServerState:
@@ -73,7 +77,7 @@ class ServerState:
         self.max_connections = options.max_connections
         self.max_header_bytes = options.max_header_bytes
         self.max_url_bytes = options.max_url_bytes
-        self.scheme = "http"
+        self.scheme = "https" if options.tls is not None else "http"
         self.default_host = host  # for base URLs when a request has no Host
         self.connections: set[Any] = set()
         self.stopping = False
@@ -188,10 +192,20 @@ async def serve_app(app: Any, sock: socket.socket, options: ServerOptions) -> No
     await app.startup()
     try:
         state = ServerState(app.handle, options, loop, _host_of(sock))
+        tls: dict[str, Any] = {}
+        if options.tls is not None:
+            # A client that connects and never completes its handshake is
+            # closed by the loop, like one that never sends its request; a
+            # failed handshake is logged by the loop at debug level only.
+            tls = {
+                "ssl": options.tls,
+                "ssl_handshake_timeout": options.read_timeout,
+                "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT_S,
+            }
         server = await loop.create_server(
-            lambda: Http1Connection(state), sock=sock, backlog=options.backlog
+            lambda: Http1Connection(state), sock=sock, backlog=options.backlog, **tls
         )
-        log.info("worker %d serving http://%s", os.getpid(), state.default_host)
+        log.info("worker %d serving %s://%s", os.getpid(), state.scheme, state.default_host)
         await stop
         server.close()  # accept nothing more
         app.drain()  # live readers get their final response now
