@@ -28,10 +28,13 @@ ALPN_PROTOCOLS = ("h2", "http/1.1")
 # exchange and AEAD only, as HTTP/2 requires of TLS 1.2 (RFC 9113 section 9.2.2).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
 
-# A closing TLS connection sends close_notify and waits for the client's; a
-# client that never answers is dropped after this long instead of holding the
-# socket.
-SHUTDOWN_TIMEOUT_S = 5.0
+# A closing TLS connection flushes what it still has to send, sends
+# close_notify and waits for the client's close_notify, which an idle pooled
+# client connection (httpx, requests) never reads, let alone answers: past
+# this, the socket is dropped. Short, because a graceful stop waits for every
+# connection to end; what is left to flush at that point is at most a write
+# buffer (handlers wait for the transport to drain before they finish).
+SHUTDOWN_TIMEOUT_S = 2.0
 
 
 class TLSConfigError(ValueError):
