@@ -279,7 +279,7 @@ async def test_sigterm_ends_live_readers_over_tls_and_exits(redis_url: str, cert
     print(f"\nTLS gateway exited {exited:.2f} s after SIGTERM with code {code}")
     assert code == 0
     # Bound as in deploy/README.md; the idle TLS connection that never answers
-    # close_notify costs gateway.tls.SHUTDOWN_TIMEOUT_S of it.
+    # close_notify costs gateway.servers.native.tls.SHUTDOWN_TIMEOUT_S of it.
     assert exited < 5.0, exited
     _assert_quiet_log(server)
 

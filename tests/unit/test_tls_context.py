@@ -1,4 +1,4 @@
-"""gateway/tls.py: the server's TLS context and its start-up errors."""
+"""gateway/servers/native/tls.py: the server's TLS context and its start-up errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from gateway.tls import ALPN_PROTOCOLS, TLSConfigError, server_context
+from gateway.servers.native.tls import ALPN_PROTOCOLS, TLSConfigError, server_context
 
 
 @pytest.fixture(scope="module")
