@@ -16,7 +16,11 @@ This module is the part around the connections:
   that closes idle keep-alive connections and clients too slow to send their
   request (and refreshes the Date header), and the graceful stop: stop
   accepting, end live reads with valid responses, let requests in flight
-  finish (up to ``graceful_timeout``), then the app's shutdown.
+  finish (up to ``graceful_timeout``), then the app's shutdown;
+- with a TLS context (tls.py), HTTPS: the loop does the handshake (within
+  ``read_timeout``) before a connection reaches HTTP/1.1, which hands it to
+  HTTP/2 when ALPN chose ``h2``. The connection limit counts connections from
+  the end of their handshake.
 """
 
 from __future__ import annotations
