@@ -100,6 +100,12 @@ def test_twenty_event_sources_on_one_https_origin_all_get_the_append_over_h2(
 ) -> None:
     report = _run_page(https_gateway.url, server_cert.spki_sha256)
     summary = json.dumps(report, indent=1)
+    print(
+        f"\n{report['browser']}: {report['opened']}/{READERS} EventSources open in "
+        f"{report.get('openMs')} ms; {report['received']}/{READERS} received the append "
+        f"{report.get('deliveredMs')} ms after it was sent; protocols "
+        f"{sorted(set(report['sseResponseProtocols']))}"
+    )
     assert report["stream"].startswith(f"{https_gateway.url}/v1/stream/"), summary
     assert report["createStatus"] == 201, summary
     assert report["timedOut"] is None, summary
