@@ -29,6 +29,7 @@ from support.gateway_server import GatewayServer
 pytestmark = pytest.mark.timeout(60)
 
 READ_TIMEOUT_S = 2.0  # --read-timeout of `gw`: the handshake gets as long
+KEEP_ALIVE_S = 1.0  # --keep-alive-timeout of `gw`
 SWEEP_S = 1.0
 PLAIN = {"content-type": "text/plain"}
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
@@ -65,6 +66,8 @@ def gw(redis_url: str, certs: Certs) -> Iterator[GatewayServer]:
         certs.key,
         "--read-timeout",
         f"{READ_TIMEOUT_S:g}",
+        "--keep-alive-timeout",
+        f"{KEEP_ALIVE_S:g}",
     ]
     env = {"DS_SSE_KEEPALIVE_MS": "500"}
     with GatewayServer(
@@ -200,6 +203,30 @@ def test_a_stalled_handshake_is_closed_after_the_read_timeout(gw: GatewayServer,
         waited = time.monotonic() - connecting
     assert received == b""
     assert READ_TIMEOUT_S - 0.05 <= waited <= READ_TIMEOUT_S + 10, waited
+    _assert_quiet_log(gw)
+
+
+@pytest.mark.parametrize("sent", ["nothing", "half a request head"])
+def test_after_the_handshake_the_http_timeouts_apply(gw: GatewayServer, sent: str) -> None:
+    """An idle TLS connection is closed after the keep-alive timeout; one whose
+    request head stalls gets a 408 after the read timeout."""
+    assert gw.port is not None
+    with (
+        socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw,
+        gw.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        started = time.monotonic()
+        if sent == "nothing":
+            received, _ = _closed_within(tls, KEEP_ALIVE_S + SWEEP_S + 10)
+            assert received == b""
+            low, high = KEEP_ALIVE_S, KEEP_ALIVE_S + SWEEP_S + 5
+        else:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            received, _ = _closed_within(tls, READ_TIMEOUT_S + SWEEP_S + 10)
+            assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+            low, high = READ_TIMEOUT_S, READ_TIMEOUT_S + SWEEP_S + 5
+        waited = time.monotonic() - started
+    assert low - 0.05 <= waited <= high, waited
     _assert_quiet_log(gw)
 
 
