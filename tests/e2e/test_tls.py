@@ -11,6 +11,7 @@ an error in the log, while everyone else is served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 import trustme
@@ -84,6 +88,9 @@ def _log(gw: GatewayServer) -> str:
 def _assert_quiet_log(gw: GatewayServer) -> None:
     log = _log(gw)
     assert "Traceback" not in log and "[ERROR]" not in log, log[-4000:]
+    # The event loop's complaints about what a TLS client did (writes after its
+    # close_notify, say) are noise too.
+    assert "[WARNING] asyncio" not in log, log[-4000:]
 
 
 def _stream_url(gw: GatewayServer, name: str) -> str:
@@ -227,6 +234,67 @@ def test_after_the_handshake_the_http_timeouts_apply(gw: GatewayServer, sent: st
             low, high = READ_TIMEOUT_S, READ_TIMEOUT_S + SWEEP_S + 5
         waited = time.monotonic() - started
     assert low - 0.05 <= waited <= high, waited
+    _assert_quiet_log(gw)
+
+
+@pytest.mark.parametrize("alpn", ["http/1.1", "h2"])
+def test_a_client_closing_tls_under_live_readers_leaves_no_noise(
+    gw: GatewayServer, alpn: str
+) -> None:
+    """The client ends TLS (close_notify) while its SSE readers wait, and then
+    the stream gets appends: the server closes its side in turn, quietly."""
+    assert gw.port is not None
+    stream = _stream_url(gw, f"close-notify-{alpn.replace('/', '')}")
+    with httpx.Client(verify=gw.ssl_context(), timeout=10) as http:
+        assert http.put(stream, headers=PLAIN).status_code == 201
+        target = stream.removeprefix(gw.url) + "?offset=now&live=sse"
+        context = gw.ssl_context()
+        context.set_alpn_protocols([alpn])
+        with (
+            socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.selected_alpn_protocol() == alpn
+            if alpn == "h2":
+                client = h2.connection.H2Connection(
+                    h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+                )
+                client.initiate_connection()
+                readers = 20
+                for _ in range(readers):
+                    client.send_headers(
+                        client.get_next_available_stream_id(),
+                        [
+                            (":method", "GET"),
+                            (":path", target),
+                            (":scheme", "https"),
+                            (":authority", f"127.0.0.1:{gw.port}"),
+                        ],
+                        end_stream=True,
+                    )
+                tls.sendall(client.data_to_send())
+                answered = 0
+                while answered < readers:
+                    events = client.receive_data(tls.recv(65536))
+                    answered += sum(isinstance(e, h2.events.ResponseReceived) for e in events)
+                    tls.sendall(client.data_to_send())
+            else:
+                tls.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                assert tls.recv(65536).startswith(b"HTTP/1.1 200 ")
+            # close_notify; then appends wake the readers of the closing connection.
+            tls.setblocking(False)
+            # Sent at once; what follows (waiting for the server's, or unread
+            # frames in its way) fails one way or another without blocking.
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+            for n in range(10):
+                assert http.post(stream, headers=PLAIN, content=b"x%d" % n).status_code == 204
+            tls.settimeout(10)
+            with contextlib.suppress(ssl.SSLError, OSError):
+                tls.unwrap()  # the server's close_notify (or its close) arrives
+    # The server has dealt with the connection: it serves the next one.
+    with httpx.Client(verify=gw.ssl_context(), timeout=10) as http:
+        assert http.get(f"{gw.url}/healthz").status_code == 200
     _assert_quiet_log(gw)
 
 

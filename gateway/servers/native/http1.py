@@ -563,6 +563,11 @@ class Http1Connection(asyncio.Protocol):
         # handler ends (ClientGone) instead of waiting for the read timeout.
         if self._parsing is not None or self.request is None:
             return False
+        if self.server.scheme == "https":
+            # The client's close_notify: a TLS transport cannot stay half-open
+            # and shuts down now, so the client is gone for its handlers too.
+            self.closed = True
+            return False
         self._eof = True  # close once the responses in progress are sent
         return True
 

@@ -641,7 +641,9 @@ class Http2Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self._h2.data_to_send()
-        if data and not self._lost:
+        # A closing transport takes nothing more (a TLS one shuts down on the
+        # client's close_notify before connection_lost, and complains of writes).
+        if data and not self._lost and not self.transport.is_closing():
             self.transport.write(data)
 
     # -- closing -------------------------------------------------------------------
