@@ -777,6 +777,9 @@ class Http1Connection(asyncio.Protocol):
     def idle(self) -> bool:
         return self.state == IDLE and self.request is None
 
+    def has_expired(self, now: float) -> bool:
+        return (self.state != BUSY and self.deadline < now) or 0.0 < self.write_deadline < now
+
     def expire(self) -> None:
         """A deadline passed (checked by the server's sweep)."""
         if self.closed:

@@ -18,11 +18,28 @@ Most streams are idle SSE readers, tens of thousands per process, so the state
 kept per stream and per connection is small (``__slots__``, no helper tasks,
 one idle timer per connection).
 
-A client cannot make us buffer without bound or run handlers without limit:
-reading stops while the socket's write buffer is full (PING and SETTINGS make
-h2 queue replies), an oversized frame is refused on its header, and handlers
-still running count against ``max_concurrent_streams`` even once the client
-has reset their streams ("rapid reset"), which h2 itself does not count.
+A client cannot make us buffer without bound, run handlers without limit or
+keep the event loop to itself:
+
+- reading stops while the socket's write buffer is full (PING and SETTINGS
+  make h2 queue replies), and an oversized frame is refused on its header;
+- at most FRAMES_PER_STEP frames are handled per turn of the event loop;
+  reading pauses until the rest of a read is handled;
+- handlers still running count against ``max_concurrent_streams`` even once
+  the client has reset their streams, which h2 itself does not count, and a
+  reset cancels the stream's handler at once (a long-poll stops waiting);
+- resets, refused streams, PING, SETTINGS, WINDOW_UPDATE, PRIORITY, empty DATA
+  and new streams each have a budget per connection (a burst, refilled at a
+  steady rate, FLOOD_LIMITS); a client beyond one gets GOAWAY
+  ENHANCE_YOUR_CALM ("rapid reset", CVE-2023-44487, and its cousins);
+- a response the client does not take holds at most what its handler had in
+  hand: while the bytes handlers wait to send plus the socket's write buffer
+  exceed SEND_BUDGET, new streams wait before their handler starts, and no
+  more than STARTING_LIMIT handlers start per STARTING_S until they have
+  answered or waited (a burst of requests cannot all read a page at once);
+- a write held back (flow control or a full socket) for ``write_timeout_s``
+  without progress gives the client up, as on HTTP/1.1: the server's sweep
+  asks ``has_expired`` and calls ``expire``.
 
 ``h2`` refuses every frame once a GOAWAY has gone either way (python-hyper/h2
 #1181), so a graceful ``shutdown`` writes its GOAWAY itself, outside the state
@@ -33,7 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -43,10 +62,13 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingReceived,
+    PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -83,6 +105,41 @@ LINGER_S = 2.0
 # GOAWAY arrives with it, even though it came first on the wire.
 GOAWAY_AFTER_S = 0.1
 
+# Frames handled per turn of the event loop, and bytes handed to h2 at most per
+# turn: a connection that sends thousands of small frames in one read yields
+# to the others between steps.
+FRAMES_PER_STEP = 100
+BYTES_PER_STEP = 256 * 1024
+FRAME_HEADER = 9
+_ALL_TAKEN, _STEP_FULL, _OVERSIZED = range(3)  # how a step ends (_step_end)
+
+# What a client may send per connection before GOAWAY ENHANCE_YOUR_CALM: a
+# burst, refilled at a steady rate per second. Legitimate clients stay far
+# below: browsers cancel a few streams on navigation, ping and change settings
+# rarely, and send WINDOW_UPDATE as they take our data (each DATA frame we send
+# gives two back).
+FLOOD_LIMITS: dict[str, tuple[float, float]] = {
+    "reset": (200, 100),  # RST_STREAM from the client, and streams we refuse
+    "ping": (50, 10),
+    "settings": (50, 10),
+    "window_update": (1000, 200),
+    "priority": (200, 50),
+    "empty_data": (100, 20),  # DATA frames that carry nothing and end nothing
+    "headers": (2000, 1000),  # new streams and trailers
+}
+
+# Bytes handlers may wait to send (beyond the flow-control windows) plus the
+# socket's write buffer, per connection, before new streams wait to start.
+SEND_BUDGET = 1024 * 1024
+# Handlers started that have not yet answered or waited for anything: at most
+# STARTING_LIMIT at a time, counted afresh every STARTING_S.
+STARTING_LIMIT = 16
+STARTING_S = 0.05
+# A handler whose stream the client reset (or whose connection is gone) sees
+# ClientGone at its next read or write; one that reads and writes nothing for
+# this long (a long-poll waiting for data) is cancelled.
+GONE_GRACE_S = 0.1
+
 # Connection-specific headers HTTP/2 forbids (RFC 9113 section 8.2.2).
 _CONNECTION_HEADERS = frozenset(
     ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"]
@@ -99,8 +156,10 @@ class _Stream:
         "conn",
         "ended",
         "gone",
+        "held",
         "id",
         "responded",
+        "starting",
         "task",
         "unacked",
         "waiter",
@@ -115,7 +174,9 @@ class _Stream:
         self.gone = False  # reset, or the connection is closing/lost
         self.responded = False  # we sent END_STREAM (or reset the stream)
         self.waiter: asyncio.Future[None] | None = None  # the task sleeps here
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # None while waiting to start
+        self.held = 0  # bytes the handler waits to send (flow control, full socket)
+        self.starting = False  # started, and not yet answered or waited
 
 
 class H2Request(Request):
@@ -193,7 +254,7 @@ class H2Response(Response):
             body = b""
         else:
             out.append((b"content-length", str(len(body)).encode()))
-        await conn._send_headers(stream, out, end_stream=not body)
+        await conn._send_headers(stream, out, end_stream=not body, body_size=len(body))
         if body:
             await conn._send_data(stream, body, end_stream=True)
 
@@ -227,24 +288,36 @@ class Http2Connection(asyncio.Protocol):
 
     __slots__ = (
         "_blocked",
+        "_body_left",
         "_closing",
+        "_doom_timer",
+        "_doomed",
         "_drain_waiters",
+        "_floods",
         "_goaway_sent",
         "_h2",
         "_handle",
+        "_held",
         "_idle_since",
         "_idle_timeout",
         "_idle_timer",
+        "_inbox",
         "_linger",
         "_loop",
         "_lost",
         "_max_streams",
         "_on_close",
         "_paused",
+        "_queued",
         "_scheme",
+        "_starting",
+        "_starting_timer",
+        "_step",
         "_streams",
+        "_write_timeout",
         "peer",
         "transport",
+        "write_deadline",
     )
 
     def __init__(
@@ -255,6 +328,7 @@ class Http2Connection(asyncio.Protocol):
         max_concurrent_streams: int = 1000,
         max_header_list_size: int = 65536,
         idle_timeout_s: float = 5.0,
+        write_timeout_s: float = 30.0,
         scheme: str = "http",
     ) -> None:
         self._handle = handle
@@ -294,6 +368,26 @@ class Http2Connection(asyncio.Protocol):
         self._idle_since = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self.peer: str | None = None  # the client's address
+        # Inbound: what was read and not yet handed to h2 (more than one step's
+        # worth), and how much of the frame h2 has begun is still to come (the
+        # preface first: it is not a frame).
+        self._inbox = b""
+        self._body_left = len(PREFACE)
+        self._step: asyncio.Handle | None = None  # the next step's call_soon
+        # Flood budgets, by kind (FLOOD_LIMITS): (level, when), made on first use.
+        self._floods: dict[str, tuple[float, float]] | None = None
+        # Outbound: bytes handlers wait to send, streams waiting to start, and
+        # handlers started and not yet settled (see _may_start).
+        self._held = 0
+        self._queued: deque[tuple[_Stream, H2Request, H2Response]] = deque()
+        self._starting = 0
+        self._starting_timer: asyncio.TimerHandle | None = None
+        # While something cannot be written: when we give up on the client.
+        self._write_timeout = write_timeout_s
+        self.write_deadline = 0.0
+        # Streams gone whose handlers are cancelled unless they end first.
+        self._doomed: deque[tuple[float, _Stream]] = deque()
+        self._doom_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -310,6 +404,62 @@ class Http2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # lingering: drop what the client still sends
+        self._inbox = self._inbox + data if self._inbox else data
+        if self._step is None:
+            self._next_step()
+
+    def _next_step(self) -> None:
+        """Hand h2 the next FRAMES_PER_STEP frames read; if more are left, read
+        nothing new and come back on the event loop's next turn."""
+        self._step = None
+        if self._closing:
+            self._inbox = b""
+            return
+        data = self._inbox
+        end, stop = self._step_end(data)
+        if end < len(data):
+            chunk, self._inbox = data[:end], data[end:]
+        else:
+            chunk, self._inbox = data, b""
+        if chunk:
+            self._receive(chunk)
+        if self._closing:
+            self._inbox = b""
+            return
+        if stop == _OVERSIZED:
+            # h2 checks a frame's length only once the whole frame has arrived,
+            # so a client announcing a 16 MiB frame would have us buffer 16 MiB.
+            self._h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+            self._close()
+        elif stop == _STEP_FULL:
+            self.transport.pause_reading()
+            self._step = self._loop.call_soon(self._next_step)
+        elif not self._paused:
+            self.transport.resume_reading()
+
+    def _step_end(self, data: bytes) -> tuple[int, int]:
+        """Where this step's frames end in ``data``, and why: all of it handed
+        over (the rest of a frame header, if any, waits for the next read),
+        the step is full, or the next frame is larger than allowed."""
+        pos = min(self._body_left, len(data))
+        self._body_left -= pos
+        frames = 0
+        limit = self._h2.max_inbound_frame_size
+        while len(data) - pos >= FRAME_HEADER:
+            if frames == FRAMES_PER_STEP or pos >= BYTES_PER_STEP:
+                return pos, _STEP_FULL
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            if length > limit:
+                return pos, _OVERSIZED
+            frames += 1
+            end = pos + FRAME_HEADER + length
+            if end > len(data):
+                self._body_left = end - len(data)
+                return len(data), _ALL_TAKEN
+            pos = end
+        return pos, _ALL_TAKEN
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self._h2.receive_data(data)
         except ProtocolError as exc:
@@ -332,22 +482,25 @@ class Http2Connection(asyncio.Protocol):
             log.exception("HTTP/2: failed to handle the client's frames")
             self._close()
             return
-        if self._oversized_frame_pending():
-            self._h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
-            self._close()
-            return
         self._flush()
 
-    def _oversized_frame_pending(self) -> bool:
-        """h2 checks a frame's length only once the whole frame has arrived, so
-        a client announcing a 16 MiB frame would have us buffer 16 MiB first.
-        What h2 keeps after parsing is the start of one incomplete frame: look
-        at the length in its header (a private buffer, hence the defaults)."""
-        pending = getattr(self._h2.incoming_buffer, "_data", b"")
-        return (
-            len(pending) >= 3
-            and int.from_bytes(pending[:3], "big") > self._h2.max_inbound_frame_size
-        )
+    def _charge(self, kind: str) -> bool:
+        """Count one frame of ``kind`` against its budget; over it, GOAWAY
+        ENHANCE_YOUR_CALM and close (True)."""
+        floods = self._floods
+        if floods is None:
+            floods = self._floods = {}
+        now = self._loop.time()
+        burst, rate = FLOOD_LIMITS[kind]
+        level, since = floods.get(kind, (0.0, now))
+        level = max(0.0, level - (now - since) * rate) + 1.0
+        floods[kind] = (level, now)
+        if level <= burst:
+            return False
+        log.info("HTTP/2 client over its %s budget: GOAWAY ENHANCE_YOUR_CALM", kind)
+        self._h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._close()
+        return True
 
     def eof_received(self) -> bool | None:
         # A client that half-closes is done with the connection (and while we
@@ -359,11 +512,13 @@ class Http2Connection(asyncio.Protocol):
             return
         self._lost = True
         self._closing = True
-        for timer in (self._idle_timer, self._linger):
+        for timer in (self._idle_timer, self._linger, self._step, self._starting_timer):
             if timer is not None:
                 timer.cancel()
-        self._idle_timer = self._linger = None
+        self._idle_timer = self._linger = self._step = self._starting_timer = None
+        self._inbox = b""
         self._fail_streams()
+        self._start_queued()  # the queued streams, all gone now, are settled
         self._resume_writers()
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
@@ -371,21 +526,36 @@ class Http2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._held_back()
         # Stop reading as well: frames such as PING make h2 queue replies, and a
         # client that sends without reading would pile them up here.
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
-        if not self._closing:
+        self._progressed()
+        if not self._closing and self._step is None:
             self.transport.resume_reading()
         self._resume_writers()
+        self._start_queued()
 
     # -- public --------------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
         return not self._streams
+
+    def has_expired(self, now: float) -> bool:
+        """A write has been held back (a closed flow-control window, or a
+        socket the client does not read) for the write timeout."""
+        return 0.0 < self.write_deadline < now
+
+    def expire(self) -> None:
+        """Give up on a client that does not take what we send (the server's
+        sweep calls this once ``has_expired``): its handlers see ClientGone."""
+        if self.transport is not None and not self._lost:
+            log.debug("HTTP/2 client took nothing for %g s: closing", self._write_timeout)
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """Graceful close: refuse new streams now (REFUSED_STREAM, so clients
@@ -407,11 +577,14 @@ class Http2Connection(asyncio.Protocol):
 
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        if self._charge("headers"):
+            return
         if self._goaway_sent or len(self._streams) >= self._max_streams:
             # Opened after our GOAWAY, or while as many handlers as streams are
             # allowed still run: h2 does not count streams the client has reset
             # ("rapid reset"), we do. Refused, so the client may retry.
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if not self._charge("reset"):
+                self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         method = raw_path = authority = None
         regular: list[tuple[str, str]] = []
@@ -427,14 +600,28 @@ class Http2Connection(asyncio.Protocol):
                 regular.append((name.decode("latin-1"), value.decode("latin-1")))
         headers, repeated = collect_headers(regular)
         if method is None or not raw_path:  # CONNECT, which we do not serve
-            self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            if not self._charge("reset"):
+                self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         stream = _Stream(self, stream_id)
         self._streams[stream_id] = stream
         req = H2Request(stream, method, raw_path, authority, headers, repeated)
-        stream.task = self._loop.create_task(self._run(stream, req, H2Response(stream)))
+        res = H2Response(stream)
+        if not self._queued and self._may_start():
+            self._start(stream, req, res)
+        else:
+            self._queued.append((stream, req, res))
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self._h2.reset_stream(stream_id, code)
+        except StreamClosedError:
+            pass  # the client reset it already (in the same read)
 
     def _on_data(self, event: DataReceived) -> None:
+        if not event.flow_controlled_length and event.stream_ended is None:
+            if self._charge("empty_data"):
+                return
         stream = self._streams.get(event.stream_id)
         data = event.data
         if stream is None or stream.gone:
@@ -459,11 +646,26 @@ class Http2Connection(asyncio.Protocol):
             _wake(stream)
 
     def _on_stream_reset(self, event: StreamReset) -> None:
+        if event.remote_reset and self._charge("reset"):
+            return
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             self._stream_gone(stream)
+            if stream.task is None:  # still waiting to start: it never will
+                self._unqueue(stream)
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        self._charge("headers")
+
+    def _on_ping(self, event: PingReceived) -> None:
+        self._charge("ping")
+
+    def _on_priority(self, event: PriorityUpdated) -> None:
+        self._charge("priority")
 
     def _on_window_updated(self, event: WindowUpdated) -> None:
+        if self._charge("window_update"):
+            return
         if event.stream_id == 0:
             self._wake_blocked()
         else:
@@ -472,6 +674,8 @@ class Http2Connection(asyncio.Protocol):
                 _wake(stream)
 
     def _on_settings(self, event: RemoteSettingsChanged) -> None:
+        if self._charge("settings"):
+            return
         changed = event.changed_settings
         if SettingCodes.INITIAL_WINDOW_SIZE in changed or SettingCodes.MAX_FRAME_SIZE in changed:
             self._wake_blocked()
@@ -483,6 +687,99 @@ class Http2Connection(asyncio.Protocol):
         self._close()
 
     # -- streams -------------------------------------------------------------------
+
+    def _may_start(self) -> bool:
+        """Whether another handler may start now (see SEND_BUDGET and
+        STARTING_LIMIT); when not, a stream waits in ``_queued``."""
+        if self._held + self.transport.get_write_buffer_size() >= SEND_BUDGET:
+            return False  # started again as the held-back bytes go out
+        if self._starting >= STARTING_LIMIT:
+            if self._starting_timer is None:
+                self._starting_timer = self._loop.call_later(STARTING_S, self._recount_starting)
+            return False
+        return True
+
+    def _start(self, stream: _Stream, req: H2Request, res: H2Response) -> None:
+        stream.starting = True
+        self._starting += 1
+        stream.task = self._loop.create_task(self._run(stream, req, res))
+
+    def _start_queued(self) -> None:
+        queued = self._queued
+        while queued:
+            stream = queued[0][0]
+            if stream.gone:  # reset, or the connection is gone: never started
+                queued.popleft()
+                self._finish(stream)
+            elif self._closing or not self._may_start():
+                return
+            else:
+                self._start(*queued.popleft())
+
+    def _settled(self, stream: _Stream) -> None:
+        """The handler answered, or waits for something: it no longer counts
+        as starting."""
+        if stream.starting:
+            stream.starting = False
+            self._starting -= 1
+            if self._queued:
+                self._start_queued()
+
+    def _recount_starting(self) -> None:
+        """Handlers started STARTING_S ago and still silent wait for something
+        the server cannot see (a long-poll's wake-up): let the next ones start."""
+        self._starting_timer = None
+        for stream in self._streams.values():
+            stream.starting = False
+        self._starting = 0
+        self._start_queued()
+
+    def _unqueue(self, stream: _Stream) -> None:
+        for index, queued in enumerate(self._queued):
+            if queued[0] is stream:
+                del self._queued[index]
+                break
+        self._finish(stream)
+
+    def _doom(self, stream: _Stream) -> None:
+        """The stream is gone: a handler that has not noticed (it reads or
+        writes nothing, as a waiting long-poll) is cancelled GONE_GRACE_S later."""
+        if stream.task is None or stream.task.done():
+            return
+        self._doomed.append((self._loop.time() + GONE_GRACE_S, stream))
+        if self._doom_timer is None:
+            self._doom_timer = self._loop.call_later(GONE_GRACE_S, self._cancel_doomed)
+
+    def _cancel_doomed(self) -> None:
+        self._doom_timer = None
+        doomed = self._doomed
+        now = self._loop.time()
+        while doomed and doomed[0][0] <= now:
+            stream = doomed.popleft()[1]
+            task = stream.task
+            if task is not None and not task.done():
+                task.cancel()
+                task.add_done_callback(functools.partial(self._cancelled, stream))
+        if doomed:
+            self._doom_timer = self._loop.call_at(doomed[0][0], self._cancel_doomed)
+
+    def _cancelled(self, stream: _Stream, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never runs _run's ``finally``.
+        if self._streams.get(stream.id) is stream:
+            self._finish(stream)
+
+    def _held_back(self) -> None:
+        """Something cannot be written now: start the write timeout."""
+        if not self.write_deadline and self._write_timeout > 0:
+            self.write_deadline = self._loop.time() + self._write_timeout
+
+    def _progressed(self) -> None:
+        """The client took data: the write timeout starts over, if still needed."""
+        if self._blocked or self._paused:
+            if self._write_timeout > 0:
+                self.write_deadline = self._loop.time() + self._write_timeout
+        else:
+            self.write_deadline = 0.0
 
     async def _run(self, stream: _Stream, req: H2Request, res: H2Response) -> None:
         try:
@@ -505,6 +802,9 @@ class Http2Connection(asyncio.Protocol):
         del self._streams[stream.id]
         self._blocked.discard(stream)
         stream.chunks = None
+        if stream.starting:
+            stream.starting = False
+            self._starting -= 1
         if not self._closing:
             try:
                 if not stream.gone:
@@ -522,6 +822,8 @@ class Http2Connection(asyncio.Protocol):
             except ProtocolError:
                 pass  # the stream was closed meanwhile
             self._flush()
+            if self._queued:
+                self._start_queued()
         if not self._streams:
             if self._goaway_sent:
                 self._loop.call_later(GOAWAY_AFTER_S, self._goaway_and_close)
@@ -537,6 +839,7 @@ class Http2Connection(asyncio.Protocol):
             self._h2.acknowledge_received_data(stream.unacked, stream.id)
         stream.unacked = 0
         _wake(stream)
+        self._doom(stream)
 
     def _fail_streams(self) -> None:
         for stream in self._streams.values():
@@ -552,6 +855,8 @@ class Http2Connection(asyncio.Protocol):
 
     async def _wait(self, stream: _Stream) -> None:
         """Sleep until something happens to the stream (callers check what)."""
+        if stream.starting:
+            self._settled(stream)
         waiter = self._loop.create_future()
         stream.waiter = waiter
         try:
@@ -566,8 +871,14 @@ class Http2Connection(asyncio.Protocol):
     # -- sending -------------------------------------------------------------------
 
     async def _send_headers(
-        self, stream: _Stream, headers: list[tuple[bytes, bytes]], end_stream: bool
+        self,
+        stream: _Stream,
+        headers: list[tuple[bytes, bytes]],
+        end_stream: bool,
+        body_size: int = 0,
     ) -> None:
+        """Send the response's HEADERS; ``body_size`` is what the handler has
+        in hand to send next (held back, and counted, while the socket is full)."""
         if stream.gone:
             raise ClientGone()
         try:
@@ -577,8 +888,14 @@ class Http2Connection(asyncio.Protocol):
         if end_stream:
             stream.responded = True
         self._flush()
+        if stream.starting:
+            self._settled(stream)
         if self._paused:
-            await self._drain(stream)
+            self._hold(stream, body_size)
+            try:
+                await self._drain(stream)
+            finally:
+                self._hold(stream, 0)
 
     async def _send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> None:
         """Send ``data`` in frames as the flow-control windows allow."""
@@ -599,10 +916,13 @@ class Http2Connection(asyncio.Protocol):
                 raise ClientGone() from exc
             if window <= 0:
                 self._blocked.add(stream)
+                self._held_back()
+                self._hold(stream, total - sent)
                 try:
                     await self._wait(stream)
                 finally:
                     self._blocked.discard(stream)
+                    self._hold(stream, 0)
                 continue
             size = min(window, h2.max_outbound_frame_size, total - sent)
             last = end_stream and sent + size == total
@@ -611,10 +931,33 @@ class Http2Connection(asyncio.Protocol):
             if last:
                 stream.responded = True
             self._flush()
+            self._sent_data_frame()
             if self._paused:
-                await self._drain(stream)
+                self._hold(stream, total - sent)
+                try:
+                    await self._drain(stream)
+                finally:
+                    self._hold(stream, 0)
             if last:
                 return
+
+    def _hold(self, stream: _Stream, size: int) -> None:
+        """The handler of ``stream`` waits with ``size`` bytes still to send."""
+        self._held += size - stream.held
+        stream.held = size
+        if not size and self._queued:
+            self._start_queued()
+
+    def _sent_data_frame(self) -> None:
+        """A DATA frame went out: the client may answer it with two
+        WINDOW_UPDATEs, which its budget then allows; the write timeout
+        starts over."""
+        floods = self._floods
+        if floods is not None and "window_update" in floods:
+            level, since = floods["window_update"]
+            floods["window_update"] = (max(0.0, level - 2.0), since)
+        if self.write_deadline:
+            self._progressed()
 
     def _end(self, stream: _Stream) -> None:
         try:
@@ -626,6 +969,8 @@ class Http2Connection(asyncio.Protocol):
 
     async def _drain(self, stream: _Stream) -> None:
         """Wait until the transport takes writes again."""
+        if stream.starting:
+            self._settled(stream)
         while self._paused and not self._lost:
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
@@ -712,6 +1057,9 @@ def _wake(stream: _Stream) -> None:
 
 _EVENT_HANDLERS: dict[type, Callable[[Http2Connection, Any], None]] = {
     RequestReceived: Http2Connection._on_request,
+    TrailersReceived: Http2Connection._on_trailers,
+    PingReceived: Http2Connection._on_ping,
+    PriorityUpdated: Http2Connection._on_priority,
     DataReceived: Http2Connection._on_data,
     StreamEnded: Http2Connection._on_stream_ended,
     StreamReset: Http2Connection._on_stream_reset,

@@ -37,9 +37,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.servers.native.http1 import BUSY, Http1Connection
+from gateway.servers.native.http1 import Http1Connection
 from gateway.servers.native.http2 import Http2Connection
 from gateway.servers.native.tls import SHUTDOWN_TIMEOUT_S
 from gateway.web.request import Request, Response
@@ -47,6 +47,27 @@ from gateway.web.request import Request, Response
 log = logging.getLogger("gateway.server")
 
 Handler = Callable[[Request, Response], Awaitable[None]]
+
+
+class Connection(Protocol):
+    """What the server asks of a connection, whatever its protocol."""
+
+    transport: Any
+
+    @property
+    def idle(self) -> bool: ...
+
+    def has_expired(self, now: float) -> bool:
+        """A deadline passed: the client kept an idle connection, sent its
+        request or took our response too slowly."""
+        ...
+
+    def expire(self) -> None: ...
+
+    def shutdown(self) -> None:
+        """The server is stopping: close once the streams in progress end."""
+        ...
+
 
 # A worker that dies sooner than this after its start is not restarted: it
 # would only die again (bad configuration, port taken, ...).
@@ -83,7 +104,7 @@ class ServerState:
         self.max_url_bytes = options.max_url_bytes
         self.scheme = "https" if options.tls is not None else "http"
         self.default_host = host  # for base URLs when a request has no Host
-        self.connections: set[Any] = set()
+        self.connections: set[Connection] = set()
         self.stopping = False
         self.date = b""
         self._closed = asyncio.Event()
@@ -92,16 +113,16 @@ class ServerState:
 
     # -- connections ----------------------------------------------------------------------
 
-    def admit(self, conn: Any) -> bool:
+    def admit(self, conn: Connection) -> bool:
         if self.stopping or len(self.connections) >= self.max_connections:
             return False
         self.connections.add(conn)
         return True
 
-    def adopt(self, conn: Any) -> None:
+    def adopt(self, conn: Connection) -> None:
         self.connections.add(conn)
 
-    def forget(self, conn: Any) -> None:
+    def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self.stopping and not self.connections:
             self._closed.set()
@@ -111,6 +132,7 @@ class ServerState:
             self.handle,
             on_close=self.forget,
             idle_timeout_s=self.keep_alive_timeout,
+            write_timeout_s=self.read_timeout,
             scheme=self.scheme,
         )
 
@@ -119,12 +141,7 @@ class ServerState:
     def _tick(self) -> None:
         self.date = b"date: %s\r\n" % email.utils.formatdate(usegmt=True).encode()
         now = self.loop.time()
-        expired = [
-            conn
-            for conn in self.connections
-            if isinstance(conn, Http1Connection)
-            and ((conn.state != BUSY and conn.deadline < now) or 0.0 < conn.write_deadline < now)
-        ]
+        expired = [conn for conn in self.connections if conn.has_expired(now)]
         for conn in expired:
             conn.expire()
         self._sweeper = self.loop.call_at(now + 1.0, self._tick)
