@@ -408,9 +408,10 @@ class Http2Connection(asyncio.Protocol):
         if self._step is None:
             self._next_step()
 
-    def _next_step(self) -> None:
+    def _next_step(self, held_over: bool = False) -> None:
         """Hand h2 the next FRAMES_PER_STEP frames read; if more are left, read
-        nothing new and come back on the event loop's next turn."""
+        nothing new and come back on the event loop's next turn (``held_over``:
+        this is such a turn, reading is paused)."""
         self._step = None
         if self._closing:
             self._inbox = b""
@@ -432,9 +433,10 @@ class Http2Connection(asyncio.Protocol):
             self._h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
             self._close()
         elif stop == _STEP_FULL:
-            self.transport.pause_reading()
-            self._step = self._loop.call_soon(self._next_step)
-        elif not self._paused:
+            if not held_over:
+                self.transport.pause_reading()
+            self._step = self._loop.call_soon(self._next_step, True)
+        elif held_over and not self._paused:
             self.transport.resume_reading()
 
     def _step_end(self, data: bytes) -> tuple[int, int]:
