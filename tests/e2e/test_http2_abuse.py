@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, HeadersFrame
 from support.gateway_server import GatewayServer
 from support.h2_raw import (
     ENHANCE_YOUR_CALM,
@@ -184,6 +184,28 @@ def test_unread_responses_cost_bounded_memory_and_time_out(
     assert (peak - before) < 50 * 1024, (before, peak)
     assert released > READ_TIMEOUT_S - 0.5, released
     assert_served(probe)
+
+
+def test_a_held_back_stream_the_client_resets_no_longer_counts(gw: GatewayServer) -> None:
+    """The write timeout is for data held back: once the client resets the
+    only stream it does not take, its connection lives on (here a long-poll
+    keeps it from being idle)."""
+    big = create(gw, os.urandom(256 * 1024))
+    poll = create(gw) + "?offset=now&live=long-poll"
+    with RawH2(gw.port, settings={INITIAL_WINDOW_SIZE: 0}) as client:
+        client_port = client.sock.getsockname()[1]
+        client.request(poll)
+        held_back = client.request(big + "?offset=-1")
+        response_headers = [
+            frame
+            for frame in client.frames(2)
+            if frame.stream_id == held_back and isinstance(frame, HeadersFrame)
+        ]
+        assert response_headers, "no response to the request held back"
+        assert client.send(RawH2.rst_frame(held_back))
+        for _ in client.frames(READ_TIMEOUT_S + SWEEP_S + 1.5):
+            pass
+        assert not client.closed and server_holds(gw.port, client_port)
 
 
 # -- 3. control-frame floods -----------------------------------------------------------

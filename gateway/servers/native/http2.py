@@ -26,8 +26,10 @@ keep the event loop to itself:
 - at most FRAMES_PER_STEP frames are handled per turn of the event loop;
   reading pauses until the rest of a read is handled;
 - handlers still running count against ``max_concurrent_streams`` even once
-  the client has reset their streams, which h2 itself does not count, and a
-  reset cancels the stream's handler at once (a long-poll stops waiting);
+  the client has reset their streams, which h2 itself does not count; a
+  handler sees ClientGone at its next read or write, and one that does
+  neither (a long-poll waiting for data) is cancelled GONE_GRACE_S after the
+  reset;
 - resets, refused streams, PING, SETTINGS, WINDOW_UPDATE, PRIORITY, empty DATA
   and new streams each have a budget per connection (a burst, refilled at a
   steady rate, FLOOD_LIMITS); a client beyond one gets GOAWAY
@@ -379,14 +381,14 @@ class Http2Connection(asyncio.Protocol):
         # Outbound: bytes handlers wait to send, streams waiting to start, and
         # handlers started and not yet settled (see _may_start).
         self._held = 0
-        self._queued: deque[tuple[_Stream, H2Request, H2Response]] = deque()
+        self._queued: deque[tuple[_Stream, H2Request, H2Response]] | None = None
         self._starting = 0
         self._starting_timer: asyncio.TimerHandle | None = None
         # While something cannot be written: when we give up on the client.
         self._write_timeout = write_timeout_s
         self.write_deadline = 0.0
         # Streams gone whose handlers are cancelled unless they end first.
-        self._doomed: deque[tuple[float, _Stream]] = deque()
+        self._doomed: deque[tuple[float, _Stream]] | None = None
         self._doom_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -612,6 +614,8 @@ class Http2Connection(asyncio.Protocol):
         if not self._queued and self._may_start():
             self._start(stream, req, res)
         else:
+            if self._queued is None:
+                self._queued = deque()
             self._queued.append((stream, req, res))
 
     def _reset(self, stream_id: int, code: ErrorCodes) -> None:
@@ -708,6 +712,8 @@ class Http2Connection(asyncio.Protocol):
 
     def _start_queued(self) -> None:
         queued = self._queued
+        if queued is None:
+            return
         while queued:
             stream = queued[0][0]
             if stream.gone:  # reset, or the connection is gone: never started
@@ -737,7 +743,7 @@ class Http2Connection(asyncio.Protocol):
         self._start_queued()
 
     def _unqueue(self, stream: _Stream) -> None:
-        for index, queued in enumerate(self._queued):
+        for index, queued in enumerate(self._queued or ()):
             if queued[0] is stream:
                 del self._queued[index]
                 break
@@ -748,6 +754,8 @@ class Http2Connection(asyncio.Protocol):
         writes nothing, as a waiting long-poll) is cancelled GONE_GRACE_S later."""
         if stream.task is None or stream.task.done():
             return
+        if self._doomed is None:
+            self._doomed = deque()
         self._doomed.append((self._loop.time() + GONE_GRACE_S, stream))
         if self._doom_timer is None:
             self._doom_timer = self._loop.call_later(GONE_GRACE_S, self._cancel_doomed)
@@ -755,6 +763,8 @@ class Http2Connection(asyncio.Protocol):
     def _cancel_doomed(self) -> None:
         self._doom_timer = None
         doomed = self._doomed
+        if doomed is None:
+            return
         now = self._loop.time()
         while doomed and doomed[0][0] <= now:
             stream = doomed.popleft()[1]
@@ -925,6 +935,8 @@ class Http2Connection(asyncio.Protocol):
                 finally:
                     self._blocked.discard(stream)
                     self._hold(stream, 0)
+                    if not self._blocked and not self._paused:
+                        self.write_deadline = 0.0  # nothing held back any more
                 continue
             size = min(window, h2.max_outbound_frame_size, total - sent)
             last = end_stream and sent + size == total
