@@ -23,8 +23,8 @@ keep the event loop to itself:
 
 - reading stops while the socket's write buffer is full (PING and SETTINGS
   make h2 queue replies), and an oversized frame is refused on its header;
-- at most FRAMES_PER_STEP frames are handled per turn of the event loop;
-  reading pauses until the rest of a read is handled;
+- at most FRAMES_PER_STEP frames (HEADERS_PER_STEP HEADERS) are handled per
+  turn of the event loop; reading pauses until the rest of a read is handled;
 - handlers still running count against ``max_concurrent_streams`` even once
   the client has reset their streams, which h2 itself does not count; a
   handler sees ClientGone at its next read or write, and one that does
@@ -109,10 +109,14 @@ GOAWAY_AFTER_S = 0.1
 
 # Frames handled per turn of the event loop, and bytes handed to h2 at most per
 # turn: a connection that sends thousands of small frames in one read yields
-# to the others between steps.
+# to the others between steps. HEADERS frames cost more: h2 counts the open
+# streams for each new one, a walk over all of them (up to
+# max_concurrent_streams), so fewer of them make a step.
 FRAMES_PER_STEP = 100
+HEADERS_PER_STEP = 4
 BYTES_PER_STEP = 256 * 1024
 FRAME_HEADER = 9
+_HEADERS_FRAME = 0x1  # the frame type
 _ALL_TAKEN, _STEP_FULL, _OVERSIZED = range(3)  # how a step ends (_step_end)
 
 # What a client may send per connection before GOAWAY ENHANCE_YOUR_CALM: a
@@ -276,6 +280,21 @@ class H2Response(Response):
                 stream.conn._end(stream)
 
 
+# What h2 itself enforces of the stream limit: nothing (see connection_made).
+_UNLIMITED_STREAMS = 2**31 - 1
+
+
+def _local_settings(max_concurrent_streams: int, max_header_list_size: int) -> Settings:
+    return Settings(
+        client=False,
+        initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        },
+    )
+
+
 def _response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]]:
     out = [(b":status", str(status).encode())]
     for name, value in headers:
@@ -343,16 +362,8 @@ class Http2Connection(asyncio.Protocol):
         )
         # Initial values apply at once, not when the client acknowledges them.
         # The larger window only lets the client send more than it assumes at
-        # first; the two limits bind a client before it has read them, which
-        # only a client opening 1000 streams in its first flight would notice.
-        h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            },
-        )
+        # first; the header limit binds a client before it has read it.
+        h2.local_settings = _local_settings(max_concurrent_streams, max_header_list_size)
         h2.decoder.max_header_list_size = max_header_list_size
         self._h2 = h2
         self._streams: dict[int, _Stream] = {}
@@ -399,6 +410,12 @@ class Http2Connection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else None
         self._loop = asyncio.get_running_loop()
         self._h2.initiate_connection()
+        # The client is told max_concurrent_streams, but h2 would end the
+        # connection (PROTOCOL_ERROR) on one stream more; _on_request refuses
+        # such streams itself, and counts them against the reset budget.
+        self._h2.local_settings = _local_settings(
+            _UNLIMITED_STREAMS, self._h2.decoder.max_header_list_size
+        )
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - H2_DEFAULT_WINDOW)
         self._flush()
         self._became_idle()
@@ -447,11 +464,15 @@ class Http2Connection(asyncio.Protocol):
         the step is full, or the next frame is larger than allowed."""
         pos = min(self._body_left, len(data))
         self._body_left -= pos
-        frames = 0
+        frames = headers = 0
         limit = self._h2.max_inbound_frame_size
         while len(data) - pos >= FRAME_HEADER:
             if frames == FRAMES_PER_STEP or pos >= BYTES_PER_STEP:
                 return pos, _STEP_FULL
+            if data[pos + 3] == _HEADERS_FRAME:
+                if headers == HEADERS_PER_STEP:
+                    return pos, _STEP_FULL
+                headers += 1
             length = int.from_bytes(data[pos : pos + 3], "big")
             if length > limit:
                 return pos, _OVERSIZED
@@ -584,9 +605,12 @@ class Http2Connection(asyncio.Protocol):
         if self._charge("headers"):
             return
         if self._goaway_sent or len(self._streams) >= self._max_streams:
-            # Opened after our GOAWAY, or while as many handlers as streams are
-            # allowed still run: h2 does not count streams the client has reset
-            # ("rapid reset"), we do. Refused, so the client may retry.
+            # Opened after our GOAWAY, or while as many streams as allowed have
+            # a handler (running or waiting to start). Every stream h2 counts
+            # as open has one (_finish closes the stream when its handler
+            # ends), and so do streams the client has reset whose handler still
+            # runs ("rapid reset"), which h2 does not count.
+            # Refused, so the client may retry.
             if not self._charge("reset"):
                 self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
