@@ -15,13 +15,14 @@ control frames (PING, SETTINGS, WINDOW_UPDATE, empty DATA, HEADERS).
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import DataFrame, HeadersFrame
 from support.gateway_server import GatewayServer
 from support.h2_raw import (
     ENHANCE_YOUR_CALM,
@@ -206,6 +207,26 @@ def test_a_held_back_stream_the_client_resets_no_longer_counts(gw: GatewayServer
         for _ in client.frames(READ_TIMEOUT_S + SWEEP_S + 1.5):
             pass
         assert not client.closed and server_holds(gw.port, client_port)
+
+
+def test_frames_split_at_every_byte_are_served(gw: GatewayServer) -> None:
+    """Frames are handed to h2 whole or in pieces as they arrive: a client
+    whose every byte comes in a read of its own is served like any other."""
+    path = create(gw, b"one byte at a time")
+    with RawH2(gw.port) as client:
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream_id = client.next_stream_id
+        data = client.headers_frame(path + "?offset=-1") + RawH2.ping_frame(7)
+        for index in range(len(data)):
+            assert client.send(data[index : index + 1])
+            time.sleep(0.002)
+        body = b""
+        for frame in client.frames(5):
+            if frame.stream_id == stream_id and isinstance(frame, DataFrame):
+                body += frame.data
+            if client.ended:
+                break
+    assert body == b"one byte at a time"
 
 
 # -- 3. control-frame floods -----------------------------------------------------------
