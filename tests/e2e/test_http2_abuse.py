@@ -22,9 +22,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis
-from hyperframe.frame import DataFrame, HeadersFrame
+from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
 from support.gateway_server import GatewayServer
 from support.h2_raw import (
+    CANCEL,
     ENHANCE_YOUR_CALM,
     MAX_WINDOW,
     NO_ERROR,
@@ -207,6 +208,46 @@ def test_a_held_back_stream_the_client_resets_no_longer_counts(gw: GatewayServer
         for _ in client.frames(READ_TIMEOUT_S + SWEEP_S + 1.5):
             pass
         assert not client.closed and server_holds(gw.port, client_port)
+
+
+def test_a_request_body_that_stops_coming_is_reset_after_the_read_timeout(
+    gw: GatewayServer,
+) -> None:
+    """As on HTTP/1.1, a client gets --read-timeout between bytes of its
+    request: a stalled body is reset (CANCEL), its connection serves on."""
+    path = create(gw)
+    with RawH2(gw.port) as client:
+        frame = HeadersFrame(client.next_stream_id)
+        stalled = client.next_stream_id
+        client.next_stream_id += 2
+        frame.data = client.encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "127.0.0.1"),
+                (":path", path),
+                ("content-type", "text/plain"),
+                ("content-length", "10"),
+            ]
+        )
+        frame.flags.add("END_HEADERS")
+        assert client.send(frame.serialize() + RawH2.data_frame(stalled, b"12345"))
+        sent_at = time.monotonic()
+        reset = None
+        for received in client.frames(READ_TIMEOUT_S + SWEEP_S + 3):
+            if isinstance(received, RstStreamFrame) and received.stream_id == stalled:
+                reset = received
+                break
+        took = time.monotonic() - sent_at
+        assert reset is not None and reset.error_code == CANCEL, reset
+        assert READ_TIMEOUT_S - 0.5 < took < READ_TIMEOUT_S + SWEEP_S + 1, took
+        served = client.request(path + "?offset=-1")
+        answered = False
+        for received in client.frames(5):
+            if received.stream_id == served and "END_STREAM" in received.flags:
+                answered = True
+                break
+        assert answered, "the connection no longer serves"
 
 
 def test_frames_split_at_every_byte_are_served(gw: GatewayServer) -> None:

@@ -40,8 +40,9 @@ keep the event loop to itself:
   more than STARTING_LIMIT handlers start per STARTING_S until they have
   answered or waited (a burst of requests cannot all read a page at once);
 - a write held back (flow control or a full socket) for ``write_timeout_s``
-  without progress gives the client up, as on HTTP/1.1: the server's sweep
-  asks ``has_expired`` and calls ``expire``.
+  without progress gives the client up, and request bodies awaited for
+  ``read_timeout_s`` without a byte are reset, as on HTTP/1.1: the server's
+  sweep asks ``has_expired`` and calls ``expire``.
 
 ``h2`` refuses every frame once a GOAWAY has gone either way (python-hyper/h2
 #1181), so a graceful ``shutdown`` writes its GOAWAY itself, outside the state
@@ -234,7 +235,11 @@ class H2Request(Request):
                 continue
             if stream.ended:
                 return
-            await conn._wait(stream)
+            conn._await_body(stream)
+            try:
+                await conn._wait(stream)
+            finally:
+                conn._body_came(stream)
 
     def release(self) -> None:
         super().release()
@@ -309,6 +314,7 @@ class Http2Connection(asyncio.Protocol):
 
     __slots__ = (
         "_blocked",
+        "_body_awaited",
         "_body_left",
         "_closing",
         "_doom_timer",
@@ -330,6 +336,7 @@ class Http2Connection(asyncio.Protocol):
         "_on_close",
         "_paused",
         "_queued",
+        "_read_timeout",
         "_scheme",
         "_starting",
         "_starting_timer",
@@ -337,6 +344,7 @@ class Http2Connection(asyncio.Protocol):
         "_streams",
         "_write_timeout",
         "peer",
+        "read_deadline",
         "transport",
         "write_deadline",
     )
@@ -350,6 +358,7 @@ class Http2Connection(asyncio.Protocol):
         max_header_list_size: int = 65536,
         idle_timeout_s: float = 5.0,
         write_timeout_s: float = 30.0,
+        read_timeout_s: float = 30.0,
         scheme: str = "http",
     ) -> None:
         self._handle = handle
@@ -398,6 +407,10 @@ class Http2Connection(asyncio.Protocol):
         # While something cannot be written: when we give up on the client.
         self._write_timeout = write_timeout_s
         self.write_deadline = 0.0
+        # While handlers wait for request bodies: when we give up on those.
+        self._body_awaited: set[_Stream] | None = None
+        self._read_timeout = read_timeout_s
+        self.read_deadline = 0.0
         # Streams gone whose handlers are cancelled unless they end first.
         self._doomed: deque[tuple[float, _Stream]] | None = None
         self._doom_timer: asyncio.TimerHandle | None = None
@@ -572,15 +585,28 @@ class Http2Connection(asyncio.Protocol):
 
     def has_expired(self, now: float) -> bool:
         """A write has been held back (a closed flow-control window, or a
-        socket the client does not read) for the write timeout."""
-        return 0.0 < self.write_deadline < now
+        socket the client does not read) for the write timeout, or request
+        bodies have been awaited for the read timeout without a byte."""
+        return 0.0 < self.write_deadline < now or 0.0 < self.read_deadline < now
 
     def expire(self) -> None:
-        """Give up on a client that does not take what we send (the server's
-        sweep calls this once ``has_expired``): its handlers see ClientGone."""
-        if self.transport is not None and not self._lost:
+        """The server's sweep calls this once ``has_expired``. A client that
+        does not take what we send is given up (its handlers see ClientGone);
+        request bodies that stopped coming are reset (CANCEL), and their
+        handlers see ClientGone, as on HTTP/1.1."""
+        if self.transport is None or self._lost:
+            return
+        now = self._loop.time()
+        if 0.0 < self.write_deadline < now:
             log.debug("HTTP/2 client took nothing for %g s: closing", self._write_timeout)
             self.transport.abort()
+            return
+        self.read_deadline = 0.0
+        for stream in list(self._body_awaited or ()):
+            if not stream.gone:
+                self._reset(stream.id, ErrorCodes.CANCEL)
+                self._stream_gone(stream)
+        self._flush()
 
     def shutdown(self) -> None:
         """Graceful close: refuse new streams now (REFUSED_STREAM, so clients
@@ -667,6 +693,8 @@ class Http2Connection(asyncio.Protocol):
             else:
                 stream.chunks.append(data)
             stream.unacked += len(data)
+            if self.read_deadline:
+                self.read_deadline = self._loop.time() + self._read_timeout
             _wake(stream)
 
     def _on_stream_ended(self, event: StreamEnded) -> None:
@@ -798,6 +826,23 @@ class Http2Connection(asyncio.Protocol):
                 task.add_done_callback(functools.partial(self._cancelled, stream))
         if doomed:
             self._doom_timer = self._loop.call_at(doomed[0][0], self._cancel_doomed)
+
+    def _await_body(self, stream: _Stream) -> None:
+        """The handler waits for more of the request body: the read timeout
+        runs (from the first such wait; body data restarts it)."""
+        awaited = self._body_awaited
+        if awaited is None:
+            awaited = self._body_awaited = set()
+        awaited.add(stream)
+        if not self.read_deadline and self._read_timeout > 0:
+            self.read_deadline = self._loop.time() + self._read_timeout
+
+    def _body_came(self, stream: _Stream) -> None:
+        awaited = self._body_awaited
+        if awaited is not None:
+            awaited.discard(stream)
+            if not awaited:
+                self.read_deadline = 0.0
 
     def _cancelled(self, stream: _Stream, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never runs _run's ``finally``.

@@ -133,6 +133,7 @@ class ServerState:
             on_close=self.forget,
             idle_timeout_s=self.keep_alive_timeout,
             write_timeout_s=self.read_timeout,
+            read_timeout_s=self.read_timeout,
             scheme=self.scheme,
         )
 
