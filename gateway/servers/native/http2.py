@@ -903,8 +903,8 @@ class Http2Connection(asyncio.Protocol):
             except ProtocolError:
                 pass  # the stream was closed meanwhile
             self._flush()
-            if self._queued:
-                self._start_queued()
+            if self._queued and stream.task is not None:
+                self._start_queued()  # (one never started changes nothing there)
         if not self._streams:
             if self._goaway_sent:
                 self._loop.call_later(GOAWAY_AFTER_S, self._goaway_and_close)
