@@ -115,7 +115,7 @@ def test_rapid_reset_flood_gets_goaway_enhance_your_calm(gw: GatewayServer) -> N
             goaway = attacker.goaway(0)
         if goaway is None:
             goaway = attacker.goaway(5)
-        print(f"rapid reset: {pairs} pairs sent, GOAWAY {goaway}, probe worst {probe.worst_s:.3f}s")
+    print(f"rapid reset: {pairs} pairs sent, GOAWAY {goaway}, probe worst {probe.worst_s:.3f}s")
     assert goaway is not None, f"no GOAWAY after {pairs} reset streams"
     assert goaway.error_code == ENHANCE_YOUR_CALM
     assert pairs <= 5_000, pairs
@@ -157,15 +157,17 @@ def test_unread_responses_cost_bounded_memory_and_time_out(
     responses the client takes: the worker holds under 50 MB for them, and
     drops the connection once the write timeout has passed."""
     path = create(fresh_gw, os.urandom(512 * 1024)) + "?offset=-1"
-    if attack == "zero-window":
-        attacker = RawH2(fresh_gw.port, settings={INITIAL_WINDOW_SIZE: 0})
-    else:
-        attacker = RawH2(fresh_gw.port, settings={INITIAL_WINDOW_SIZE: MAX_WINDOW}, rcvbuf=16384)
-        attacker.send(RawH2.window_update_frame(0, MAX_WINDOW - 65535))
-    client_port = attacker.sock.getsockname()[1]
+    settings = {INITIAL_WINDOW_SIZE: 0 if attack == "zero-window" else MAX_WINDOW}
+    rcvbuf = 16384 if attack == "unread-socket" else None
     before = rss_kib(fresh_gw.pid)
     peak = before
-    with probe_for(fresh_gw) as probe, attacker:
+    with (
+        probe_for(fresh_gw) as probe,
+        RawH2(fresh_gw.port, settings=settings, rcvbuf=rcvbuf) as attacker,
+    ):
+        if attack == "unread-socket":
+            attacker.send(RawH2.window_update_frame(0, MAX_WINDOW - 65535))
+        client_port = attacker.sock.getsockname()[1]
         assert attacker.send(b"".join(attacker.headers_frame(path) for _ in range(1000)))
         sent_at = time.monotonic()
         while time.monotonic() - sent_at < READ_TIMEOUT_S + SWEEP_S + 5:
@@ -178,11 +180,11 @@ def test_unread_responses_cost_bounded_memory_and_time_out(
             else:
                 time.sleep(0.05)
         released = time.monotonic() - sent_at
-        print(
-            f"{attack}: RSS {before} -> peak {peak} KiB (+{(peak - before) / 1024:.1f} MiB), "
-            f"released after {released:.2f}s, probe worst {probe.worst_s:.3f}s"
-        )
         assert not server_holds(fresh_gw.port, client_port), "never disconnected"
+    print(
+        f"{attack}: RSS {before} -> peak {peak} KiB (+{(peak - before) / 1024:.1f} MiB), "
+        f"released after {released:.2f}s, probe worst {probe.worst_s:.3f}s"
+    )
     assert (peak - before) < 50 * 1024, (before, peak)
     assert released > READ_TIMEOUT_S - 0.5, released
     assert_served(probe)
@@ -323,10 +325,10 @@ def test_control_frame_flood_gets_goaway_enhance_your_calm(gw: GatewayServer, ki
                 break
         if goaway is None:
             goaway = attacker.goaway(READ_TIMEOUT_S + SWEEP_S + 3)
-        print(
-            f"{kind} flood: {frames_sent} frames sent, GOAWAY {goaway}, "
-            f"probe worst {probe.worst_s:.3f}s"
-        )
+    print(
+        f"{kind} flood: {frames_sent} frames sent, GOAWAY {goaway}, "
+        f"probe worst {probe.worst_s:.3f}s"
+    )
     assert goaway is not None, f"no GOAWAY after {frames_sent} frames"
     assert goaway.error_code == ENHANCE_YOUR_CALM
     assert_served(probe)

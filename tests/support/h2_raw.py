@@ -10,14 +10,16 @@ back when asked to.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import select
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import hpack
-import httpx
 from hyperframe.frame import (
     DataFrame,
     Frame,
@@ -28,6 +30,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CANCEL = 0x8
@@ -175,9 +179,11 @@ class RawH2:
 
 
 class LatencyProbe:
-    """A well-behaved client beside the attack: one GET after another, each on
-    a new HTTP/1.1 connection, recording the slowest answer (a failure counts
-    as infinitely slow)."""
+    """A well-behaved client beside the attack (support/latency_probe.py, in
+    a process of its own): one GET after another on new HTTP/1.1
+    connections. Entering returns once the first was answered; leaving
+    waits for three more and sets ``worst_s`` (the slowest answer),
+    ``answered`` and ``failures``."""
 
     def __init__(self, url: str, interval_s: float = 0.02) -> None:
         self.url = url
@@ -185,47 +191,38 @@ class LatencyProbe:
         self.worst_s = 0.0
         self.answered = 0
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        limits = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(timeout=5.0, limits=limits) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    response = client.get(self.url)
-                    if response.status_code != 200:
-                        self.failures.append(f"HTTP {response.status_code}")
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-                took = time.monotonic() - started
-                self.worst_s = max(self.worst_s, took)
-                self.answered += 1
-                self._stop.wait(self.interval_s)
-
-    def wait_answered(self, count: int, within: float = 10.0) -> None:
-        """Wait until ``count`` requests have been answered in all (or failed)."""
-        deadline = time.monotonic() + within
-        while self.answered < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the probe answered {self.answered} of {count} in {within} s")
-            time.sleep(0.01)
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> LatencyProbe:
-        """Start, and return once the first request has been answered: the
-        attack that follows runs beside it."""
-        self._thread.start()
-        self.wait_answered(1)
+        env = {**os.environ, "PYTHONPATH": _TESTS_DIR}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "support.latency_probe", self.url, str(self.interval_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        ready = self._proc.stdout.readline()  # the first answer (or the probe's end)
+        if ready.strip() != "ready":
+            self._proc.kill()
+            self._proc.wait()
+            raise RuntimeError(f"the latency probe did not start: {ready!r}")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        """Stop, once a few more requests were answered after the attack."""
+        proc = self._proc
+        if proc is None:
+            return
         try:
-            self.wait_answered(self.answered + 3)
-        finally:
-            self._stop.set()
-            self._thread.join(10)
+            out, _ = proc.communicate(input="", timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        result = json.loads(out.strip().splitlines()[-1])
+        self.worst_s = result["worst_s"]
+        self.answered = result["answered"]
+        self.failures = result["failures"]
 
 
 def server_holds(port: int, client_port: int) -> bool:
