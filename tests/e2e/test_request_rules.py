@@ -181,3 +181,49 @@ def test_a_malformed_allow_list_is_refused_at_start(redis_url: str) -> None:
     )
     with pytest.raises(RuntimeError, match="not an IP address or network"):
         server.start()
+
+
+# -- header values on the way out -----------------------------------------------------
+
+
+async def _corrupt_content_type(gw: GatewayServer, redis_url: str) -> str:
+    """A stream whose stored content type was edited in Redis to hold CR/LF (the
+    only way such a value can exist: inbound parsers refuse it)."""
+    import redis.asyncio as aioredis
+
+    url = _stream_url(gw)
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.put(url, headers={"Content-Type": "text/plain"})).status_code == 201
+    path = url.split("/v1/stream/", 1)[1]
+    edit = aioredis.from_url(redis_url)
+    try:
+        await edit.hset(f"ds:{{{path}}}:meta", "ct", b"text/plain\r\nX-Injected: 1")
+    finally:
+        await edit.aclose()
+    return url
+
+
+async def test_a_stored_header_value_with_crlf_never_splits_a_response(
+    trusting: GatewayServer, redis_url: str
+) -> None:
+    url = await _corrupt_content_type(trusting, redis_url)
+    async with httpx.AsyncClient(timeout=5) as http:
+        for method in ("GET", "HEAD"):
+            res = await http.request(method, url, params={"offset": "-1"})
+            assert res.status_code == 500
+            assert "x-injected" not in res.headers
+            assert "\n" not in res.headers.get("content-type", "")
+
+
+async def test_a_stored_header_value_with_crlf_never_splits_an_http2_response(
+    redis_url: str,
+) -> None:
+    with GatewayServer(redis_url=redis_url, server="console-script") as gw:
+        url = await _corrupt_content_type(gw, redis_url)
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=5) as http:
+            res = await http.get(url, params={"offset": "-1"})
+            assert res.http_version == "HTTP/2"
+            assert res.status_code == 500 and res.text == "internal error\n"
+            assert "x-injected" not in res.headers
+            # The connection stays usable.
+            assert (await http.get(f"{gw.url}/healthz")).status_code == 200

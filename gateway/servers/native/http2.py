@@ -78,10 +78,15 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from gateway.web.request import (
+    INTERNAL_ERROR_BODY,
+    INTERNAL_ERROR_HEADERS,
+    INTERNAL_ERROR_STATUS,
     ClientGone,
     Headers,
     Request,
     Response,
+    bodiless,
+    check_header_value,
     collect_headers,
     decode_url_path,
 )
@@ -257,11 +262,11 @@ class H2Response(Response):
     async def send(
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
     ) -> None:
+        out = _response_headers(status, headers)  # refused values: nothing started yet
         self.started = True
         stream = self._stream
         conn = stream.conn
-        out = _response_headers(status, headers)
-        if head or status in (204, 304):
+        if bodiless(status, head):
             body = b""
         else:
             out.append((b"content-length", str(len(body)).encode()))
@@ -270,9 +275,10 @@ class H2Response(Response):
             await conn._send_data(stream, body, end_stream=True)
 
     async def start_stream(self, status: int, headers: Headers) -> None:
+        out = _response_headers(status, headers)
         self.started = True
         stream = self._stream
-        await stream.conn._send_headers(stream, _response_headers(status, headers), False)
+        await stream.conn._send_headers(stream, out, False)
 
     async def write(self, chunk: bytes) -> None:
         stream = self._stream
@@ -304,6 +310,9 @@ def _response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]
     out = [(b":status", str(status).encode())]
     for name, value in headers:
         if name.lower() not in _CONNECTION_HEADERS:
+            # h2 does not refuse CR/LF in values it sends (4.4 still passes
+            # them): an HTTP/1.1 hop behind us could split the response.
+            check_header_value(name, value)
             out.append((name.encode("latin-1"), value.encode("latin-1")))
     return out
 
@@ -866,9 +875,7 @@ class Http2Connection(asyncio.Protocol):
         try:
             await self._handle(req, res)
             if not res.started:
-                await res.send(
-                    500, [("content-type", "text/plain; charset=utf-8")], b"internal error\n"
-                )
+                await res.send(INTERNAL_ERROR_STATUS, INTERNAL_ERROR_HEADERS, INTERNAL_ERROR_BODY)
             elif not stream.responded:
                 await res.end_stream()
         except ClientGone:
