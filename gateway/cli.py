@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from gateway.config import Settings
 from gateway.servers.native.server import ServerOptions
 from gateway.servers.native.tls import TLSConfigError, server_context
 from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
+from gateway.web.auth import build_authorizer
 from gateway.web.forwarded import TrustedProxies
 
 APP = "gateway.main:app"
@@ -152,6 +154,9 @@ def _raise_open_file_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sign"]:
+        return sign_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -164,9 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         settings = Settings.from_env()
-        TrustedProxies(settings.forwarded_allow_ips)  # refuse a malformed list at start
+        trusted = TrustedProxies(settings.forwarded_allow_ips)  # refuse a malformed list
+        build_authorizer(settings, trusted)  # and an incomplete DS_AUTH configuration
     except ValueError as exc:
         parser.error(str(exc))
+    _warn_if_unprotected(settings, args.host)
     _raise_open_file_limit()
     embedded = _start_embedded_if_needed(settings)
     try:
@@ -175,6 +182,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         # After the server (and so every worker) has exited, so nothing still writes.
         if embedded is not None:
             embedded.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_if_unprotected(settings: Settings, host: str) -> None:
+    if settings.auth == "none" and not _is_loopback(host):
+        logger.warning(
+            "DS_AUTH=none on %s: anyone who can reach this address may read, append to, "
+            "create and delete every stream; set DS_AUTH=jwt (see README, Authentication)",
+            host,
+        )
+    if settings.auth == "none" and settings.url_signing_key:
+        logger.warning("DS_URL_SIGNING_KEY is set but DS_AUTH=none: signed URLs restrict nothing")
+
+
+def build_sign_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="durable-streams-gateway sign",
+        description="Print a pre-signed URL granting operations on one stream until an expiry, "
+        "signed with DS_URL_SIGNING_KEY (HMAC-SHA256).",
+    )
+    parser.add_argument("path", help="stream path, e.g. chat/42")
+    parser.add_argument(
+        "--ops", required=True, help="comma-separated: read, append, create, delete"
+    )
+    parser.add_argument("--ttl", type=_positive_int, required=True, help="seconds it stays valid")
+    parser.add_argument(
+        "--base-url",
+        default=f"http://localhost:{DEFAULT_PORT}",
+        help=f"the gateway's public URL (default: http://localhost:{DEFAULT_PORT})",
+    )
+    return parser
+
+
+def sign_main(argv: Sequence[str]) -> int:
+    from gateway.web.auth.presign import sign_url
+
+    parser = build_sign_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if not settings.url_signing_key:
+            raise ValueError("set DS_URL_SIGNING_KEY to the gateway's URL signing key")
+        url = sign_url(
+            args.base_url,
+            args.path,
+            args.ops.split(","),
+            args.ttl,
+            settings.url_signing_key,
+            stream_prefix=settings.stream_prefix,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(url)
+    return 0
 
 
 def _configure_logging(level: str) -> None:

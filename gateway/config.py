@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# Values of DS_AUTH (gateway/web/auth/build_authorizer has one branch each).
+AUTH_MODES = ("none", "jwt", "forward")
+
 
 def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
@@ -68,6 +71,21 @@ class Settings:
     # Peers whose X-Forwarded-* / Forwarded headers are believed (addresses or
     # networks, comma-separated; "*" for any). See gateway/web/forwarded.py.
     forwarded_allow_ips: str = "127.0.0.1"
+    # The trust boundary (gateway/web/auth/): "none" (anyone may do anything),
+    # "jwt" (bearer tokens) or "forward" (ask an application).
+    auth: str = "none"
+    # JWT keys, exactly one with auth=jwt: an HMAC secret, a public key (PEM
+    # text or the path of a PEM file), or the URL of a JWKS document.
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    # Clock skew tolerated on exp and nbf, and the iss/aud a token must carry
+    # (checked only when set).
+    jwt_leeway_s: int = 30
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    # HMAC-SHA256 key of pre-signed URLs (gateway/web/auth/presign.py).
+    url_signing_key: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -76,6 +94,9 @@ class Settings:
             raise ValueError("DS_CACHE_VISIBILITY must be 'public' or 'private'")
         prefix = "/" + _str("DS_STREAM_PREFIX", "/v1/stream").strip("/")
         key_prefix = _str("DS_KEY_PREFIX", "ds")
+        auth = _str("DS_AUTH", "none").lower()
+        if auth not in AUTH_MODES:
+            raise ValueError(f"DS_AUTH must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
@@ -95,4 +116,12 @@ class Settings:
             cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),
             instance_id=os.environ.get("DS_INSTANCE_ID") or None,
             forwarded_allow_ips=_str("DS_FORWARDED_ALLOW_IPS", "127.0.0.1"),
+            auth=auth,
+            jwt_secret=os.environ.get("DS_JWT_SECRET") or None,
+            jwt_public_key=os.environ.get("DS_JWT_PUBLIC_KEY") or None,
+            jwks_url=os.environ.get("DS_JWKS_URL") or None,
+            jwt_leeway_s=_int("DS_JWT_LEEWAY_S", 30, 0),
+            jwt_issuer=os.environ.get("DS_JWT_ISSUER") or None,
+            jwt_audience=os.environ.get("DS_JWT_AUDIENCE") or None,
+            url_signing_key=os.environ.get("DS_URL_SIGNING_KEY") or None,
         )

@@ -31,7 +31,7 @@ from gateway.storage.store import Store
 
 from . import handlers
 from . import live as live_http
-from .auth import OPERATION_OF_METHOD, Authorizer
+from .auth import OPERATION_OF_METHOD, Authorizer, build_authorizer
 from .forwarded import TrustedProxies
 from .handlers import Context
 from .request import (
@@ -60,7 +60,8 @@ class Gateway:
         self.backend: backend.Backend | None = None
         self.embedded: Any = None
         # The trust boundary; None (DS_AUTH=none) costs the request path nothing.
-        self.auth: Authorizer | None = None
+        # Built here so that an incomplete configuration stops the start.
+        self.auth: Authorizer | None = build_authorizer(self.settings, self.trusted)
         self._prefix = self.settings.stream_prefix + "/"
         self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
 

@@ -44,7 +44,10 @@ class Context:
 
     @property
     def catch_up_cache_control(self) -> str:
-        return f"{self.settings.cache_visibility}, max-age=60, stale-while-revalidate=300"
+        # Behind a trust boundary a response is for its requester only: a
+        # shared cache must not hand it to someone who was never authorized.
+        visibility = "private" if self.auth is not None else self.settings.cache_visibility
+        return f"{visibility}, max-age=60, stale-while-revalidate=300"
 
 
 # Characters RFC 3986 allows unescaped in a path; everything else is %-encoded.

@@ -47,6 +47,7 @@ EXPOSED_HEADERS = ", ".join(
         "ETag",
         "Location",
         "Retry-After",
+        "WWW-Authenticate",
     ]
 )
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"

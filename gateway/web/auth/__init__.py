@@ -10,6 +10,9 @@ source besides ``create`` on itself (handlers.create asks the guard again).
 
 With ``DS_AUTH=none`` and no rate limit configured there is no guard at all:
 the request path costs nothing extra.
+
+The modules: scopes.py (the ``ds`` claim's globs), keys.py (JWT keys and the
+algorithms each admits), tokens.py (DS_AUTH=jwt), presign.py (pre-signed URLs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.config import Settings
+
+from ..forwarded import TrustedProxies
 from ..request import Request
 
 
@@ -60,4 +66,63 @@ class Authorizer(Protocol):
     async def authorize(self, req: Request, operation: Operation, path: str) -> Principal: ...
 
 
-__all__ = ["OPERATION_OF_METHOD", "Authorizer", "Operation", "Principal"]
+def build_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer | None:
+    """The authorizer of ``DS_AUTH``, one branch per mode; ValueError when the
+    configuration is incomplete, so a gateway never starts half-protected.
+    Pre-signed URLs (DS_URL_SIGNING_KEY) are accepted before any mode's own
+    credentials."""
+    mode = settings.auth
+    if mode == "none":
+        return None
+    if mode == "jwt":
+        authorizer: Authorizer = _jwt_authorizer(settings, trusted)
+    elif mode == "forward":
+        raise ValueError("DS_AUTH=forward is not available in this version")
+    else:
+        raise ValueError(f"unknown DS_AUTH {mode!r}")
+    if settings.url_signing_key:
+        from .keys import hmac_key
+        from .presign import PresignedOr
+
+        key = hmac_key(settings.url_signing_key, "DS_URL_SIGNING_KEY")
+        authorizer = PresignedOr(key, authorizer, trusted)
+    return authorizer
+
+
+def _jwt_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer:
+    # Imported here: DS_AUTH=none never loads PyJWT or cryptography.
+    from .keys import (
+        JwksKeys,
+        KeySource,
+        StaticKeys,
+        VerificationKey,
+        hmac_algorithms,
+        hmac_key,
+        load_public_key,
+    )
+    from .tokens import JwtAuthorizer, TokenVerifier
+
+    sources = [settings.jwt_secret, settings.jwt_public_key, settings.jwks_url]
+    if sum(source is not None for source in sources) != 1:
+        raise ValueError(
+            "DS_AUTH=jwt needs exactly one of DS_JWT_SECRET, DS_JWT_PUBLIC_KEY, DS_JWKS_URL"
+        )
+    keys: KeySource
+    if settings.jwt_secret is not None:
+        secret = hmac_key(settings.jwt_secret, "DS_JWT_SECRET")
+        keys = StaticKeys(VerificationKey(secret, hmac_algorithms(secret)))
+    elif settings.jwt_public_key is not None:
+        keys = StaticKeys(load_public_key(settings.jwt_public_key))
+    else:
+        assert settings.jwks_url is not None
+        keys = JwksKeys(settings.jwks_url)
+    verifier = TokenVerifier(
+        keys,
+        leeway_s=settings.jwt_leeway_s,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+    )
+    return JwtAuthorizer(verifier, trusted)
+
+
+__all__ = ["OPERATION_OF_METHOD", "Authorizer", "Operation", "Principal", "build_authorizer"]
