@@ -85,7 +85,7 @@ def build_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer 
         from .presign import PresignedOr
 
         key = hmac_key(settings.url_signing_key, "DS_URL_SIGNING_KEY")
-        authorizer = PresignedOr(key, authorizer, trusted)
+        authorizer = PresignedOr(key, authorizer, trusted, settings.stream_prefix)
     return authorizer
 
 

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from urllib.parse import quote, urlencode
 
 from gateway.protocol.errors import Forbidden, Unauthorized
+from gateway.protocol.paths import stream_path
 
 from ..forwarded import TrustedProxies, client_address
 from ..request import Request
@@ -119,16 +120,25 @@ def verify(key: bytes, req: Request, path: str, now: float) -> frozenset[Operati
 
 
 class PresignedOr:
-    """Pre-signed URLs first, ``inner`` (the mode's authorizer) otherwise."""
+    """Pre-signed URLs first, ``inner`` (the mode's authorizer) otherwise.
 
-    def __init__(self, key: bytes, inner: Authorizer, trusted: TrustedProxies) -> None:
+    The signature covers the stream the URL names; a request that asks about
+    another stream (a fork's source) gets 403: the URL grants one stream only.
+    """
+
+    def __init__(
+        self, key: bytes, inner: Authorizer, trusted: TrustedProxies, stream_prefix: str
+    ) -> None:
         self.key = key
         self.inner = inner
         self.trusted = trusted
+        self.prefix_length = len(stream_prefix) + 1
 
     async def authorize(self, req: Request, operation: Operation, path: str) -> Principal:
         if SIGNATURE_PARAM not in req.query:
             return await self.inner.authorize(req, operation, path)
-        if operation not in verify(self.key, req, path, time.time()):
-            raise Forbidden(f"signed URL does not grant {operation.value}")
+        signed_path = stream_path(req.path[self.prefix_length :])
+        granted = verify(self.key, req, signed_path, time.time())
+        if path != signed_path or operation not in granted:
+            raise Forbidden(f"signed URL does not grant {operation.value} on this stream")
         return Principal(None, client_address(req, self.trusted))
