@@ -135,7 +135,7 @@ class PresignedOr:
         self.prefix_length = len(stream_prefix) + 1
 
     async def authorize(self, req: Request, operation: Operation, path: str) -> Principal:
-        if SIGNATURE_PARAM not in req.query:
+        if not req.query_string or SIGNATURE_PARAM not in req.query:
             return await self.inner.authorize(req, operation, path)
         signed_path = stream_path(req.path[self.prefix_length :])
         granted = verify(self.key, req, signed_path, time.time())

@@ -12,11 +12,12 @@ not named grants nothing. ``read`` covers GET and HEAD, ``append`` POST
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol.globs import compile_glob, matches_any
+from gateway.protocol.globs import compile_glob
 
 from . import Operation
 
@@ -26,10 +27,20 @@ SCOPE_CLAIM = "ds"
 @dataclass(frozen=True, slots=True)
 class Scopes:
     globs: Mapping[Operation, tuple[str, ...]] = field(default_factory=dict)
+    # Per operation, the globs as one regular expression: a check is one match.
+    _compiled: dict[Operation, re.Pattern[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = {
+            operation: re.compile("|".join(compile_glob(p).pattern for p in patterns))
+            for operation, patterns in self.globs.items()
+            if patterns
+        }
+        object.__setattr__(self, "_compiled", compiled)
 
     def allows(self, operation: Operation, path: str) -> bool:
-        patterns = self.globs.get(operation)
-        return patterns is not None and matches_any(patterns, path)
+        pattern = self._compiled.get(operation)
+        return pattern is not None and pattern.match(path) is not None
 
     @classmethod
     def from_claim(cls, claim: Any) -> Scopes:

@@ -121,7 +121,8 @@ def _reason(exc: Exception) -> str:
 def bearer_token(req: Request) -> str:
     """The request's token: from Authorization, or the ``token`` parameter."""
     header = req.header("authorization")
-    in_query = TOKEN_PARAM in req.query
+    # The query is parsed only when there is one: appends rarely have any.
+    in_query = bool(req.query_string) and TOKEN_PARAM in req.query
     if header is not None:
         if in_query:
             raise Unauthorized("send the token in one place only", "invalid_request")
