@@ -28,7 +28,14 @@ from pathlib import Path
 from bench import report
 from bench.procs import raise_nofile_limit
 from bench.scenarios import RUN_ORDER, SCENARIOS, measures_for, wrk_version
-from bench.servers import NODE_DIR, REDIS_SERVER, ROOT, prepare_baseline, select_configs
+from bench.servers import (
+    GATEWAY_ENV,
+    NODE_DIR,
+    REDIS_SERVER,
+    ROOT,
+    prepare_baseline,
+    select_configs,
+)
 
 FULL = {
     "rounds": 3,
@@ -115,7 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the gateway (1 worker) at commit REV, as config gw-baseline: a same-run "
         "A/B of a change (e.g. --baseline HEAD~1 --only gw-native-1w,gw-baseline)",
     )
+    p.add_argument(
+        "--auth",
+        choices=("none", "jwt"),
+        default="none",
+        help="jwt: the gateway configs run with DS_AUTH=jwt (an HS256 secret) and every "
+        "client request carries a bearer token; the Node reference ignores it (default: none)",
+    )
     return p
+
+
+def enable_jwt() -> None:
+    """bench/run --auth jwt: a secret for the gateways, a token for the clients."""
+    import jwt
+
+    import bench.httpc
+
+    secret = "bench-jwt-secret-" + "x" * 48
+    scopes = {op: ["**"] for op in ("read", "append", "create", "delete")}
+    token = jwt.encode({"exp": int(time.time()) + 86400, "ds": scopes}, secret, "HS256")
+    GATEWAY_ENV.update({"DS_AUTH": "jwt", "DS_JWT_SECRET": secret})
+    os.environ["BENCH_AUTH_TOKEN"] = token  # wrk's append.lua, fan-out client processes
+    bench.httpc.AUTH_TOKEN = token
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -134,6 +162,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.only and "gw-baseline" not in args.only.split(","):
             args.only += ",gw-baseline"
     args.configs = select_configs(args.only)
+    if args.auth == "jwt":
+        enable_jwt()
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     return args
@@ -281,7 +311,11 @@ def run(args: argparse.Namespace) -> int:
         f"{args.fanout_procs} client processes",
         "JSON batch (e)": f"{args.json_batch} messages per POST",
         "RLIMIT_NOFILE": f"{nofile[0]}",
-        "gateway env": "DS_SSE_MAX_DURATION_MS=900000 (else defaults)",
+        "gateway env": " ".join(
+            f"{name}=…" if name == "DS_JWT_SECRET" else f"{name}={value}"
+            for name, value in GATEWAY_ENV.items()
+        )
+        + " (else defaults)",
     }
     results: dict = {
         "started": started.isoformat(timespec="seconds"),

@@ -23,7 +23,7 @@ import resource
 import sys
 import time
 
-from bench.httpc import Dechunker
+from bench.httpc import AUTH_TOKEN, Dechunker
 
 UP_TO_DATE = b'"upToDate":true'
 
@@ -89,7 +89,9 @@ class Client:
         self.args = args
         self.request = (
             f"GET {args.path}?offset=now&live=sse HTTP/1.1\r\n"
-            f"Host: {args.host}:{args.port}\r\nAccept: text/event-stream\r\n\r\n"
+            f"Host: {args.host}:{args.port}\r\nAccept: text/event-stream\r\n"
+            + (f"Authorization: Bearer {AUTH_TOKEN}\r\n" if AUTH_TOKEN else "")
+            + "\r\n"
         ).encode()
         self.marker = args.marker.encode()
         self.readers: list[Reader] = []

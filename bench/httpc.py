@@ -8,8 +8,13 @@ streaming mode for SSE. Used for set-up, latency, catch-up and fan-out.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
+
+# bench/run --auth jwt: every request carries this bearer token (set by
+# bench/cli.py, and inherited through the environment by client processes).
+AUTH_TOKEN = os.environ.get("BENCH_AUTH_TOKEN") or None
 
 
 @dataclass
@@ -137,6 +142,8 @@ class Conn:
 
     def _encode(self, method: str, path: str, headers: dict[str, str] | None, body: bytes) -> bytes:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        if AUTH_TOKEN:
+            lines.append(f"Authorization: Bearer {AUTH_TOKEN}")
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}")
         if body or method in ("POST", "PUT"):

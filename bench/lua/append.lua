@@ -20,6 +20,11 @@ function init(args)
    path = args[1]
    streams = tonumber(args[2])
    headers = { ["Content-Type"] = args[3] }
+   -- bench/run --auth jwt: the token the gateway configs expect.
+   local token = os.getenv("BENCH_AUTH_TOKEN")
+   if token and token ~= "" then
+      headers["Authorization"] = "Bearer " .. token
+   end
    local f = assert(io.open(args[4], "rb"))
    body = f:read("*a")
    f:close()
