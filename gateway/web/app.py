@@ -221,9 +221,10 @@ class Gateway:
         # process: keep it out of every later garbage collection.
         gc.freeze()
         log.info(
-            "durable streams gateway ready; streams under %s/ on %s",
+            "durable streams gateway ready; streams under %s/ on %s; DS_AUTH=%s",
             settings.stream_prefix,
             "Redis Cluster" if cluster else "Redis",
+            settings.auth,
         )
 
     def drain(self) -> None:
