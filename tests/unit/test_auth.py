@@ -10,6 +10,7 @@ import hmac
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -332,3 +333,34 @@ def test_incomplete_jwt_configurations_stop_the_start(
 def test_jwt_mode_with_a_signing_key_accepts_signed_urls_first() -> None:
     settings = Settings(auth="jwt", jwt_secret=SECRET, url_signing_key=SIGNING_KEY)
     assert isinstance(build_authorizer(settings, TRUSTED), presign.PresignedOr)
+
+
+@pytest.mark.parametrize(
+    ("private", "algorithm"),
+    [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "PS256"),
+        (ec.generate_private_key(ec.SECP384R1()), "ES384"),
+        (ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+    ],
+    ids=["rsa", "ec", "ed25519"],
+)
+async def test_public_keys_load_from_pem_text_or_file_and_verify_their_tokens(
+    private: Any, algorithm: str, tmp_path: Path
+) -> None:
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "key.pem").write_bytes(pem)
+    signed = jwt.encode({"exp": time.time() + 60, "sub": "k"}, private, algorithm=algorithm)
+    for value in (pem.decode(), str(tmp_path / "key.pem")):
+        settings = Settings(auth="jwt", jwt_public_key=value)
+        authorizer = build_authorizer(settings, TRUSTED)
+        assert isinstance(authorizer, JwtAuthorizer)
+        assert (await authorizer.verifier.verify(signed)).subject == "k"
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(ValueError, match="not a PEM public key"):
+        build_authorizer(Settings(auth="jwt", jwt_public_key=private_pem.decode()), TRUSTED)
