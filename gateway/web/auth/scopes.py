@@ -22,6 +22,7 @@ from gateway.protocol.globs import compile_glob
 from . import Operation
 
 SCOPE_CLAIM = "ds"
+ANSWERS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,8 @@ class Scopes:
     globs: Mapping[Operation, tuple[str, ...]] = field(default_factory=dict)
     # Per operation, the globs as one regular expression: a check is one match.
     _compiled: dict[Operation, re.Pattern[str]] = field(init=False, repr=False, compare=False)
+    # Recent answers: a client asks about the same few streams again and again.
+    _answers: dict[tuple[Operation, str], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         compiled = {
@@ -37,10 +40,18 @@ class Scopes:
             if patterns
         }
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_answers", {})
 
     def allows(self, operation: Operation, path: str) -> bool:
-        pattern = self._compiled.get(operation)
-        return pattern is not None and pattern.match(path) is not None
+        key = (operation, path)
+        answer = self._answers.get(key)
+        if answer is None:
+            pattern = self._compiled.get(operation)
+            answer = pattern is not None and pattern.match(path) is not None
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = answer
+        return answer
 
     @classmethod
     def from_claim(cls, claim: Any) -> Scopes:
