@@ -157,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sign"]:
         return sign_main(argv[1:])
+    # Until the server installs its own handlers, SIGTERM and SIGINT unwind through
+    # the finally below, which stops the embedded Redis; SIGTERM's default action
+    # would end the process on the spot. Should the process end without it anyway
+    # (SIGKILL), the embedded Redis's watchdog stops the server (gateway/embedded.py).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -244,6 +250,11 @@ def sign_main(argv: Sequence[str]) -> int:
         parser.error(str(exc))
     print(url)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    logger.info("%s: stopping", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 def _configure_logging(level: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import importlib.util
 import json
@@ -36,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +69,9 @@ LOADING_TIMEOUT_S = 300.0
 # Waiters on the directory lock must outlast a holder that is starting a server.
 LOCK_TIMEOUT_S = LOADING_TIMEOUT_S + 2 * READY_TIMEOUT_S
 STOP_TIMEOUT_S = 10.0
+# How often the watchdog looks for attached gateway processes.
+WATCH_INTERVAL_S = 0.25
+_PR_SET_PDEATHSIG = 1
 POLL_INTERVAL_S = 0.05
 PROBE_TIMEOUT_S = 1.0
 # The free TCP port is chosen before redis binds it, so another process may win it.
@@ -373,7 +378,8 @@ def _start_error(message: str, log_path: str) -> EmbeddedRedisError:
     return EmbeddedRedisError(f"{message}; last lines of {log_path}:\n{_log_tail(log_path)}")
 
 
-def _spawn(binary: str, data_dir: str, endpoint: Endpoint) -> subprocess.Popen[bytes]:
+def _spawn(binary: str, data_dir: str, endpoint: Endpoint) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the watchdog, which starts redis-server; returns (watchdog, redis-server pid)."""
     conf_path = os.path.join(data_dir, CONFIG_NAME)
     with open(conf_path, "w", encoding="utf-8") as fh:
         fh.write(render_config(data_dir, endpoint))
@@ -381,19 +387,44 @@ def _spawn(binary: str, data_dir: str, endpoint: Endpoint) -> subprocess.Popen[b
         # A socket left by a crashed server; nothing answers on it (we probed).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.socket_path)
-    with open(os.path.join(data_dir, LOG_NAME), "ab") as log:
-        # A new session keeps a Ctrl-C on the gateway's terminal away from redis-server,
-        # so the gateway can still use it while it shuts down, then flush it cleanly.
-        # close_fds (the default) keeps our lock descriptors out of the server.
-        return subprocess.Popen(
-            [binary, conf_path],
-            cwd=data_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+    # A new session keeps a Ctrl-C on the gateway's terminal away from the watchdog
+    # and redis-server, so the gateway can still use it while it shuts down, then
+    # flush it cleanly. close_fds (the default) keeps our lock descriptors out.
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", __name__, binary, conf_path, data_dir],
+        cwd=data_dir,
+        env=_watchdog_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+    assert watchdog.stdout is not None
+    try:
+        # The watchdog reports the server's pid on its first line, then closes stdout.
+        ready, _, _ = select.select([watchdog.stdout], [], [], READY_TIMEOUT_S)
+        line = watchdog.stdout.readline() if ready else b""
+    except BaseException:
+        _terminate(watchdog)
+        raise
+    finally:
+        watchdog.stdout.close()
+    try:
+        return watchdog, int(line)
+    except ValueError:
+        _terminate(watchdog)
+        raise _start_error(
+            "the embedded Redis watchdog did not start redis-server",
+            os.path.join(data_dir, LOG_NAME),
+        ) from None
+
+
+def _watchdog_env() -> dict[str, str]:
+    # The watchdog imports this module: give it the directory this package came from.
+    package = sys.modules[__name__.partition(".")[0]]
+    package_root = os.path.dirname(next(iter(package.__path__)))
+    paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _start_server(data_dir: str) -> tuple[str, int]:
@@ -402,31 +433,36 @@ def _start_server(data_dir: str) -> tuple[str, int]:
     log_path = os.path.join(data_dir, LOG_NAME)
     for attempt in range(1, TCP_START_ATTEMPTS + 1):
         endpoint = plan_endpoint(data_dir)
-        proc = _spawn(binary, data_dir, endpoint)
+        watchdog, pid = _spawn(binary, data_dir, endpoint)
         with _children_lock:
-            _children[proc.pid] = proc
+            # Waiting for the watchdog is waiting for the server: it exits right after.
+            _children[pid] = watchdog
         try:
-            _wait_ready(endpoint.url, proc.pid, log_path, proc=proc)
+            _wait_ready(endpoint.url, pid, log_path, proc=watchdog)
         except EmbeddedRedisError:
-            _terminate(proc)
+            _terminate(watchdog, pid)
             if endpoint.port is None or attempt == TCP_START_ATTEMPTS:
                 raise
             logger.warning("embedded Redis could not use port %s, retrying", endpoint.port)
             continue
-        return endpoint.url, proc.pid
+        except BaseException:  # a signal turned into SystemExit or KeyboardInterrupt
+            _terminate(watchdog, pid)
+            raise
+        return endpoint.url, pid
     raise AssertionError("unreachable")
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def _terminate(watchdog: subprocess.Popen[bytes], pid: int | None = None) -> None:
+    """Stop a watchdog and, through it, its server (``pid``); bounded."""
+    if watchdog.poll() is None:
+        watchdog.terminate()  # the watchdog stops its server, then exits
         try:
-            proc.wait(STOP_TIMEOUT_S)
+            watchdog.wait(2 * STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
+            watchdog.kill()  # the server then gets SIGTERM from the kernel (see _watch)
+            watchdog.wait(STOP_TIMEOUT_S)
     with _children_lock:
-        _children.pop(proc.pid, None)
+        _children.pop(watchdog.pid if pid is None else pid, None)
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -635,3 +671,96 @@ def _refuse_unresponsive(record: dict[str, Any] | None, data_dir: str) -> None:
             f"redis-server pid {pid} is running on {data_dir} but does not answer on "
             f"{record['url'] if record else '?'}; stop it (kill {pid}) and start again"
         )
+
+
+# --------------------------------------------------------------------------- the watchdog
+
+
+def _watch(binary: str, conf_path: str, data_dir: str) -> int:
+    """The watchdog process: run redis-server until no gateway process is attached.
+
+    Every gateway process using the server holds a shared lock on embedded.users,
+    and the kernel drops a process's locks however it ends, SIGKILL included. So
+    when the lock is free, no gateway is left, whether they called ``stop()`` or
+    not: the watchdog shuts the server down (SIGTERM: redis-server flushes its AOF
+    and exits) and exits itself. The server in turn gets SIGTERM from the kernel
+    when the watchdog dies (PR_SET_PDEATHSIG), so neither outlives the other.
+    """
+    stop_requested = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    watchdog_pid = os.getpid()
+    with open(os.path.join(data_dir, LOG_NAME), "ab") as log:
+        server = subprocess.Popen(
+            [binary, conf_path],
+            cwd=data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            # Safe here: the watchdog has a single thread.
+            preexec_fn=lambda: _die_with_parent(watchdog_pid),
+        )
+    # The starting gateway reads the pid, then we need stdout no more.
+    sys.stdout.write(f"{server.pid}\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return _exit_status(server.wait(WATCH_INTERVAL_S))
+        if stop_requested or _stop_if_unused(server, data_dir):
+            break
+    _stop_server_process(server)
+    return 0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """``preexec_fn`` of redis-server: the kernel SIGTERMs it when its parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _stop_if_unused(server: subprocess.Popen[bytes], data_dir: str) -> bool:
+    """Stop ``server`` if no gateway process is attached; True if it did."""
+    try:
+        # Under the directory lock nobody attaches meanwhile; held by someone else,
+        # it means a gateway is starting, attaching or stopping: look again later.
+        with _directory_lock(data_dir, timeout=0):
+            if not _no_other_users(data_dir):
+                return False
+            logger.warning(
+                "no gateway process uses the embedded Redis (pid %s) any more; stopping it",
+                server.pid,
+            )
+            _stop_server_process(server)
+            _remove_record(data_dir, server.pid)
+            return True
+    except EmbeddedRedisError:
+        return False
+
+
+def _stop_server_process(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()  # redis-server's SIGTERM handler flushes the AOF and exits
+        try:
+            server.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+if __name__ == "__main__":
+    sys.exit(_watch(*sys.argv[1:4]))
