@@ -763,4 +763,7 @@ def _exit_status(returncode: int) -> int:
 
 
 if __name__ == "__main__":
+    # Its messages go to the gateway's stderr, formatted like the gateway's own.
+    logging.basicConfig(level="WARNING", format="[%(levelname)s] %(name)s: %(message)s")
+    logger = logging.getLogger("gateway.embedded")
     sys.exit(_watch(*sys.argv[1:4]))

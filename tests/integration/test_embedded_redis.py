@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +231,82 @@ def test_stop_is_idempotent(tmp_path: Path, servers: list[EmbeddedRedis]) -> Non
     assert server.stopped
     assert not _running(server.pid)
     assert not (tmp_path / "data" / "embedded.json").exists()
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still runs after {timeout}s"
+        time.sleep(0.02)
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_watchdog_stops_the_server_once_its_last_user_is_killed(
+    tmp_path: Path, servers: list[EmbeddedRedis]
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / "data")]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as other:
+        assert other.stdout is not None
+        ready, _, _ = select.select([other.stdout], [], [], 30)
+        assert ready, "the other process did not start the embedded Redis"
+        theirs = json.loads(other.stdout.readline())
+        with redis.Redis.from_url(theirs["url"], socket_timeout=5) as client:
+            client.set("k", "written before the kill")
+        watchdog = _parent_of(theirs["pid"])
+        other.kill()  # no stop(), no atexit: only the kernel drops its lock
+        other.wait(30)
+    _wait_gone(theirs["pid"])
+    _wait_gone(watchdog)
+    assert not (tmp_path / "data" / "embedded.json").exists()
+
+    again = _start(tmp_path / "data", servers)
+    with _client(again) as client:
+        assert client.get("k") == "written before the kill"
+
+
+def test_a_user_still_attached_keeps_the_server_when_another_is_killed(
+    tmp_path: Path, servers: list[EmbeddedRedis]
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / "data")]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as other:
+        assert other.stdout is not None
+        ready, _, _ = select.select([other.stdout], [], [], 30)
+        assert ready, "the other process did not start the embedded Redis"
+        ours = _start(tmp_path / "data", servers)
+        assert not ours.owned
+        other.kill()
+        other.wait(30)
+    watchdog = _parent_of(ours.pid)
+    # The watchdog looks several times a second; it must keep leaving the server alone.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert _running(ours.pid) and _running(watchdog)
+        time.sleep(0.05)
+    with _client(ours) as client:
+        assert client.ping()
+    ours.stop()
+    assert not _running(ours.pid)
+    _wait_gone(watchdog)
+
+
+def test_the_server_stops_cleanly_when_its_watchdog_is_killed(
+    tmp_path: Path, servers: list[EmbeddedRedis]
+) -> None:
+    server = _start(tmp_path / "data", servers)
+    with _client(server) as client:
+        client.set("k", "written before the kill")
+    watchdog = _parent_of(server.pid)
+    assert watchdog != os.getpid()
+    os.kill(watchdog, signal.SIGKILL)  # redis-server then gets SIGTERM (PR_SET_PDEATHSIG)
+    _wait_gone(server.pid)
+    server.stop()  # nothing left to stop; must not fail
+
+    again = _start(tmp_path / "data", servers)
+    with _client(again) as client:
+        assert client.get("k") == "written before the kill"
