@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.config import Settings
-from gateway.servers.native.server import ServerOptions
+from gateway.servers.native.server import ServerOptions, die_with_parent
 from gateway.servers.native.tls import TLSConfigError, server_context
 from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 from gateway.web.auth import build_authorizer
@@ -328,6 +328,9 @@ def _run_granian(args: argparse.Namespace) -> int:
         backpressure=args.max_connections,
         backlog=max(1024, min(args.max_connections, 65535)),
     )
+    # Granian forks its workers from this thread; should this process die without
+    # stopping them (SIGKILL), they stop too instead of serving on, orphaned.
+    os.register_at_fork(after_in_child=die_with_parent)
     # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then
     # returns (or raises SystemExit(1) when a worker died unexpectedly).
     server.serve()
@@ -379,7 +382,8 @@ def _load_app(target: str) -> Any:
 
 def _run_child(command: list[str]) -> int:
     """Run ``command`` until it exits, forwarding SIGINT/SIGTERM to it."""
-    child = subprocess.Popen(command)
+    # The child stops (gracefully) should this process die without stopping it.
+    child = subprocess.Popen(command, preexec_fn=die_with_parent)
 
     def forward(signum: int, _frame: object) -> None:
         # hypercorn's master shuts down gracefully on either; a Ctrl-C reaches it

@@ -91,14 +91,16 @@ def _cmdline(pid: int) -> bytes:
 class Gateway:
     """The gateway on a free loopback port with an embedded Redis in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, log_path: Path, command: str, workers: int) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path, command: str, workers: int, server: str
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if command == "console-script":
             self.args = [CONSOLE_SCRIPT, "--host", "127.0.0.1", "--port", str(self.port)]
-            self.args += ["--workers", str(workers)]
+            self.args += ["--workers", str(workers), "--server", server]
         else:  # hypercorn: the app's lifespan starts the embedded Redis in its worker
             self.args = [sys.executable, "-m", "hypercorn", "gateway.main:app"]
             self.args += ["--bind", f"127.0.0.1:{self.port}"]
@@ -160,8 +162,13 @@ def lifecycle(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     data_dir.mkdir()
     started: list[Gateway] = []
 
-    def start(command: str = "console-script", workers: int = 1, healthy: bool = True) -> Gateway:
-        gateway = Gateway(data_dir, tmp_path / "gateway.log", command, workers)
+    def start(
+        command: str = "console-script",
+        workers: int = 1,
+        healthy: bool = True,
+        server: str = "native",
+    ) -> Gateway:
+        gateway = Gateway(data_dir, tmp_path / "gateway.log", command, workers, server)
         started.append(gateway)
         if healthy:
             gateway.wait_healthy()
@@ -254,6 +261,33 @@ def test_a_killed_worker_is_replaced_and_redis_still_stops_with_the_gateway(
     assert gateway.wait_exit() == 0, gateway.log()
     _assert_nothing_left(gateway)
     _assert_data_survived(lifecycle, "kept", "before the crash")
+
+
+@pytest.mark.parametrize("server", ["granian", "hypercorn"])
+def test_the_other_servers_stop_the_embedded_redis_on_sigterm_and_on_sigkill(
+    lifecycle: Callable[..., Gateway], server: str
+) -> None:
+    gateway = lifecycle(workers=2, server=server)
+    gateway.append("kept", f"served by {server}")
+    gateway.proc.send_signal(signal.SIGTERM)
+    assert gateway.wait_exit() == 0, gateway.log()
+    _assert_nothing_left(gateway)
+
+    # Granian's forked workers hold the embedded Redis; hypercorn runs as a child
+    # process. Killed outright, the console script takes both down with it.
+    gateway = lifecycle(workers=2, server=server)
+    assert gateway.read("kept") == f"served by {server}"
+    children = _children_of(gateway.proc.pid)
+    assert children
+    gateway.proc.kill()
+    gateway.wait_exit()
+    _wait_for(
+        lambda: not any(_cmdline(pid) for pid in children),
+        GONE_TIMEOUT_S,
+        "the killed gateway's children gone",
+    )
+    _assert_nothing_left(gateway)
+    _assert_data_survived(lifecycle, "kept", f"served by {server}")
 
 
 def _redis_server_runs(data_dir: Path) -> bool:

@@ -318,7 +318,7 @@ class Supervisor:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                _die_with_parent()
+                die_with_parent()
                 code = run_worker(self.load_app, self.sock, self.options)
             finally:
                 sys.stdout.flush()
@@ -337,8 +337,11 @@ class Supervisor:
                 os.kill(pid, sig)
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM if the supervisor dies without stopping it."""
+def die_with_parent() -> None:
+    """Linux: this (forked) process gets SIGTERM if its parent dies without stopping it.
+
+    PR_SET_PDEATHSIG fires when the thread that forked it ends: fork from the main thread.
+    """
     with contextlib.suppress(Exception):
         import ctypes
 
