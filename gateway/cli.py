@@ -328,13 +328,23 @@ def _run_granian(args: argparse.Namespace) -> int:
         backpressure=args.max_connections,
         backlog=max(1024, min(args.max_connections, 65535)),
     )
-    # Granian forks its workers from this thread; should this process die without
-    # stopping them (SIGKILL), they stop too instead of serving on, orphaned.
-    os.register_at_fork(after_in_child=die_with_parent)
+    os.register_at_fork(after_in_child=_granian_worker_after_fork)
     # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then
     # returns (or raises SystemExit(1) when a worker died unexpectedly).
     server.serve()
     return 0
+
+
+def _granian_worker_after_fork() -> None:
+    # Until a granian worker installs its own handlers it runs the ones inherited
+    # from granian's main process, which only set a flag in that process's memory:
+    # a SIGTERM then (granian stopping while the worker starts) was lost, and
+    # granian waited for that worker forever. The default action ends it instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    # Granian forks its workers from the main thread; should this process die
+    # without stopping them (SIGKILL), they stop too instead of serving on, orphaned.
+    die_with_parent()
 
 
 def _run_hypercorn(args: argparse.Namespace) -> int:

@@ -295,11 +295,18 @@ def _redis_server_runs(data_dir: Path) -> bool:
 
 
 @pytest.mark.parametrize(
-    "moment",
-    ["watchdog started", "redis-server started", "redis-server answered"],
+    ("moment", "server", "workers"),
+    [
+        ("watchdog started", "native", 1),
+        ("redis-server started", "native", 1),
+        ("redis-server answered", "native", 1),
+        ("workers forked", "native", 2),
+        # Granian used to wait forever for a worker that got SIGTERM while starting.
+        ("workers forked", "granian", 2),
+    ],
 )
 def test_sigterm_during_start_up_stops_the_embedded_redis(
-    lifecycle: Callable[..., Gateway], moment: str
+    lifecycle: Callable[..., Gateway], moment: str, server: str, workers: int
 ) -> None:
     first = lifecycle()
     first.append("kept", "from an earlier run")
@@ -314,7 +321,11 @@ def test_sigterm_during_start_up_stops_the_embedded_redis(
         # The app's start-up (scripts, pub/sub listener) runs after this.
         "redis-server answered": lambda: (data_dir / "embedded.json").exists(),
     }
-    starting = lifecycle(healthy=False)
+    starting = lifecycle(healthy=False, server=server, workers=workers)
+    main_cmdline = _cmdline(starting.proc.pid)
+    reached["workers forked"] = lambda: (
+        workers == sum(_cmdline(pid) == main_cmdline for pid in _children_of(starting.proc.pid))
+    )
     _wait_for(reached[moment], START_TIMEOUT_S, moment)
     starting.proc.send_signal(signal.SIGTERM)
     code = starting.wait_exit()
