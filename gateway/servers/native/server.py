@@ -312,19 +312,28 @@ class Supervisor:
         return self.status
 
     def _spawn(self) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                die_with_parent()
-                code = run_worker(self.load_app, self.sock, self.options)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        self.children[pid] = time.monotonic()
+        # SIGTERM/SIGINT wait until the new worker has the default handlers: one that
+        # came in between would run the supervisor's handler in the worker, where it
+        # is lost, and the supervisor would wait for that worker forever.
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    for sig in stop_signals:
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    die_with_parent()
+                    code = run_worker(self.load_app, self.sock, self.options)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            self.children[pid] = time.monotonic()  # before a signal may look for it
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         # The first signal stops the workers gracefully, a second one at once.
