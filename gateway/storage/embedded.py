@@ -80,6 +80,8 @@ LOADING_TIMEOUT_S = 300.0
 # Waiters on the directory lock must outlast a holder that is starting a server.
 LOCK_TIMEOUT_S = LOADING_TIMEOUT_S + 2 * READY_TIMEOUT_S
 STOP_TIMEOUT_S = 10.0
+# The watchdog is a Python process: its imports take long on a loaded machine.
+WATCHDOG_START_TIMEOUT_S = 60.0
 # How often the watchdog looks for attached gateway processes.
 WATCH_INTERVAL_S = 0.25
 _PR_SET_PDEATHSIG = 1
@@ -402,7 +404,7 @@ def _spawn(binary: str, data_dir: str, endpoint: Endpoint) -> tuple[subprocess.P
     # and redis-server, so the gateway can still use it while it shuts down, then
     # flush it cleanly. close_fds (the default) keeps our lock descriptors out.
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", __name__, binary, conf_path, data_dir],
+        [sys.executable, "-m", __name__, binary, conf_path, data_dir, str(os.getpid())],
         cwd=data_dir,
         env=_watchdog_env(),
         stdin=subprocess.DEVNULL,
@@ -413,7 +415,7 @@ def _spawn(binary: str, data_dir: str, endpoint: Endpoint) -> tuple[subprocess.P
     assert watchdog.stdout is not None
     try:
         # The watchdog reports the server's pid on its first line, then closes stdout.
-        ready, _, _ = select.select([watchdog.stdout], [], [], READY_TIMEOUT_S)
+        ready, _, _ = select.select([watchdog.stdout], [], [], WATCHDOG_START_TIMEOUT_S)
         line = watchdog.stdout.readline() if ready else b""
     except BaseException:
         _terminate(watchdog)
@@ -687,7 +689,7 @@ def _refuse_unresponsive(record: dict[str, Any] | None, data_dir: str) -> None:
 # --------------------------------------------------------------------------- the watchdog
 
 
-def _watch(binary: str, conf_path: str, data_dir: str) -> int:
+def _watch(binary: str, conf_path: str, data_dir: str, gateway_pid: str) -> int:
     """The watchdog process: run redis-server until no gateway process is attached.
 
     Every gateway process using the server holds a shared lock on embedded.users,
@@ -705,6 +707,8 @@ def _watch(binary: str, conf_path: str, data_dir: str) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
+    if stop_requested or os.getppid() != int(gateway_pid):
+        return 0  # the gateway that started us is gone already: start nothing
     watchdog_pid = os.getpid()
     with open(os.path.join(data_dir, LOG_NAME), "ab") as log:
         server = subprocess.Popen(
@@ -718,16 +722,19 @@ def _watch(binary: str, conf_path: str, data_dir: str) -> int:
             preexec_fn=lambda: _die_with_parent(watchdog_pid),
         )
     # The starting gateway reads the pid, then we need stdout no more.
-    sys.stdout.write(f"{server.pid}\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(f"{server.pid}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stop_requested = True  # the gateway died while we started the server
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    while True:
+    while not stop_requested:
         with contextlib.suppress(subprocess.TimeoutExpired):
             return _exit_status(server.wait(WATCH_INTERVAL_S))
-        if stop_requested or _stop_if_unused(server, data_dir):
-            break
+        if _stop_if_unused(server, data_dir):
+            return 0
     _stop_server_process(server)
     return 0
 
@@ -777,4 +784,4 @@ if __name__ == "__main__":
     # Its messages go to the gateway's stderr, formatted like the gateway's own.
     logging.basicConfig(level="WARNING", format="[%(levelname)s] %(name)s: %(message)s")
     logger = logging.getLogger("gateway.embedded")
-    sys.exit(_watch(*sys.argv[1:4]))
+    sys.exit(_watch(*sys.argv[1:5]))
