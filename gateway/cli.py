@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Until the server installs its own handlers, SIGTERM and SIGINT unwind through
     # the finally below, which stops the embedded Redis; SIGTERM's default action
     # would end the process on the spot. Should the process end without it anyway
-    # (SIGKILL), the embedded Redis's watchdog stops the server (gateway/embedded.py).
+    # (SIGKILL), the embedded Redis's watchdog stops the server (gateway/storage/embedded.py).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
     parser = build_parser()
