@@ -86,6 +86,12 @@ class Settings:
     jwt_audience: str | None = None
     # HMAC-SHA256 key of pre-signed URLs (gateway/web/auth/presign.py).
     url_signing_key: str | None = None
+    # Retention of streams that set none of their own (Stream-Retention-Max-Age,
+    # -Max-Bytes; see lua/append.lua): entries older than this many seconds, and
+    # the oldest entries beyond this many bytes of data, are trimmed. 0: keep
+    # everything.
+    retention_max_age_s: int = 0
+    retention_max_bytes: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -124,4 +130,6 @@ class Settings:
             jwt_issuer=os.environ.get("DS_JWT_ISSUER") or None,
             jwt_audience=os.environ.get("DS_JWT_AUDIENCE") or None,
             url_signing_key=os.environ.get("DS_URL_SIGNING_KEY") or None,
+            retention_max_age_s=_int("DS_RETENTION_MAX_AGE_S", 0),
+            retention_max_bytes=_int("DS_RETENTION_MAX_BYTES", 0),
         )

@@ -78,8 +78,11 @@ class Live:
         try:
             event = None if watch is None else watch.event
             page = await store.read(path, offset)
-            # offset=now starts waiting at the tail, without returning what is there.
+            # offset=now starts waiting at the tail, without returning what is there;
+            # -1 where the read ended (the earliest retained position).
             start = page.info.tail if offset is None else offset
+            if offset == offsets.BEGINNING:
+                start = page.next_offset
             if offset is None:
                 page = _empty_at(page, start)
             if not _has_data(page) and not page.at_closed_tail:
@@ -265,7 +268,7 @@ def _pushed_page(fired: Wake | None, offset: str, info: StreamInfo) -> Page | No
         return None
     tail = offsets.from_entry_id(pushed.tail)
     page = Page(
-        StreamInfo(info.content_type, tail, pushed.closed, info.ttl, info.expires_at),
+        info._replace(tail=tail, closed=pushed.closed),
         pushed.data,
         tail,
         False,

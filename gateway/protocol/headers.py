@@ -50,6 +50,21 @@ def parse_ttl(raw: str | None) -> int | None:
     return parse_uint(raw, "Stream-TTL", MAX_TTL_SECONDS)
 
 
+def parse_retention_max_age(raw: str | None) -> int | None:
+    """``Stream-Retention-Max-Age``: seconds; 0 keeps everything (overrides a
+    server default)."""
+    if raw is None:
+        return None
+    return parse_uint(raw, "Stream-Retention-Max-Age", MAX_TTL_SECONDS)
+
+
+def parse_retention_max_bytes(raw: str | None) -> int | None:
+    """``Stream-Retention-Max-Bytes``: bytes of data; 0 keeps everything."""
+    if raw is None:
+        return None
+    return parse_uint(raw, "Stream-Retention-Max-Bytes")
+
+
 def parse_expires_at(raw: str | None) -> int | None:
     """RFC 3339 timestamp -> epoch milliseconds."""
     if raw is None:

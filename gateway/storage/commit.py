@@ -83,8 +83,8 @@ class _Batch:
         self.waiters.append(waiter)
         return waiter
 
-    def argv(self) -> list[Any]:
-        return [len(self.streams), *self.wakes, *self.args]
+    def argv(self, retention: tuple[str, str]) -> list[Any]:
+        return [len(self.streams), *retention, *self.wakes, *self.args]
 
 
 class GroupCommit:
@@ -96,12 +96,16 @@ class GroupCommit:
         *,
         per_stream: bool,
         local_wakes: LocalWakes | None,
+        retention: tuple[int, int] = (0, 0),
     ) -> None:
+        """``retention``: the server's default max age (seconds) and max bytes
+        of a stream, 0 for none (append.lua trims the streams' heads)."""
         self.client = client
         self.script = script
         self.keys_of = keys_of
         self.per_stream = per_stream
         self.local_wakes = local_wakes
+        self.retention = (str(retention[0]), str(retention[1]))
         # The batch collecting this turn's appends, by path (per_stream) or
         # under "" for all streams; and the commits in flight.
         self._batches: dict[str, _Batch] = {}
@@ -132,7 +136,7 @@ class GroupCommit:
         if self._batches.get(group) is batch:
             del self._batches[group]
         if batch.reply is None:
-            batch.sent = batch.argv()
+            batch.sent = batch.argv(self.retention)
             batch.reply = self.script.start(self.client, batch.keys, batch.sent)
 
     async def _commit(self, group: str, batch: _Batch) -> None:

@@ -16,6 +16,10 @@ class StreamInfo(NamedTuple):
     closed: bool
     ttl: int | None
     expires_at: int | None  # epoch ms
+    # Retention in force (the stream's own, or the server default): max age in
+    # seconds and max bytes of data, None for none.
+    retention_max_age: int | None = None
+    retention_max_bytes: int | None = None
 
     @property
     def is_json(self) -> bool:
@@ -49,6 +53,8 @@ class CreateRequest:
     fork_source: str | None = None
     fork_offset: str | None = None  # offset token, None for the source's tail
     fork_sub_offset: int | None = None
+    retention_max_age: int | None = None  # seconds; 0 keeps everything
+    retention_max_bytes: int | None = None  # 0 keeps everything
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class AppendReply(NamedTuple):
 
 class ReadReply(NamedTuple):
     """read.lua: {status, content type, tail, closed, ttl, expires-at, fork
-    source, fork offset, entries, last id, '1' if more follow, count}"""
+    source, fork offset, entries, last id, '1' if more follow, count, retention
+    max age, retention max bytes, last trimmed id}"""
 
     status: str
     content_type: str
@@ -88,12 +89,15 @@ class ReadReply(NamedTuple):
     last: str  # entry id
     more: bool
     entry_count: int  # 'xrange': how many entries to fetch
+    retention_max_age: str  # as set at creation ('0': none), '' when unset
+    retention_max_bytes: str
+    trimmed_to: str  # entry id of the last entry retention trimmed, or ''
 
     @classmethod
     def parse(cls, reply: list[Any]) -> ReadReply:
         status, ct, tail, closed, ttl, exp, fsrc, foff = _fields(reply, 8)
         entries: list[bytes] = reply[8] if len(reply) > 8 else []
-        last, more, count = _fields(reply[9:], 3) if len(reply) > 9 else ("", "", "")
+        last, more, count, max_age, max_bytes, trimmed_to = _fields(reply[9:], 6)
         return cls(
             status,
             ct,
@@ -107,6 +111,9 @@ class ReadReply(NamedTuple):
             last,
             more == "1",
             int(count) if count else 0,
+            max_age,
+            max_bytes,
+            trimmed_to,
         )
 
 

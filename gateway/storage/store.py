@@ -49,14 +49,18 @@ class Store:
         *,
         batch_per_stream: bool = False,
         local_wakes: LocalWakes | None = None,
+        retention: tuple[int, int] = (0, 0),
     ) -> None:
         """``batch_per_stream``: commit only appends to the same stream together
         (Redis Cluster, where one script's keys must share a hash slot);
         otherwise appends to any streams share a script run. ``local_wakes``:
-        told of the wake-ups of this process's appends as their scripts return."""
+        told of the wake-ups of this process's appends as their scripts return.
+        ``retention``: the default max age (seconds) and max bytes of streams
+        created without their own, 0 for none."""
         self.client = client
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
+        self.retention = retention
         self.scripts = Scripts()
         self.commits = GroupCommit(
             client,
@@ -64,6 +68,7 @@ class Store:
             self.keys,
             per_stream=batch_per_stream,
             local_wakes=local_wakes,
+            retention=retention,
         )
 
     def keys(self, path: str) -> StreamKeys:
@@ -108,6 +113,9 @@ class Store:
             fork_offset_id,
             "" if not req.fork_sub_offset else str(req.fork_sub_offset),
             base_tail,
+            _optional(req.retention_max_age),
+            _optional(req.retention_max_bytes),
+            *self.retention,
         ]
         for data, count in entries:
             args += [data, "" if count is None else str(count)]
@@ -154,6 +162,10 @@ class Store:
             raise Conflict("Content-Type differs from the source stream's")
         if status == "beyond_tail":
             raise BadRequest("Stream-Fork-Offset is beyond the source stream's tail")
+        if status == "trimmed":
+            raise BadRequest(
+                "Stream-Fork-Offset is before the source stream's earliest retained position"
+            )
         fork_offset_id = acquired.fork_offset
         created = False
         try:
@@ -174,6 +186,8 @@ class Store:
                 fork_source=source,
                 fork_offset=None,
                 fork_sub_offset=sub or None,
+                retention_max_age=req.retention_max_age,
+                retention_max_bytes=req.retention_max_bytes,
             )
             result = await self._create(
                 path,
@@ -323,14 +337,22 @@ class Store:
 
     async def read(self, path: str, offset: str | None, *, large: bool = False) -> Page:
         """One page after ``offset`` (a token), or metadata only at the tail (None).
+        ``-1`` reads from the earliest retained position; any other offset before
+        it is Gone (section 5.6: retention).
 
         ``large``: a catch-up read, which may be a long run of large pages: where
         read.lua can size the page from the stream's statistics, the page comes
         from a plain XRANGE instead of through Lua (see read.lua). Live reads,
         mostly at the tail, skip that second round trip."""
-        after = "" if offset is None else off.to_entry_id(offset)
+        earliest = offset == off.BEGINNING
+        if offset is None:
+            after = ""
+        else:
+            after = off.ZERO_ID if earliest else off.to_entry_id(offset)
         async with storage_errors:
-            return await self._read(path, after, "", MAX_PAGE_ENTRIES, "read", plan=large)
+            return await self._read(
+                path, after, "", MAX_PAGE_ENTRIES, "read", plan=large, earliest=earliest
+            )
 
     async def _xrange(
         self, path: str, info: StreamInfo, after: str, budget: int, wanted: int
@@ -359,10 +381,25 @@ class Store:
         return _Range(info, entries, used, last, more)
 
     async def _read(
-        self, path: str, after: str, upto: str, max_entries: int, mode: str, plan: bool = False
+        self,
+        path: str,
+        after: str,
+        upto: str,
+        max_entries: int,
+        mode: str,
+        plan: bool = False,
+        earliest: bool = False,
     ) -> Page:
         r = await self._read_range(
-            path, after, upto, self.max_read_bytes, max_entries, mode, depth=0, plan=plan
+            path,
+            after,
+            upto,
+            self.max_read_bytes,
+            max_entries,
+            mode,
+            depth=0,
+            plan=plan,
+            earliest=earliest,
         )
         # The page's one copy of its data (a single entry is not even copied).
         body = (b"," if r.info.is_json else b"").join(r.entries)
@@ -389,6 +426,8 @@ class Store:
             closed=reply.closed,
             ttl=reply.ttl,
             expires_at=reply.expires_at,
+            retention_max_age=_limit(reply.retention_max_age, self.retention[0]),
+            retention_max_bytes=_limit(reply.retention_max_bytes, self.retention[1]),
         )
 
     async def _read_range(
@@ -402,18 +441,27 @@ class Store:
         depth: int,
         continuing: bool = False,
         plan: bool = False,
+        earliest: bool = False,
     ) -> _Range:
         """Entries of ``path`` after id ``after`` (and not after id ``upto``),
         stitching in the fork source's entries when the range starts before the
-        fork offset (forks share their source's offset space, section 8)."""
+        fork offset (forks share their source's offset space, section 8).
+        ``earliest``: a range starting before the earliest retained entry
+        starts there (offset=-1) rather than being Gone."""
         if depth > MAX_FORK_DEPTH:
             raise Conflict("fork chain too deep")
         continued, planned = "1" if continuing else "", "1" if plan else ""
-        args = [after, budget, max_entries, upto, mode, continued, planned]
+        args = [after, budget, max_entries, upto, mode, continued, planned, "1" if earliest else ""]
         reply = ReadReply.parse(await self.scripts.read(self.client, self.keys(path).all, args))
         info = await self._info(path, reply)
+        if reply.status == "trimmed":
+            raise Gone(
+                "offset is before the earliest retained position "
+                f"{off.from_entry_id(reply.last)} (retention): read from offset=-1"
+            )
         if reply.status == "xrange":
-            return await self._xrange(path, info, after, budget, reply.entry_count)
+            # From reply.last: where the read starts (-1 starts at the earliest).
+            return await self._xrange(path, info, reply.last, budget, reply.entry_count)
         if reply.status == "ok":
             size = sum(map(len, reply.entries))
             return _Range(info, reply.entries, size, reply.last, reply.more)
@@ -422,7 +470,9 @@ class Store:
         bound = fork_offset
         if upto and off.id_key(upto) < off.id_key(fork_offset):
             bound = upto
-        src = await self._read_range(source, after, bound, budget, max_entries, "source", depth + 1)
+        src = await self._read_range(
+            source, after, bound, budget, max_entries, "source", depth + 1, earliest=earliest
+        )
         if src.more or bound != fork_offset:
             return _Range(info, src.entries, src.size, src.last, src.more)
         # The inherited range ends at the fork offset; go on with the fork's own
@@ -437,6 +487,16 @@ class Store:
         )
         entries = src.entries + own.entries
         return _Range(info, entries, src.size + own.size, own.last, own.more)
+
+
+def _optional(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _limit(stored: str, default: int) -> int | None:
+    """A retention limit in force: the stream's own, else the default; None for none."""
+    value = int(stored) if stored else default
+    return value or None
 
 
 class _Range(NamedTuple):

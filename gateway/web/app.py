@@ -208,6 +208,7 @@ class Gateway:
             settings.max_read_bytes,
             batch_per_stream=cluster,
             local_wakes=self.hub,
+            retention=(settings.retention_max_age_s, settings.retention_max_bytes),
         )
         try:
             await store.load_scripts()

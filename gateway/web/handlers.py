@@ -86,6 +86,8 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
     expires_at = h.parse_expires_at(req.header("stream-expires-at"))
     if ttl is not None and expires_at is not None:
         raise BadRequest("send either Stream-TTL or Stream-Expires-At, not both")
+    max_age = h.parse_retention_max_age(req.header("stream-retention-max-age"))
+    max_bytes = h.parse_retention_max_bytes(req.header("stream-retention-max-bytes"))
     closed = h.is_closed(req.header("stream-closed"))
     content_type = h.normalize_content_type(req.header("content-type"))
     forked_from = req.header("stream-forked-from")
@@ -130,6 +132,8 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
             fork_source=source,
             fork_offset=fork_offset.strip() if fork_offset else None,
             fork_sub_offset=sub_offset,
+            retention_max_age=max_age,
+            retention_max_bytes=max_bytes,
         ),
     )
     out = ctx.response_headers(
@@ -214,8 +218,14 @@ def info_headers(ctx: Context, info: StreamInfo) -> Headers:
             h.format_expires_at(info.expires_at) if info.expires_at is not None else None
         ),
         stream_closed="true" if info.closed else None,
+        stream_retention_max_age=_optional(info.retention_max_age),
+        stream_retention_max_bytes=_optional(info.retention_max_bytes),
         cache_control="no-store",
     )
+
+
+def _optional(value: int | None) -> str | None:
+    return None if value is None else str(value)
 
 
 async def head(ctx: Context, req: Request, path: str, res: Response) -> None:
@@ -227,7 +237,9 @@ async def head(ctx: Context, req: Request, path: str, res: Response) -> None:
 
 
 class ReadParams(NamedTuple):
-    offset: str | None  # offset token; None means "now" (the tail)
+    # An offset token, or -1 (the earliest retained position); None means
+    # "now" (the tail).
+    offset: str | None
     live: str | None  # None, 'long-poll' or 'sse'
     cursor: str | None
 
@@ -242,7 +254,7 @@ def read_params(req: Request) -> ReadParams:
             raise BadRequest("live reads need an offset")
         offset: str | None = off.ZERO
     elif raw == off.BEGINNING:
-        offset = off.ZERO
+        offset = off.BEGINNING
     elif raw == off.NOW:
         offset = None
     else:
@@ -286,7 +298,7 @@ async def catch_up(
         out = page_headers(ctx, page, cache_control="no-store")
         await res.send(200, out, b"[]" if page.info.is_json else b"")
         return
-    tag = etag(params.offset, page)
+    tag = etag(off.ZERO if params.offset == off.BEGINNING else params.offset, page)
     out = page_headers(ctx, page, etag=tag, cache_control=ctx.catch_up_cache_control)
     if _matches(req.header("if-none-match"), tag):
         await res.send(304, out)

@@ -44,6 +44,7 @@ KEY_POSITIONS: dict[str, tuple[int, ...] | None] = {
     "PERSIST": (1,),
     "SADD": (1,),
     "SREM": (1,),
+    "XTRIM": (1,),
     "DEL": None,
 }
 
@@ -329,7 +330,7 @@ def test_script_load_rejects_invalid_lua(sync_redis: redis.Redis) -> None:
         ("read", ["", "1024", "10", "", "read"], [b"not_found"]),
         (
             "append",
-            ["1", "chan", "1", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
+            ["1", "", "", "chan", "1", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
             [[[b"not_found"]], [b""]],
         ),
         ("delete", ["chan"], [b"not_found"]),
@@ -350,7 +351,7 @@ def test_script_runs_against_a_missing_stream(
 def test_create_script_creates_then_confirms(sync_redis: redis.Redis) -> None:
     keys = stream_keys("ds-unit-lua", "create").all
     sync_redis.delete(*keys)
-    args = ["text/plain", "text/plain", "", "", "", "", "", "", "0-0"]
+    args = ["text/plain", "text/plain", "", "", "", "", "", "", "0-0", "", "", "", ""]
     try:
         first = sync_redis.eval(SCRIPTS.create.source, len(keys), *keys, *args)
         again = sync_redis.eval(SCRIPTS.create.source, len(keys), *keys, *args)

@@ -13,6 +13,12 @@
 --   b, mx the bytes of the entries in the stream's own data, and the largest
 --         one's (their number is the data's XLEN; streams created before these
 --         existed lack them: see read.lua)
+--   rage, rbytes  retention set at creation: max age in seconds, max bytes of
+--         data ('0': keep everything; absent: the server default applies)
+--   trim  id of the last entry trimmed by retention: offsets before it are
+--         gone (410), the offset at it is the earliest readable position
+--   first ms part of the oldest retained entry's id, or a lower bound of it
+--         (when the next age trim is due; see append.lua)
 
 -- Scripts read the clock and then write: replicate their effects, not the script.
 -- (The default since Redis 5; a no-op that is kept for clarity on 6.2.)
@@ -68,6 +74,12 @@ local function byte_cmp(a, b)
   end
   if #a == #b then return 0 end
   return #a < #b and -1 or 1
+end
+
+-- A retention limit as a number, 0 for none: the stream's own setting
+-- (`explicit`, '0' meaning none) or else the server default.
+local function retention_limit(explicit, default)
+  return tonumber(explicit or default) or 0
 end
 
 local function refs_of(m)

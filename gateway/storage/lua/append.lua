@@ -13,7 +13,9 @@
 -- batches per stream there); on a standalone Redis any streams may share it.
 --
 -- KEYS: 3 per stream, for stream 1, 2, ...: meta, data, producers
--- ARGV: 1 the number of streams S; then 2 per stream: its wake-up channel, and
+-- ARGV: 1 the number of streams S, 2 the server's default retention max age
+--       in seconds, 3 its default max bytes ('' or '0' for none); then 2 per
+--       stream: its wake-up channel, and
 --       '1' to have its wake-up message returned (the caller has readers of it
 --       and wakes them without waiting for the message); then per request:
 --       stream number (1..S), its form, and the form's fields:
@@ -35,7 +37,13 @@
 --   {'stale_epoch', tail, closed, epoch}    {'epoch_seq', tail}
 --   {'seq_gap', tail, '', expected, received}
 --   {'ct_mismatch', tail}  {'seq_conflict', tail}  {'not_found'}  {'gone'}
+--
+-- Retention: after a stream's appends, its oldest entries beyond its max age
+-- or max bytes are trimmed (see trim below), at most TRIM_BATCH of them per
+-- run, and only once the stream is over its limit by some slack, so most runs
+-- only compare two numbers.
 local nstreams = tonumber(ARGV[1])
+local default_max_age, default_max_bytes = ARGV[2], ARGV[3]
 local now = now_ms()
 local now_id = string.format('%d-0', now)  -- for next_id
 
@@ -164,8 +172,66 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
   return {'ok', tail, close and '1' or '', epoch_s, seq_s}
 end
 
+-- Retention (section 4: servers may drop data older than a limit while the
+-- stream continues). Entries leave from the head only, so what remains is
+-- always one contiguous range after meta.trim, and a read from before it gets
+-- 410 instead of silently skipping data. Trimming starts only when the stream
+-- is over a limit by a sixteenth (bytes), or its oldest entry is over the age
+-- by a sixteenth of it (at most a minute), and takes at most TRIM_BATCH entries
+-- per run: a stream far over its limit (a lowered limit, a burst) is brought
+-- back over the next runs instead of holding Redis for one long one. Streams
+-- that forks read are not trimmed: every fork reads its source from the
+-- source's earliest entry up to its fork offset.
+local TRIM_BATCH = 128
+
+local function trim_due(m, max_age_ms, max_bytes)
+  if max_bytes > 0 and m.b and tonumber(m.b) > max_bytes + math.floor(max_bytes / 16) then
+    return true
+  end
+  if max_age_ms > 0 then
+    local slack = math.min(math.floor(max_age_ms / 16), 60000)
+    return now >= (tonumber(m.first) or 0) + max_age_ms + slack
+  end
+  return false
+end
+
+-- Trim the head of stream s's data; updates m.trim, m.first and m.b.
+local function trim(s, m, max_age_ms, max_bytes)
+  local batch = redis.call('XRANGE', KEYS[3 * s - 1], '-', '+', 'COUNT', TRIM_BATCH)
+  local cutoff = max_age_ms > 0 and now - max_age_ms or nil
+  local bytes = tonumber(m.b)
+  local dropped, kept = nil, nil
+  for _, entry in ipairs(batch) do
+    local id, size = entry[1], #entry[2][2]
+    local old = cutoff and split_id(id) < cutoff
+    -- Over the byte limit: drop, but never the newest entry.
+    local over = max_bytes > 0 and bytes and bytes > max_bytes and id ~= m.tail
+    if not (old or over) then
+      kept = id
+      break
+    end
+    dropped = id
+    if bytes then bytes = bytes - size end
+  end
+  if dropped then
+    local ms, seq = split_id(dropped)
+    -- XTRIM MINID drops the entries before the threshold: up to `dropped`.
+    redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
+    m.trim = dropped
+    if bytes then m.b = bytes end
+  end
+  if kept then
+    m.first = split_id(kept)
+  elseif #batch < TRIM_BATCH then
+    m.first = now  -- nothing left: any later entry is at least this new
+  else
+    m.first = split_id(dropped)  -- more to trim next run
+  end
+  return dropped ~= nil
+end
+
 local replies = {}
-local a = 2 * nstreams + 2
+local a = 2 * nstreams + 4
 while a <= #ARGV do
   if ARGV[a + 1] == '' then
     replies[#replies + 1] = apply(tonumber(ARGV[a]), ARGV[a + 2], true, false, '', '', '', '',
@@ -187,10 +253,24 @@ for s = 1, nstreams do
   if st and st.dirty then
     local m = st.m
     local fields = {'tail', m.tail}
+    local trimmed = false
+    if st.appends > 0 and refs_of(m) == 0 then
+      local max_age_ms = retention_limit(m.rage, default_max_age) * 1000
+      local max_bytes = retention_limit(m.rbytes, default_max_bytes)
+      if (max_age_ms > 0 or max_bytes > 0) and trim_due(m, max_age_ms, max_bytes) then
+        trimmed = trim(s, m, max_age_ms, max_bytes)
+        fields[#fields + 1] = 'first'
+        fields[#fields + 1] = string.format('%d', m.first)
+        if trimmed then
+          fields[#fields + 1] = 'trim'
+          fields[#fields + 1] = m.trim
+        end
+      end
+    end
     -- The byte count changes with every append; the largest entry seldom
     -- does (and the entry count is the data's XLEN): written only as needed,
     -- as each field written costs this hot path measurably.
-    if m.b and st.appends > 0 then
+    if m.b and (st.appends > 0 or trimmed) then
       fields[#fields + 1] = 'b'
       fields[#fields + 1] = string.format('%d', m.b)
       if st.grew then
@@ -233,8 +313,8 @@ for s = 1, nstreams do
       message = '+' .. st.prev .. ' ' .. m.tail .. ' ' .. (closed and '1' or '') .. '\n'
         .. st.data
     end
-    redis.call('PUBLISH', ARGV[2 * s], message)
-    if ARGV[2 * s + 1] == '1' then messages[s] = message end
+    redis.call('PUBLISH', ARGV[2 * s + 2], message)
+    if ARGV[2 * s + 3] == '1' then messages[s] = message end
   end
 end
 return {replies, messages}

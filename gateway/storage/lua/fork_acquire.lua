@@ -10,6 +10,9 @@
 -- Reply: {'ok', content type, media type, fork offset id, ttl, expires-at,
 --         '1' if this fork was not registered yet}
 --        | {'not_found'} | {'gone'} | {'ct_mismatch'} | {'beyond_tail'}
+--        | {'trimmed'} (the fork offset is before the earliest retained entry)
+-- While forks hold it (refs > 0) append.lua does not trim the source, so each
+-- fork keeps the inherited range it had when created.
 local meta_key = KEYS[1]
 local m = hgetall(meta_key)
 if next(m) == nil then return {'not_found'} end
@@ -18,6 +21,7 @@ if is_gone(meta_key, m, now) then return {'gone'} end
 if ARGV[1] ~= '' and ARGV[1] ~= m.mt then return {'ct_mismatch'} end
 local fork_offset = ARGV[2] ~= '' and ARGV[2] or m.tail
 if id_cmp(fork_offset, m.tail) > 0 then return {'beyond_tail'} end
+if m.trim and id_cmp(fork_offset, m.trim) < 0 then return {'trimmed'} end
 local added = redis.call('SADD', KEYS[4], ARGV[3])
 if added == 1 and redis.call('HINCRBY', meta_key, 'refs', 1) == 1 then
   -- Pinned: from now on expiry is judged by is_expired, so the data outlives

@@ -12,19 +12,26 @@
 --       6 '1' if the page already holds entries (then even the first entry here
 --         must fit the byte budget),
 --       7 '1' to let the gateway fetch the page with a plain XRANGE where it can
---         (see below)
+--         (see below),
+--       8 '1' to read from the earliest retained entry when the offset is
+--         before it (offset=-1), instead of answering 'trimmed'
 -- Reply: {status, content type, tail, closed, ttl, expires-at, fork source,
---         fork offset, entries, last id, '1' if more entries follow in range, count}
+--         fork offset, entries, last id, '1' if more entries follow in range, count,
+--         retention max age, retention max bytes (as set at creation, or ''),
+--         id of the last entry trimmed by retention or ''}
 --   entries: the page's entry data in order (the gateway joins them with ','
 --   for JSON streams, where each entry holds comma-joined messages, and with
 --   nothing otherwise).
 --   status: 'ok', 'fork' (the range starts before the fork offset: read the
 --   source first), 'xrange' (no entries here: XRANGE up to the tail, COUNT
---   count, and cut the page at the byte budget), 'not_found', 'gone'
+--   count, and cut the page at the byte budget; from the last id, which is
+--   where the read starts), 'trimmed' (the range starts before the earliest
+--   retained entry: 410), 'not_found', 'gone'
 local meta_key, data_key = KEYS[1], KEYS[2]
 local after, max_bytes, max_entries = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local upto, mode, continuing = ARGV[4], ARGV[5], ARGV[6] == '1'
 local plan = ARGV[7] == '1'
+local from_earliest = ARGV[8] == '1'
 
 local m = hgetall(meta_key)
 if next(m) == nil then return {'not_found'} end
@@ -36,10 +43,17 @@ end
 
 local function reply(status, entries, last, more, count)
   return {status, m.ct, m.tail, m.closed or '', m.ttl or '', m.exp or '',
-          m.fsrc or '', m.foff or '', entries, last, more, count}
+          m.fsrc or '', m.foff or '', entries, last, more, count,
+          m.rage or '', m.rbytes or '', m.trim or ''}
 end
 
 if after == '' then return reply('ok', {}, m.tail, '', 0) end
+-- Retention trimmed the entries up to m.trim (append.lua): a reader at m.trim
+-- has everything before the retained range, one before it has missed data.
+if m.trim and id_cmp(after, m.trim) < 0 then
+  if not from_earliest then return reply('trimmed', {}, m.trim, '', 0) end
+  after = m.trim
+end
 if m.foff and id_cmp(after, m.foff) < 0 then return reply('fork', {}, after, '', 0) end
 
 -- Every byte a script reads passes through Lua strings twice (XRANGE's reply
