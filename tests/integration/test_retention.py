@@ -241,3 +241,25 @@ async def test_a_fork_trims_its_own_entries_and_reads_from_its_own_earliest(
     assert page.body.startswith(body(10 - len(kept)))
     # The source is untouched.
     assert [d for _, d in await entries(redis_client, "base")] == [b"base-1", b"base-2"]
+
+
+async def test_the_largest_entry_size_comes_down_after_it_is_trimmed(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """read.lua sizes pages from meta mx: after retention trims the largest
+    entry, mx follows the retained entries down (within two trims)."""
+    await store.create("mx", CreateRequest(OCTET, retention_max_bytes=2000))
+    await append_all(store, "mx", [b"L" * 1500])
+    sizes_seen = []
+    for i in range(60):
+        await store.append("mx", data(body(i)))
+        m = await meta(redis_client, "mx")
+        kept = await entries(redis_client, "mx")
+        # Always an upper bound of what is retained, and b exact.
+        assert int(m["mx"]) >= max(len(d) for _, d in kept)
+        assert int(m["b"]) == sum(len(d) for _, d in kept)
+        sizes_seen.append(int(m["mx"]))
+    assert sizes_seen[0] == 1500
+    assert sizes_seen[-1] == 100
+    page = await store.read("mx", off.BEGINNING, large=True)
+    assert page.body == b"".join(d for _, d in await entries(redis_client, "mx"))

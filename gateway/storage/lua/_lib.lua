@@ -17,6 +17,8 @@
 --         data ('0': keep everything; absent: the server default applies)
 --   trim  id of the last entry trimmed by retention: offsets before it are
 --         gone (410), the offset at it is the earliest readable position
+--   mxe, mxn  (streams retention trimmed) mx covers the entries up to id mxe,
+--         mxn the entries after it; see append.lua
 --   first ms part of the oldest retained entry's id, or a lower bound of it
 --         (when the next age trim is due; see append.lua)
 

@@ -151,6 +151,8 @@ local function apply(s, media_type, has_body, close, stream_seq, pid, epoch_s, s
       local size = #data
       m.b = tonumber(m.b) + size
       if size > tonumber(m.mx) then m.mx, st.grew = size, true end
+      -- Streams that retention trims also track the largest entry since mxe.
+      if m.mxe and size > tonumber(m.mxn) then m.mxn, st.grew = size, true end
     end
   end
   st.dirty = true
@@ -195,8 +197,9 @@ local function trim_due(m, max_age_ms, max_bytes)
   return false
 end
 
--- Trim the head of stream s's data; updates m.trim, m.first and m.b.
-local function trim(s, m, max_age_ms, max_bytes)
+-- Trim the head of stream s's data; updates m.trim, m.first, m.b and the
+-- largest entry's size (st.grew when it changed).
+local function trim(s, st, m, max_age_ms, max_bytes)
   local batch = redis.call('XRANGE', KEYS[3 * s - 1], '-', '+', 'COUNT', TRIM_BATCH)
   local cutoff = max_age_ms > 0 and now - max_age_ms or nil
   local bytes = tonumber(m.b)
@@ -219,6 +222,16 @@ local function trim(s, m, max_age_ms, max_bytes)
     redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
     m.trim = dropped
     if bytes then m.b = bytes end
+    -- mx must stay an upper bound of the retained entries' sizes without
+    -- reading them all: it covers the entries up to mxe, and mxn those after.
+    -- Once the trim passes mxe, mxn covers everything retained: it becomes
+    -- mx, and a new span starts at the tail. So mx comes down within two
+    -- trims of its largest entry leaving (read.lua sizes pages from it).
+    if m.b and (not m.mxe or id_cmp(dropped, m.mxe) >= 0) then
+      if m.mxe then m.mx = m.mxn end
+      m.mxe, m.mxn = m.tail, 0
+      st.grew = true
+    end
   end
   if kept then
     m.first = split_id(kept)
@@ -258,7 +271,7 @@ for s = 1, nstreams do
       local max_age_ms = retention_limit(m.rage, default_max_age) * 1000
       local max_bytes = retention_limit(m.rbytes, default_max_bytes)
       if (max_age_ms > 0 or max_bytes > 0) and trim_due(m, max_age_ms, max_bytes) then
-        trimmed = trim(s, m, max_age_ms, max_bytes)
+        trimmed = trim(s, st, m, max_age_ms, max_bytes)
         fields[#fields + 1] = 'first'
         fields[#fields + 1] = string.format('%d', m.first)
         if trimmed then
@@ -276,6 +289,12 @@ for s = 1, nstreams do
       if st.grew then
         fields[#fields + 1] = 'mx'
         fields[#fields + 1] = string.format('%d', m.mx)
+        if m.mxe then
+          fields[#fields + 1] = 'mxe'
+          fields[#fields + 1] = m.mxe
+          fields[#fields + 1] = 'mxn'
+          fields[#fields + 1] = string.format('%d', m.mxn)
+        end
       end
     end
     if st.wrote_seq then
