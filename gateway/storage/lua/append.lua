@@ -198,49 +198,73 @@ local function trim_due(m, max_age_ms, max_bytes)
 end
 
 -- Trim the head of stream s's data; updates m.trim, m.first, m.b and the
--- largest entry's size (st.grew when it changed).
+-- largest entry's size (st.grew when it changed). Every trimmed entry passes
+-- through Lua once (its size keeps m.b exact), and as few others as can be:
+-- the age pass asks XRANGE for the expired entries only, the size pass for
+-- as many as the excess needs at the average size (plus one, to see where
+-- the retained range starts).
 local function trim(s, st, m, max_age_ms, max_bytes)
-  local batch = redis.call('XRANGE', KEYS[3 * s - 1], '-', '+', 'COUNT', TRIM_BATCH)
-  local cutoff = max_age_ms > 0 and now - max_age_ms or nil
   local bytes = tonumber(m.b)
-  local dropped, kept = nil, nil
-  for _, entry in ipairs(batch) do
-    local id, size = entry[1], #entry[2][2]
-    local old = cutoff and split_id(id) < cutoff
-    -- Over the byte limit: drop, but never the newest entry.
-    local over = max_bytes > 0 and bytes and bytes > max_bytes and id ~= m.tail
-    if not (old or over) then
-      kept = id
-      break
+  local left = TRIM_BATCH
+  local dropped, kept, first = nil, nil, 0
+  if max_age_ms > 0 then
+    -- An entry expires once its ms part is below the cutoff; the range end
+    -- 'ms' covers every sequence number of that ms.
+    local cutoff = now - max_age_ms
+    local last = string.format('%d', cutoff - 1)
+    local batch = redis.call('XRANGE', KEYS[3 * s - 1], '-', last, 'COUNT', left)
+    for _, entry in ipairs(batch) do
+      dropped = entry[1]
+      if bytes then bytes = bytes - #entry[2][2] end
     end
-    dropped = id
-    if bytes then bytes = bytes - size end
+    left = left - #batch
+    -- Caught up: every entry left is from the cutoff on.
+    if left > 0 then first = cutoff end
   end
-  if dropped then
-    local ms, seq = split_id(dropped)
-    -- XTRIM MINID drops the entries before the threshold: up to `dropped`.
-    redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
-    m.trim = dropped
-    if bytes then m.b = bytes end
-    -- mx must stay an upper bound of the retained entries' sizes without
-    -- reading them all: it covers the entries up to mxe, and mxn those after.
-    -- Once the trim passes mxe, mxn covers everything retained: it becomes
-    -- mx, and a new span starts at the tail. So mx comes down within two
-    -- trims of its largest entry leaving (read.lua sizes pages from it).
-    if m.b and (not m.mxe or id_cmp(dropped, m.mxe) >= 0) then
-      if m.mxe then m.mx = m.mxn end
-      m.mxe, m.mxn = m.tail, 0
-      st.grew = true
+  if max_bytes > 0 and bytes and bytes > max_bytes and left > 0 then
+    local count = redis.call('XLEN', KEYS[3 * s - 1]) - (TRIM_BATCH - left)
+    local average = math.max(1, bytes / math.max(1, count))
+    local start = dropped and '(' .. dropped or '-'
+    while left > 0 and not kept do
+      local wanted = math.min(left, math.floor((bytes - max_bytes) / average) + 2)
+      local batch = redis.call('XRANGE', KEYS[3 * s - 1], start, '+', 'COUNT', wanted)
+      for _, entry in ipairs(batch) do
+        -- Over the limit: drop, but never the newest entry.
+        if bytes <= max_bytes or entry[1] == m.tail then
+          kept = entry[1]
+          break
+        end
+        dropped = entry[1]
+        bytes = bytes - #entry[2][2]
+        left = left - 1
+      end
+      if #batch < wanted then break end
+      if not kept then start = '(' .. dropped end
     end
   end
   if kept then
-    m.first = split_id(kept)
-  elseif #batch < TRIM_BATCH then
-    m.first = now  -- nothing left: any later entry is at least this new
-  else
-    m.first = split_id(dropped)  -- more to trim next run
+    first = split_id(kept)
+  elseif dropped then
+    first = math.max(first, split_id(dropped))  -- both bounds from below
   end
-  return dropped ~= nil
+  m.first = first > 0 and first or now
+  if not dropped then return false end
+  local ms, seq = split_id(dropped)
+  -- XTRIM MINID drops the entries before the threshold: up to `dropped`.
+  redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
+  m.trim = dropped
+  if bytes then m.b = bytes end
+  -- mx must stay an upper bound of the retained entries' sizes without
+  -- reading them all: it covers the entries up to mxe, and mxn those after.
+  -- Once the trim passes mxe, mxn covers everything retained: it becomes
+  -- mx, and a new span starts at the tail. So mx comes down within two
+  -- trims of its largest entry leaving (read.lua sizes pages from it).
+  if m.b and (not m.mxe or id_cmp(dropped, m.mxe) >= 0) then
+    if m.mxe then m.mx = m.mxn end
+    m.mxe, m.mxn = m.tail, 0
+    st.grew = true
+  end
+  return true
 end
 
 local replies = {}
@@ -272,8 +296,10 @@ for s = 1, nstreams do
       local max_bytes = retention_limit(m.rbytes, default_max_bytes)
       if (max_age_ms > 0 or max_bytes > 0) and trim_due(m, max_age_ms, max_bytes) then
         trimmed = trim(s, st, m, max_age_ms, max_bytes)
-        fields[#fields + 1] = 'first'
-        fields[#fields + 1] = string.format('%d', m.first)
+        if max_age_ms > 0 then
+          fields[#fields + 1] = 'first'
+          fields[#fields + 1] = string.format('%d', m.first)
+        end
         if trimmed then
           fields[#fields + 1] = 'trim'
           fields[#fields + 1] = m.trim
