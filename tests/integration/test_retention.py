@@ -263,3 +263,24 @@ async def test_the_largest_entry_size_comes_down_after_it_is_trimmed(
     assert sizes_seen[-1] == 100
     page = await store.read("mx", off.BEGINNING, large=True)
     assert page.body == b"".join(d for _, d in await entries(redis_client, "mx"))
+
+
+async def test_age_and_size_limits_apply_together(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await store.create("both", CreateRequest(OCTET, retention_max_age=1, retention_max_bytes=1000))
+    await append_all(store, "both", [body(i) for i in range(30)])
+    assert sum(len(d) for _, d in await entries(redis_client, "both")) <= 1000 + 1000 // 16
+    # Then age: the size-trimmed survivors go once they are old enough.
+    deadline = time.monotonic() + 15
+    while any(d.startswith(b"0000") for _, d in await entries(redis_client, "both")):
+        assert time.monotonic() < deadline, "old entries were never trimmed by age"
+        await store.append("both", data(b"fresh"))
+        await asyncio.sleep(0.05)
+    kept = await entries(redis_client, "both")
+    assert all(d == b"fresh" for _, d in kept)
+    m = await meta(redis_client, "both")
+    assert int(m["b"]) == sum(len(d) for _, d in kept)
+    assert int(m["mx"]) >= max(len(d) for _, d in kept)
+    everything, _ = await read_all(store, "both", off.BEGINNING)
+    assert everything == b"".join(d for _, d in kept)
