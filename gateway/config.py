@@ -92,6 +92,18 @@ class Settings:
     # everything.
     retention_max_age_s: int = 0
     retention_max_bytes: int = 0
+    # DS_AUTH=forward (gateway/web/auth/forward.py): the endpoint asked about
+    # every request; its allows are cached for auth_forward_cache_s per
+    # credential, path and operation.
+    auth_forward_url: str | None = None
+    auth_forward_cache_s: int = 5
+    auth_forward_timeout_ms: int = 2_000
+    # Rate limits per principal and operation, e.g. "append=200/s;read=50/m"
+    # (parsed by gateway/web/auth/limits.py), and the most live readers
+    # (long-poll + SSE) one principal may hold at once; 0 = no quota. Both are
+    # counted in Redis, so every replica shares them.
+    rate_limit: str | None = None
+    max_live_readers: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -132,4 +144,9 @@ class Settings:
             url_signing_key=os.environ.get("DS_URL_SIGNING_KEY") or None,
             retention_max_age_s=_int("DS_RETENTION_MAX_AGE_S", 0),
             retention_max_bytes=_int("DS_RETENTION_MAX_BYTES", 0),
+            auth_forward_url=os.environ.get("DS_AUTH_FORWARD_URL", "").strip() or None,
+            auth_forward_cache_s=_int("DS_AUTH_FORWARD_CACHE_S", 5, 0),
+            auth_forward_timeout_ms=_int("DS_AUTH_FORWARD_TIMEOUT_MS", 2_000, 1),
+            rate_limit=os.environ.get("DS_RATE_LIMIT", "").strip() or None,
+            max_live_readers=_int("DS_MAX_LIVE_READERS", 0, 0),
         )

@@ -52,3 +52,22 @@ def stream_keys(prefix: str, path: str) -> StreamKeys:
         forks=f"{base}:forks",
         wake=f"{base}:wake",
     )
+
+
+# -- rate limits and live-reader quotas (gateway/storage/quotas.py) ---------------
+#
+#    ds:rate:{<principal>}:<operation>   string      GCRA theoretical arrival time, epoch µs
+#    ds:live:{<principal>}               sorted set  live reader id -> lease expiry, epoch ms
+#
+# ``<principal>`` is ``sub:<subject>`` or ``ip:<client address>``; each key
+# expires on its own once the principal is idle.
+
+
+def rate_key(prefix: str, principal: str, operation: str) -> str:
+    """The key counting ``principal``'s requests of one operation."""
+    return f"{_tag(prefix)}:rate:{{{_tag(principal)}}}:{operation}"
+
+
+def live_readers_key(prefix: str, principal: str) -> str:
+    """The leases of ``principal``'s live readers."""
+    return f"{_tag(prefix)}:live:{{{_tag(principal)}}}"

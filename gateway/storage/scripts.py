@@ -19,7 +19,8 @@ from redis.exceptions import NoScriptError
 
 from .client import RedisClient
 
-OPERATIONS = (
+# The scripts on one stream's keys (KEYS: meta, data, producers, forks).
+STREAM_OPERATIONS = (
     "create",
     "append",
     "read",
@@ -27,6 +28,9 @@ OPERATIONS = (
     "fork_acquire",
     "fork_release",
 )
+# The scripts on one principal's rate-limit or live-reader key (see quotas.py).
+QUOTA_OPERATIONS = ("rate_limit", "live_lease")
+OPERATIONS = STREAM_OPERATIONS + QUOTA_OPERATIONS
 
 
 def read_lua(name: str) -> str:
@@ -82,3 +86,5 @@ class Scripts:
     delete: Script
     fork_acquire: Script
     fork_release: Script
+    rate_limit: Script
+    live_lease: Script

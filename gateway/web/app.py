@@ -27,11 +27,13 @@ from gateway.protocol.errors import (
 )
 from gateway.protocol.paths import is_reserved, stream_path
 from gateway.storage import backend
+from gateway.storage.quotas import Quotas
 from gateway.storage.store import Store
 
 from . import handlers
 from . import live as live_http
-from .auth import OPERATION_OF_METHOD, Authorizer, build_authorizer
+from .auth import OPERATION_OF_METHOD, Authorizer, Operation, build_authorizer
+from .auth.limits import LiveReaderQuota, RateLimited, parse_rates, with_limits
 from .forwarded import TrustedProxies
 from .handlers import Context
 from .request import (
@@ -60,8 +62,11 @@ class Gateway:
         self.backend: backend.Backend | None = None
         self.embedded: Any = None
         # The trust boundary; None (DS_AUTH=none) costs the request path nothing.
-        # Built here so that an incomplete configuration stops the start.
+        # Built here so that an incomplete configuration stops the start; rate
+        # limits wrap it at start-up, once storage is there.
         self.auth: Authorizer | None = build_authorizer(self.settings, self.trusted)
+        self.live_readers: LiveReaderQuota | None = None
+        parse_rates(self.settings.rate_limit)  # a bad DS_RATE_LIMIT stops the start too
         self._prefix = self.settings.stream_prefix + "/"
         self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
 
@@ -144,7 +149,15 @@ class Gateway:
         operation = OPERATION_OF_METHOD.get(req.method)
         if operation is None:
             raise MethodNotAllowed(f"method {req.method} is not allowed")
-        await auth.authorize(req, operation, path)
+        principal = await auth.authorize(req, operation, path)
+        quota = self.live_readers
+        if quota is not None and operation is Operation.READ and req.method == "GET":
+            live = req.single("live")
+            if live == "long-poll" or live == "sse":
+                # The principal's lease on a live reader, held while it waits.
+                async with quota.lease(principal, live):
+                    await self._dispatch(ctx, req, path, res)
+                return
         await self._dispatch(ctx, req, path, res)
 
     def _dispatch(self, ctx: Context, req: Request, path: str, res: Response) -> Awaitable[None]:
@@ -216,6 +229,10 @@ class Gateway:
             # Start anyway: requests get 503 until Redis is back, then recover.
             log.warning("Redis is unreachable at start-up; serving 503 until it is back")
         self.live = Live(store, self.hub, settings)
+        quotas = Quotas(self.backend.client, store.scripts, settings.key_prefix)
+        self.auth = with_limits(self.auth, settings, self.trusted, quotas)
+        if isinstance(self.auth, RateLimited):
+            self.live_readers = self.auth.live_readers
         self.ctx = Context(settings, store, self.live, self.trusted, self._base, self.auth)
         await self.hub.start()
         # What exists now (modules, scripts, settings) lives as long as the
@@ -237,6 +254,9 @@ class Gateway:
         self.drain()
         if self.hub is not None:
             await self.hub.stop()
+        closer = getattr(self.auth, "aclose", None)
+        if closer is not None:
+            await closer()
         if self.backend is not None:
             await self.backend.aclose()
         if self.embedded is not None:

@@ -12,7 +12,9 @@ With ``DS_AUTH=none`` and no rate limit configured there is no guard at all:
 the request path costs nothing extra.
 
 The modules: scopes.py (the ``ds`` claim's globs), keys.py (JWT keys and the
-algorithms each admits), tokens.py (DS_AUTH=jwt), presign.py (pre-signed URLs).
+algorithms each admits), tokens.py (DS_AUTH=jwt), presign.py (pre-signed URLs),
+forward.py (DS_AUTH=forward), limits.py (rate limits and live-reader quotas,
+which wrap any mode once storage is up: ``with_limits``).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def build_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer 
     if mode == "jwt":
         authorizer: Authorizer = _jwt_authorizer(settings, trusted)
     elif mode == "forward":
-        raise ValueError("DS_AUTH=forward is not available in this version")
+        authorizer = _forward_authorizer(settings, trusted)
     else:
         raise ValueError(f"unknown DS_AUTH {mode!r}")
     if settings.url_signing_key:
@@ -123,6 +125,20 @@ def _jwt_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer:
         audience=settings.jwt_audience,
     )
     return JwtAuthorizer(verifier, trusted)
+
+
+def _forward_authorizer(settings: Settings, trusted: TrustedProxies) -> Authorizer:
+    # Imported here: other modes never load httpx.
+    from .forward import ForwardAuth
+
+    if not settings.auth_forward_url:
+        raise ValueError("DS_AUTH=forward needs DS_AUTH_FORWARD_URL")
+    return ForwardAuth(
+        settings.auth_forward_url,
+        trusted,
+        timeout_ms=settings.auth_forward_timeout_ms,
+        cache_s=settings.auth_forward_cache_s,
+    )
 
 
 __all__ = ["OPERATION_OF_METHOD", "Authorizer", "Operation", "Principal", "build_authorizer"]
