@@ -2,7 +2,7 @@
 
 One file per atomic operation lives in ``gateway/storage/lua/`` (package data,
 read with ``importlib.resources``, so a wheel and a source checkout behave the
-same); ``_lib.lua`` (shared helpers) is prepended to each. Each script is
+same); ``_lib.lua`` (shared helpers) is prepended to each stream script. Each script is
 registered with ``SCRIPT LOAD`` when the gateway starts and called with
 ``EVALSHA``; if Redis has lost its script cache (a restart, ``SCRIPT FLUSH``, a
 failover) the call falls back to loading it again.
@@ -68,9 +68,12 @@ class Script:
 class Scripts:
     def __init__(self) -> None:
         lib = read_lua("_lib")
-        for name in OPERATIONS:
-            body = read_lua(name)
-            setattr(self, name, Script(name, lib + "\n" + body))
+        for name in STREAM_OPERATIONS:
+            setattr(self, name, Script(name, lib + "\n" + read_lua(name)))
+        # The quota scripts stand alone: they run on every limited request,
+        # and need none of the stream helpers.
+        for name in QUOTA_OPERATIONS:
+            setattr(self, name, Script(name, read_lua(name)))
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in OPERATIONS]

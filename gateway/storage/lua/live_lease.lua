@@ -9,7 +9,8 @@ local readers_key = KEYS[1]
 local reader = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local most = tonumber(ARGV[3])
-local now = now_ms()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', readers_key, '-inf', now)
 if redis.call('ZCARD', readers_key) >= most then
   local earliest = redis.call('ZRANGE', readers_key, 0, 0, 'WITHSCORES')
