@@ -39,6 +39,25 @@ async def test_a_periods_worth_of_requests_pass_at_once_then_one_per_interval(
     assert await quotas.hit("ip:10.0.0.1", "append", 5, 1_000) == 0
 
 
+async def test_one_turns_requests_of_a_principal_are_counted_by_one_call(
+    quotas: Quotas, redis_client: aioredis.Redis
+) -> None:
+    async def evalsha_calls() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    await quotas.hit("sub:warm", "append", 4, 1_000)  # the script is loaded by now
+    before = await evalsha_calls()
+    results = await asyncio.gather(*(quotas.hit("sub:zoe", "append", 4, 1_000) for _ in range(10)))
+    assert await evalsha_calls() - before == 1
+    assert results[:4] == [0] * 4  # the first four, in the order they came
+    assert all(1 <= wait <= 250 for wait in results[4:]), results
+    # Only those four were counted: one interval later the next one passes.
+    await asyncio.sleep(0.26)
+    assert await quotas.hit("sub:zoe", "append", 4, 1_000) == 0
+    assert await quotas.hit("sub:zoe", "append", 4, 1_000) > 0
+
+
 async def test_principals_and_operations_count_apart(quotas: Quotas) -> None:
     assert await quotas.hit("sub:alice", "append", 1, 60_000) == 0
     assert await quotas.hit("sub:alice", "append", 1, 60_000) > 0
