@@ -135,6 +135,10 @@ def collect_headers(
         if name in headers:
             if name in LIST_HEADERS:
                 headers[name] += ", " + value
+            elif name == "cookie":
+                # HTTP/2 clients split Cookie into one field per cookie
+                # (RFC 9113 section 8.2.3); forward auth wants them whole.
+                headers[name] += "; " + value
             else:
                 repeated = repeated or set()
                 repeated.add(name)

@@ -179,3 +179,11 @@ def test_without_limits_there_is_no_wrapper_at_all() -> None:
     assert isinstance(quota, RateLimited) and isinstance(quota.live_readers, LiveReaderQuota)
     assert quota.rates == {}
     assert quota.live_readers.lease_ms["long-poll"] == 1000 + 15_000
+
+
+def test_cookies_split_into_fields_by_http2_clients_are_joined() -> None:
+    from gateway.web.request import collect_headers
+
+    headers, repeated = collect_headers([("cookie", "a=1"), ("x", "y"), ("cookie", "b=2")])
+    assert headers["cookie"] == "a=1; b=2"
+    assert repeated is None
