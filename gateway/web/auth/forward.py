@@ -33,6 +33,7 @@ Nothing the caller sent is ever logged.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from urllib.parse import quote
@@ -126,6 +127,9 @@ class ForwardAuth:
             trust_env=False,  # no proxy from the environment between us and the endpoint
         )
         self._warn = ThrottledWarning()
+        # httpx logs every request at INFO: a line per uncached request (and
+        # the endpoint's URL, which may carry a key) is not for the log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def authorize(self, req: Request, operation: Operation, path: str) -> Principal:
         authorization = req.header("authorization")
