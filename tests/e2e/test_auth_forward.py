@@ -4,6 +4,7 @@ it received and answers as each test decides."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import time
@@ -175,6 +176,38 @@ def test_allows_are_cached_per_credential_path_and_operation(
         == 204
     )
     assert endpoint.count(asked) == 6
+
+
+async def test_concurrent_identical_questions_share_one_answer(
+    gateway: GatewayServer, endpoint: AuthEndpoint
+) -> None:
+    """Readers reconnecting together with one credential ask the endpoint once."""
+    path = unique("herd")
+    url = f"{gateway.url}/v1/stream/{path}"
+
+    def reads(seen: Seen) -> bool:
+        return seen.headers.get("x-ds-path") == path and seen.headers["x-ds-operation"] == "read"
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.put(url, headers=TEXT)).status_code == 201
+        endpoint.delay_s = 0.3  # the requests all arrive while the first question is open
+        credential = {"authorization": f"Bearer {unique('herd')}"}
+        answers = await asyncio.gather(
+            *(http.get(url, params={"offset": "-1"}, headers=credential) for _ in range(20))
+        )
+        assert [a.status_code for a in answers] == [200] * 20
+        assert endpoint.count(reads) == 1
+        # A refusal is shared the same way, and not kept afterwards.
+        endpoint.answer = lambda seen: (403, {})
+        other = {"authorization": f"Bearer {unique('herd')}"}
+        answers = await asyncio.gather(
+            *(http.get(url, params={"offset": "-1"}, headers=other) for _ in range(10))
+        )
+        assert [a.status_code for a in answers] == [403] * 10
+        assert endpoint.count(reads) == 2
+        endpoint.delay_s = 0.0
+        assert (await http.get(url, params={"offset": "-1"}, headers=other)).status_code == 403
+        assert endpoint.count(reads) == 3
 
 
 def test_refusals_are_not_cached(gateway: GatewayServer, endpoint: AuthEndpoint) -> None:

@@ -27,11 +27,15 @@ An allow is cached for ``DS_AUTH_FORWARD_CACHE_S`` seconds (0: never) per
 (credentials, stream path, operation), in a bounded cache keyed by a SHA-256 of
 the credentials, so the cache holds no credential. The decision must therefore
 depend on nothing else (not the offset, not the body). Refusals are not cached.
+Concurrent requests with the same (credentials, path, operation) share one
+question to the endpoint and its answer (unless the cache is off).
 Nothing the caller sent is ever logged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -127,6 +131,7 @@ class ForwardAuth:
             trust_env=False,  # no proxy from the environment between us and the endpoint
         )
         self._warn = ThrottledWarning()
+        self._asking: dict[_CacheKey, asyncio.Future[str | None]] = {}
         # httpx logs every request at INFO: a line per uncached request (and
         # the endpoint's URL, which may carry a key) is not for the log.
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -157,6 +162,30 @@ class ForwardAuth:
             headers.append((b"Cookie", _latin1(cookie)))
         if token is not None:
             headers.append((b"X-DS-Token", token.encode("utf-8")))
+        if self.cache.ttl_s <= 0:
+            return Principal(await self._ask(headers), client)
+        # Concurrent requests with the same question (readers reconnecting
+        # together) share one answer, as they would share its cached allow.
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(headers, key))
+            self._asking[key] = asking
+            asking.add_done_callback(functools.partial(self._asked, key))
+        # Shielded: a caller that leaves does not cancel the others' answer.
+        return Principal(await asyncio.shield(asking), client)
+
+    def _asked(self, key: _CacheKey, asking: asyncio.Future[str | None]) -> None:
+        self._asking.pop(key, None)
+        if not asking.cancelled():
+            # Retrieved here, so that a refusal nobody waits for any more (its
+            # callers left) is not logged as an error by asyncio.
+            asking.exception()
+
+    async def _ask(
+        self, headers: list[tuple[bytes, bytes]], key: _CacheKey | None = None
+    ) -> str | None:
+        """The endpoint's answer: the subject it named on a 2xx (cached under
+        ``key``), else the refusal raised."""
         try:
             answer = await self.client.get(self.url, headers=headers)
         except httpx.TimeoutException:
@@ -170,8 +199,9 @@ class ForwardAuth:
             subject = (answer.headers.get("x-ds-subject") or "").strip() or None
             if subject is not None and len(subject) > MAX_SUBJECT_LENGTH:
                 subject = subject[:MAX_SUBJECT_LENGTH]
-            self.cache.put(key, subject)
-            return Principal(subject, client)
+            if key is not None:
+                self.cache.put(key, subject)
+            return subject
         challenge = answer.headers.get("www-authenticate")
         if status == 401:
             refusal: Unauthorized | Forbidden = Unauthorized("not authorized")
