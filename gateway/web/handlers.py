@@ -46,7 +46,9 @@ class Context:
     def catch_up_cache_control(self) -> str:
         # Behind a trust boundary a response is for its requester only: a
         # shared cache must not hand it to someone who was never authorized.
-        visibility = "private" if self.auth is not None else self.settings.cache_visibility
+        # (Rate limits alone guard nothing: they keep the setting.)
+        authenticated = self.settings.auth != "none"
+        visibility = "private" if authenticated else self.settings.cache_visibility
         return f"{visibility}, max-age=60, stale-while-revalidate=300"
 
 

@@ -159,7 +159,9 @@ def test_allows_are_cached_per_credential_path_and_operation(
         assert httpx.post(url, headers={**TEXT, **alice}, content=b"a").status_code == 204
     assert endpoint.count(asked) == 2  # the first POST asked
     # Another operation, another path, another credential each ask again.
-    assert httpx.get(url, headers=alice, params={"offset": "-1"}).text == "aaaaa"
+    read = httpx.get(url, headers=alice, params={"offset": "-1"})
+    assert read.text == "aaaaa"
+    assert read.headers["cache-control"].startswith("private,")  # for alice only
     assert endpoint.count(asked) == 3
     other = f"{gateway.url}/v1/stream/{path}-2"
     assert httpx.put(other, headers={**TEXT, **alice}).status_code == 201

@@ -148,6 +148,9 @@ async def test_each_principal_and_operation_has_its_own_allowance(cluster) -> No
             for _ in range(30)
         ]
         assert reads == [200] * 30
+        # Limits alone authenticate nobody: reads stay as cacheable as configured.
+        read = await http.get("/v1/stream/own/0", params={"offset": "-1"}, headers=first)
+        assert read.headers["cache-control"].startswith("public,")
 
 
 async def _open_sse(
