@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import jwt
 import pytest
 from support.gateway_server import GatewayServer
 from support.haproxy import HAProxy
@@ -301,3 +302,39 @@ async def test_the_limiter_itself_lets_requests_through_when_redis_is_away() -> 
                 pass
     finally:
         await dead.aclose()
+
+
+async def test_a_jwt_subject_is_the_principal_whatever_its_token(redis_url: str) -> None:
+    """DS_AUTH=jwt wrapped in a limit: tokens of one ``sub`` share its allowance."""
+    secret = "s" * 40
+    env = {
+        "DS_AUTH": "jwt",
+        "DS_JWT_SECRET": secret,
+        "DS_RATE_LIMIT": "create=2/m",
+        "DS_KEY_PREFIX": "rljwt",
+    }
+
+    def bearer(subject: str, nonce: int) -> dict[str, str]:
+        claims = {
+            "sub": subject,
+            "exp": int(time.time()) + 600,
+            "jti": str(nonce),  # another token of the same subject
+            "ds": {"create": ["**"], "read": ["**"], "append": ["**"], "delete": ["**"]},
+        }
+        return {**TEXT, "authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}
+
+    gateway = GatewayServer(redis_url=redis_url, env=env, server="console-script")
+    await asyncio.to_thread(gateway.start)
+    try:
+        async with httpx.AsyncClient(timeout=10, base_url=gateway.url) as http:
+            statuses = [
+                (await http.put(f"/v1/stream/jwt/{n}", headers=bearer("alice", n))).status_code
+                for n in range(3)
+            ]
+            assert statuses == [201, 201, 429]
+            answer = await http.put("/v1/stream/jwt/b", headers=bearer("bob", 0))
+            assert answer.status_code == 201
+            # No token: 401 before any limit is counted.
+            assert (await http.put("/v1/stream/jwt/x", headers=TEXT)).status_code == 401
+    finally:
+        await asyncio.to_thread(gateway.stop)
