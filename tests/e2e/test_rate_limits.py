@@ -20,10 +20,14 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import jwt
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from support.gateway_server import GatewayServer
 from support.haproxy import HAProxy
 from support.procs import stop_process
-from support.redis_server import RedisServer, redis62_binary
+from support.redis_cluster import RedisCluster
+from support.redis_server import RedisServer, redis7_binary, redis62_binary
 
 from gateway.protocol.errors import Unavailable
 from gateway.storage.client import RedisPyClient
@@ -282,9 +286,6 @@ class _Request:
 async def test_the_limiter_itself_lets_requests_through_when_redis_is_away() -> None:
     """Fail open, shown without a gateway: an unreachable Redis gives the
     principal, not an error (the handler then meets Redis itself)."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
 
     dead = aioredis.Redis(
         host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
@@ -338,3 +339,47 @@ async def test_a_jwt_subject_is_the_principal_whatever_its_token(redis_url: str)
             assert (await http.put("/v1/stream/jwt/x", headers=TEXT)).status_code == 401
     finally:
         await asyncio.to_thread(gateway.stop)
+
+
+async def test_limits_and_leases_work_on_redis_cluster() -> None:
+    """Each quota script takes one key, so each runs on its principal's slot."""
+    env = {"DS_RATE_LIMIT": "create=2/m", "DS_MAX_LIVE_READERS": "1", "DS_SSE_KEEPALIVE_MS": "500"}
+    with contextlib.ExitStack() as stack:
+        cluster = await asyncio.to_thread(
+            stack.enter_context, RedisCluster(redis7_binary() or redis62_binary())
+        )
+        gateway = GatewayServer(
+            redis_url=cluster.url,
+            env={**env, "REDIS_CLUSTER_URL": cluster.url},
+            server="console-script",
+        )
+        await asyncio.to_thread(stack.enter_context, gateway)
+        client = new_client()
+        async with httpx.AsyncClient(timeout=10, base_url=gateway.url) as http:
+            statuses = [
+                (await http.put(f"/v1/stream/c/{n}", headers={**TEXT, **client})).status_code
+                for n in range(3)
+            ]
+            assert statuses == [201, 201, 429]
+            key = f"ds:rate:{{ip:{client['x-forwarded-for']}}}:create"
+            host, port = cluster.slot_owner(key)
+            owner = aioredis.Redis(host=host, port=port)
+            try:
+                assert await owner.exists(key) == 1
+            finally:
+                await owner.aclose()
+            async with contextlib.AsyncExitStack() as readers:
+                first = await _open_sse(http, "/v1/stream/c/0", client, readers)
+                assert first.status_code == 200
+                again = await http.get(
+                    "/v1/stream/c/0", params={"offset": "-1", "live": "long-poll"}, headers=client
+                )
+                assert again.status_code == 429
+                await first.aclose()
+                deadline = time.monotonic() + 10
+                while (await _open_sse(http, "/v1/stream/c/0", client, readers)).status_code != 200:
+                    assert time.monotonic() < deadline, "the lease was not released"
+                    await asyncio.sleep(0.05)
+        log = _log(gateway)
+    assert "Traceback" not in log
+    assert not re.search(r"\bERROR\b", log)
