@@ -4,20 +4,50 @@ shares them.
 Each check is one script call on the principal's key (``rate_limit.lua``,
 ``live_lease.lua``; key names in gateway/storage/keys.py), on the same
 connections as the store's commands; the rate checks of one principal and
-operation in one event-loop turn share one call. Redis failures become ``Unavailable``
-here, like every storage call; what to do then (let the request through) is
-the caller's decision.
+operation in one event-loop turn share one call. Redis failures, and scripts
+Redis refuses (an ACL without the quota commands), become ``Unavailable`` here;
+what to do then (let the request through) is the caller's decision.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from types import TracebackType
+
+from redis import exceptions as redis_errors
+
+from gateway.protocol.errors import Unavailable
 
 from .client import RedisClient
-from .errors import storage_errors
+from .errors import is_unavailable
 from .keys import live_readers_key, rate_key
 from .scripts import Scripts
+
+
+class _QuotaErrors:
+    """Like ``storage_errors``, and a refused script too (an ACL without the
+    quota commands, a key of another type): either way the limit cannot be
+    checked, and the caller decides what then."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        if is_unavailable(exc):
+            raise Unavailable() from exc
+        if isinstance(exc, redis_errors.ResponseError):
+            raise Unavailable(f"Redis refused a quota check: {str(exc)[:200]}") from exc
+
+
+quota_errors = _QuotaErrors()
 
 
 class _Hits:
@@ -64,7 +94,7 @@ class Quotas:
         del self._hits[key]
         waiters = hits.waiters
         try:
-            async with storage_errors:
+            async with quota_errors:
                 reply = await self.scripts.rate_limit(
                     self.client, [key], [*hits.args, len(waiters)]
                 )
@@ -87,10 +117,10 @@ class Quotas:
         else (``principal`` holds ``most`` already) the ms until the earliest
         of its leases expires."""
         keys = [live_readers_key(self.key_prefix, principal)]
-        async with storage_errors:
+        async with quota_errors:
             return int(await self.scripts.live_lease(self.client, keys, [reader, lease_ms, most]))
 
     async def release_lease(self, principal: str, reader: str) -> None:
         key = live_readers_key(self.key_prefix, principal)
-        async with storage_errors:
+        async with quota_errors:
             await self.client.execute_command("ZREM", key, reader)

@@ -113,3 +113,41 @@ async def test_an_unreachable_redis_is_unavailable_not_an_error() -> None:
             await quotas.release_lease("ip:10.0.0.1", "r")
     finally:
         await dead.aclose()
+
+
+async def test_a_script_redis_refuses_is_unavailable_and_the_limiter_lets_requests_through(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """An ACL user without the quota commands (the deploy guide's rule before
+    they were added): the checks cannot run, so limits fail open, never a 500."""
+    from gateway.web.auth import Operation
+    from gateway.web.auth.limits import LiveReaderQuota, RateLimited, parse_rates
+    from gateway.web.forwarded import TrustedProxies
+
+    await redis_client.execute_command(
+        "ACL", "SETUSER", "ds-quota-test", "on", ">pw", "resetkeys", "~ds:*", "-@all",
+        "+evalsha", "+script|load", "+time", "+ping",
+    )  # fmt: skip
+    limited_user = aioredis.from_url(redis_url, username="ds-quota-test", password="pw")
+    try:
+        quotas = Quotas(RedisPyClient(limited_user), Scripts(), "ds")
+        with pytest.raises(Unavailable, match="Redis refused a quota check"):
+            await quotas.hit("ip:10.0.0.9", "append", 5, 1_000)
+        with pytest.raises(Unavailable, match="Redis refused a quota check"):
+            await quotas.acquire_lease("ip:10.0.0.9", "r", 1_000, 1)
+        live = LiveReaderQuota(quotas, 1, long_poll_ms=1_000, sse_ms=1_000)
+        limited = RateLimited(None, TrustedProxies(""), quotas, parse_rates("append=1/m"), live)
+
+        class Peer:
+            peer = "10.0.0.9"
+
+            def header(self, name: str) -> None:
+                return None
+
+        for _ in range(3):
+            principal = await limited.authorize(Peer(), Operation.APPEND, "p")  # type: ignore[arg-type]
+            async with live.lease(principal, "long-poll"):
+                pass
+    finally:
+        await limited_user.aclose()
+        await redis_client.execute_command("ACL", "DELUSER", "ds-quota-test")

@@ -115,8 +115,8 @@ class LiveReaderQuota:
             wait_ms: int | None = await self.quotas.acquire_lease(
                 key, reader, self.lease_ms[live], self.most
             )
-        except Unavailable:
-            self._warn("live-reader quota not checked: Redis is unavailable")
+        except Unavailable as exc:
+            self._warn("live-reader quota not checked: %s", exc.reason)
             wait_ms = None
         if wait_ms is None:  # fail open, without a lease to release
             yield
@@ -136,8 +136,8 @@ class LiveReaderQuota:
     async def _release(self, key: str, reader: str) -> None:
         try:
             await self.quotas.release_lease(key, reader)
-        except Unavailable:
-            self._warn("live-reader lease not released (it expires): Redis is unavailable")
+        except Unavailable as exc:
+            self._warn("live-reader lease not released (it expires): %s", exc.reason)
 
 
 class RateLimited:
@@ -169,8 +169,8 @@ class RateLimited:
                 wait_ms = await self.quotas.hit(
                     principal.rate_key, operation.value, rate.count, rate.period_ms
                 )
-            except Unavailable:
-                self._warn("rate limits not checked: Redis is unavailable")
+            except Unavailable as exc:
+                self._warn("rate limits not checked: %s", exc.reason)
                 return principal
             if wait_ms:
                 raise TooManyRequests(
