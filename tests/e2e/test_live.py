@@ -3,24 +3,25 @@
 The module runs its own gateway with short live timings (long-poll 1 s, SSE
 connections 1.5 s, keep-alive every 200 ms) against the session redis-server.
 A reader counts as "parked" once the gateway has subscribed the stream's wake
-channel in Redis (``PUBSUB NUMSUB``), so no test guesses with a sleep.
+channel in Redis (``PUBSUB NUMSUB``, see ``support.live``), so no test guesses
+with a sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.live import eventually, parked, subscribers, wake_channel
 from support.raw_http import read_response
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,25 +52,6 @@ async def client(gw: GatewayServer) -> AsyncIterator[httpx.AsyncClient]:
 def path() -> str:
     """A fresh stream path (wake channels linger, so never reuse one)."""
     return f"live-{uuid.uuid4().hex[:12]}"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], within_s: float = 3.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        assert time.monotonic() < deadline, f"{what} not reached within {within_s}s"
-        await asyncio.sleep(0.005)
-
-
-async def parked(redis: aioredis.Redis, path: str, subscribers: int = 1) -> None:
-    """Wait until the gateway listens on the stream's wake channel."""
-    channel = f"ds:{{{path}}}:wake"
-
-    async def subscribed() -> bool:
-        return dict(await redis.pubsub_numsub(channel))[channel.encode()] >= subscribers
-
-    await eventually(subscribed, 3, f"subscription of {channel}")
 
 
 async def create(
@@ -170,27 +152,28 @@ def sse_params(offset: str) -> dict[str, str]:
 # -- long-poll ----------------------------------------------------------------------------------
 
 
-async def test_long_poll_is_woken_by_an_append_within_milliseconds(
+async def test_a_parked_long_poll_is_woken_by_an_append(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:
-    offset = await create(client, path)
-    latencies = []
+    """Each wait on its own fresh stream, so that its subscription proves this
+    reader is parked (a lingering channel would prove nothing). The answer is
+    the appended data, not the 204 of a timeout. (Latency is measured by bench/.)"""
     for i in range(5):
-        poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
-        await parked(redis_client, path)
+        stream = f"{path}-{i}"
+        offset = await create(client, stream)
+        poll = asyncio.create_task(
+            client.get(stream, params={"offset": offset, "live": "long-poll"})
+        )
+        await parked(redis_client, stream)
         assert not poll.done(), "the long-poll answered before there was data"
-        sent = time.monotonic()
-        tail = await append(client, path, b"msg-%d" % i)
+        tail = await append(client, stream, b"msg-%d" % i)
         response = await poll
-        latencies.append(time.monotonic() - sent)
         assert response.status_code == 200
         assert response.content == b"msg-%d" % i
         assert response.headers["stream-next-offset"] == tail
         assert response.headers["stream-up-to-date"] == "true"
         assert response.headers["stream-cursor"].isdigit()
         assert "stream-closed" not in response.headers
-        offset = tail
-    assert max(latencies) < 0.5, latencies
 
 
 async def _scripts_run(redis: aioredis.Redis) -> int:
@@ -216,7 +199,13 @@ async def test_a_long_poll_on_a_listened_stream_reads_once(
     # The channel stays subscribed for a while after its last reader left.
     await redis_client.config_resetstat()
     poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
-    await asyncio.sleep(0.3)  # waiting by now (the long-poll itself lasts 1 s)
+
+    async def first_read_done() -> bool:
+        return await _scripts_run(redis_client) >= 1
+
+    # The channel is already subscribed, so the reader's first read is what says
+    # it waits: it captured the wake-up before that read.
+    await eventually(first_read_done, what="the long-poll's first read")
     assert not poll.done()
     assert await _scripts_run(redis_client) == 1, "one read before waiting"
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
@@ -233,21 +222,35 @@ async def test_sse_readers_get_pushed_appends_in_order(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:
     """A burst of small appends reaches an SSE reader complete and in order,
-    whether each one came from its wake-up message or from a read."""
+    whether each one came from its wake-up message or from a read. The burst
+    may outlast one SSE connection (1.5 s) on a slow machine: the reader then
+    resumes from the last control event, as clients do."""
     offset = await create(client, path)
+    expected = b"".join(f"m{i};".encode() for i in range(200))
     received = bytearray()
-    async with client.stream("GET", path, params={"offset": offset, "live": "sse"}) as response:
-        lines = response.aiter_lines()
-        await parked(redis_client, path)
-        expected = b"".join(f"m{i};".encode() for i in range(200))
-        for i in range(200):
-            await append(client, path, f"m{i};".encode())
-        async with asyncio.timeout(10):
-            async for line in lines:
-                if line.startswith("data:") and not line.startswith("data:{"):
-                    received += line[5:].encode()
-                if len(received) >= len(expected):
-                    break
+
+    async def follow(offset: str) -> str:
+        """Read one SSE connection; the offset to resume from."""
+        async with client.stream("GET", path, params=sse_params(offset)) as response:
+            assert response.status_code == 200
+            sse = SSE(response)
+            while (event := await sse.next()) is not None:
+                if event.type == "data":
+                    received.extend(event.data.encode())
+                elif event.type == "control":
+                    offset = event.json()["streamNextOffset"]
+                    if len(received) >= len(expected):
+                        break
+        return offset
+
+    reading = asyncio.create_task(follow(offset))
+    await parked(redis_client, path)
+    for i in range(200):
+        await append(client, path, f"m{i};".encode())
+    async with asyncio.timeout(30):
+        offset = await reading
+        while len(received) < len(expected):
+            offset = await follow(offset)
     assert bytes(received) == expected
 
 
@@ -265,7 +268,14 @@ async def test_concurrent_appends_reach_live_readers_exactly_once(
         await parked(redis_client, path)
         await redis_client.config_resetstat()
         poll = asyncio.create_task(client.get(path, params={"offset": offset, "live": "long-poll"}))
-        await asyncio.sleep(0.2)
+
+        async def first_read_done() -> bool:
+            return await _scripts_run(redis_client) >= 1
+
+        # The channel is subscribed already (the SSE reader): the long-poll's first
+        # read (after capturing the wake-up) says it waits.
+        await eventually(first_read_done, what="the long-poll's first read")
+        await redis_client.config_resetstat()
         tails = await asyncio.gather(*(append(client, path, body) for body in bodies))
         async with asyncio.timeout(10):
             async for line in lines:
@@ -292,7 +302,7 @@ async def test_long_poll_at_now_waits_for_new_data_only(
     poll = asyncio.create_task(client.get(path, params={"offset": "now", "live": "long-poll"}))
     await parked(redis_client, path)
     tail = await append(client, path, b"new")
-    response = await asyncio.wait_for(poll, 2)
+    response = await asyncio.wait_for(poll, 10)
     assert response.status_code == 200 and response.content == b"new"
     assert response.headers["stream-next-offset"] == tail
 
@@ -310,7 +320,7 @@ async def test_long_poll_times_out_with_204_and_the_tail(
         response = await client.get(path, params=params)
         elapsed = time.monotonic() - start
         assert response.status_code == 204 and response.content == b""
-        assert LONG_POLL_S - 0.05 <= elapsed < LONG_POLL_S + 1.0, elapsed
+        assert LONG_POLL_S - 0.05 <= elapsed < LONG_POLL_S + 10, elapsed
         assert response.headers["stream-up-to-date"] == "true"
         assert response.headers["stream-next-offset"] == tail
         assert response.headers["stream-cursor"].isdigit()
@@ -320,9 +330,18 @@ async def test_long_poll_times_out_with_204_and_the_tail(
     assert int(cursors[1]) > int(cursors[0])
 
 
+async def never_waited(redis: aioredis.Redis, path: str) -> bool:
+    """No reader of ``path`` ever waited: nobody subscribed its wake channel
+    (channels linger for 10 s after their last reader, so this holds for a
+    fresh path)."""
+    return await subscribers(redis, wake_channel(path)) == 0
+
+
 async def test_long_poll_on_a_closed_stream_at_its_tail_returns_at_once(
-    client: httpx.AsyncClient, path: str
+    client: httpx.AsyncClient, redis_client: aioredis.Redis, path: str
 ) -> None:
+    """ "At once": the reader never waited (no subscription), which a timed-out
+    204 would have done for LONG_POLL_S."""
     first = await create(client, path, b"a")
     await append(client, path, b"b")
     r = await client.post(path, headers={"Stream-Closed": "true"})
@@ -330,7 +349,7 @@ async def test_long_poll_on_a_closed_stream_at_its_tail_returns_at_once(
     for offset in (tail, "now"):
         start = time.monotonic()
         response = await client.get(path, params={"offset": offset, "live": "long-poll"})
-        assert time.monotonic() - start < 0.3
+        assert time.monotonic() - start < LONG_POLL_S
         assert response.status_code == 204
         assert response.headers["stream-closed"] == "true"
         assert response.headers["stream-up-to-date"] == "true"
@@ -338,9 +357,10 @@ async def test_long_poll_on_a_closed_stream_at_its_tail_returns_at_once(
     # Before the tail: the final data at once, marked closed (it reaches the end).
     start = time.monotonic()
     response = await client.get(path, params={"offset": first, "live": "long-poll"})
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < LONG_POLL_S
     assert response.status_code == 200 and response.content == b"b"
     assert response.headers["stream-closed"] == "true"
+    assert await never_waited(redis_client, path)
 
 
 async def test_a_waiting_long_poll_sees_the_close(
@@ -352,7 +372,7 @@ async def test_a_waiting_long_poll_sees_the_close(
     sent = time.monotonic()
     await client.post(path, headers={"Stream-Closed": "true"})
     response = await poll
-    assert time.monotonic() - sent < 0.5
+    assert time.monotonic() - sent < LONG_POLL_S, "woken, not timed out"
     assert response.status_code == 204
     assert response.headers["stream-closed"] == "true"
     assert response.headers["stream-next-offset"] == tail
@@ -367,7 +387,7 @@ async def test_a_waiting_long_poll_of_a_deleted_stream_ends(
     sent = time.monotonic()
     assert (await client.delete(path)).status_code == 204
     response = await poll
-    assert time.monotonic() - sent < 0.5
+    assert time.monotonic() - sent < LONG_POLL_S, "woken, not timed out"
     assert response.status_code == 404
 
 
@@ -390,18 +410,22 @@ async def test_many_concurrent_long_polls_all_receive_one_append(
     and all get the one append. (Raw sockets: httpx's pool is slow at 200.)"""
     async with httpx.AsyncClient(base_url=f"{gateway_server.url}/v1/stream/", timeout=10) as client:
         tail = await create(client, path, b"", "application/json")
+        await redis_client.config_resetstat()
+
+        async def all_first_reads_done() -> bool:
+            return await _scripts_run(redis_client) >= 200
+
         conns = await asyncio.gather(
             *(_raw_long_poll(gateway_server.port, path, tail) for _ in range(200))
         )
         try:
             await parked(redis_client, path)
-            # Readers that are not parked yet find the data on their first read
-            # instead: either way each of them must get it exactly once.
-            await asyncio.sleep(0.3)
-            sent = time.monotonic()
+            # Every reader after the first captures the wake-up before its first
+            # read, so once all 200 first reads ran, all 200 wait.
+            await eventually(all_first_reads_done, what="200 first reads")
             new_tail = await append(client, path, b'{"to":"everyone"}', "application/json")
             responses = await asyncio.wait_for(
-                asyncio.gather(*(read_response(reader) for reader, _ in conns)), 5
+                asyncio.gather(*(read_response(reader) for reader, _ in conns)), 30
             )
         finally:
             for _, writer in conns:
@@ -411,8 +435,6 @@ async def test_many_concurrent_long_polls_all_receive_one_append(
     assert [status for status, _, _, _ in responses] == [200] * 200
     assert {body for _, _, body, _ in responses} == {b'[{"to":"everyone"}]'}
     assert {h["stream-next-offset"] for _, h, _, _ in responses} == {new_tail}
-    slowest = max(arrived for _, _, _, arrived in responses) - sent
-    assert slowest < 1.0, slowest
     # One subscription for all of them.
     channel = f"ds:{{{path}}}:wake"
     assert dict(await redis_client.pubsub_numsub(channel))[channel.encode()] == 1
@@ -475,7 +497,7 @@ async def test_sse_on_a_closed_stream_at_its_tail(client: httpx.AsyncClient, pat
                 "upToDate": True,
             }
             assert await sse.next() is None
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < SSE_MAX_S, "closed at once, not at the max duration"
 
 
 async def test_sse_base64_for_binary_streams(
@@ -531,13 +553,11 @@ async def test_sse_sends_keep_alive_comments_while_idle(
             assert event.type == "comment", event
             comments.append(event.at)
         closed_after = time.monotonic() - opened
-    assert len(comments) >= 4, comments
-    gaps = [b - a for a, b in itertools.pairwise(comments)]
-    # One every 200 ms; only the last may come early (the wait is cut by the deadline).
-    assert all(0.1 < gap < 0.5 for gap in gaps[:-1]), " ".join(f"{g:.3f}" for g in gaps)
-    assert gaps[-1] < 0.5
-    # The idle connection still ends at DS_SSE_MAX_DURATION_MS.
-    assert SSE_MAX_S - 0.1 < closed_after < SSE_MAX_S + 1.0, closed_after
+    # One every 200 ms over a 1.5 s connection: at most 7 (the server's pace,
+    # whatever the client's), and several even when the machine is slow.
+    assert 3 <= len(comments) <= int(SSE_MAX_S / KEEPALIVE_S), comments
+    # The idle connection still ends at DS_SSE_MAX_DURATION_MS (not before it).
+    assert SSE_MAX_S - 0.1 < closed_after < SSE_MAX_S + 10, closed_after
 
 
 async def test_sse_connections_end_after_max_duration_and_resume_without_loss(
@@ -579,4 +599,4 @@ async def test_sse_connections_end_after_max_duration_and_resume_without_loss(
     assert received == list(range(total))
     assert len(durations) >= 2
     for duration in durations[:-1]:
-        assert SSE_MAX_S - 0.1 < duration < SSE_MAX_S + 1.0, durations
+        assert SSE_MAX_S - 0.1 < duration < SSE_MAX_S + 10, durations
