@@ -185,8 +185,13 @@ class Live:
                     # Wait for a wake-up, with keep-alive comments meanwhile.
                     while event is not None and not event.is_set():
                         now = alarms.time()
-                        if now >= deadline or self.draining.is_set():
-                            return  # connection lifetime over, or shutting down
+                        if self.draining.is_set():
+                            # Shutting down: a final control event to resume
+                            # from (elsewhere), as of the last read.
+                            await sink.send(Page(info, b"", at, False))
+                            return
+                        if now >= deadline:
+                            return  # connection lifetime over
                         fut, slot = alarms.arm(event, min(deadline, now + keepalive))
                         try:
                             woken = await fut
@@ -195,6 +200,7 @@ class Live:
                         if not woken:
                             await sink.keepalive()
                     if self.draining.is_set():
+                        await sink.send(Page(info, b"", at, False))
                         return
                     fired, event = event, watch.event
                     page = _pushed_page(fired, at, info) or await self._shared_read(path, at)
