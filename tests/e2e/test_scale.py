@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.live import parked
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer, redis7_binary, redis62_binary
 
@@ -97,18 +98,25 @@ def _tree_rss_kib(pid: int) -> int:
     return total
 
 
-async def test_append_on_a_wakes_long_poll_on_b_within_milliseconds(replicas) -> None:
-    _, a, b = replicas
+async def test_append_on_a_wakes_long_poll_on_b(replicas) -> None:
+    """Each wait on a fresh stream (whose wake channel only b's reader
+    subscribes), so the append always finds the reader parked and must wake it
+    across replicas. The latency is printed; bounds belong to bench/."""
+    nodes, a, b = replicas
     latencies = []
-    async with httpx.AsyncClient(timeout=10) as http:
-        url_a, url_b = f"{a.url}/v1/stream/xwake", f"{b.url}/v1/stream/xwake"
-        assert (await http.put(url_a, headers={"content-type": "text/plain"})).status_code == 201
+    clients = [aioredis.Redis.from_url(url) for url in nodes]
+    async with httpx.AsyncClient(timeout=30) as http:
         for i in range(40):
-            tail = (await http.head(url_b)).headers["stream-next-offset"]
+            path = f"xwake-{i}-{time.monotonic_ns()}"
+            url_a, url_b = f"{a.url}/v1/stream/{path}", f"{b.url}/v1/stream/{path}"
+            created = await http.put(url_a, headers={"content-type": "text/plain"})
+            assert created.status_code == 201
+            tail = created.headers["stream-next-offset"]
             poll = asyncio.create_task(
                 http.get(url_b, params={"offset": tail, "live": "long-poll"})
             )
-            await asyncio.sleep(0.05)  # let the long-poll reach its wait
+            await parked(clients, path)
+            assert not poll.done(), "the long-poll answered before there was data"
             started = time.perf_counter()
             posted = await http.post(url_a, content=f"m{i}", headers={"content-type": "text/plain"})
             assert posted.status_code == 204
@@ -117,6 +125,8 @@ async def test_append_on_a_wakes_long_poll_on_b_within_milliseconds(replicas) ->
             assert response.status_code == 200
             assert response.headers["x-ds-instance"] == "b"
             assert response.text == f"m{i}"
+    for client in clients:
+        await client.aclose()
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[int(len(latencies) * 0.99) - 1]
@@ -124,8 +134,6 @@ async def test_append_on_a_wakes_long_poll_on_b_within_milliseconds(replicas) ->
         f"\ncross-replica append->long-poll delivery (incl. the POST): p50 {p50:.1f} ms, "
         f"p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms over {len(latencies)}"
     )
-    assert p50 < 100
-    assert p99 < 500
 
 
 async def _open_sse(
@@ -203,28 +211,44 @@ async def test_thousands_of_sse_readers_share_a_few_connections_and_one_read(rep
 
 
 async def test_killing_the_pubsub_connection_loses_no_wake_up(replicas) -> None:
+    """Twenty long-polls on replica b, each on its own fresh stream so that each
+    one's subscription proves it waits; b's pub/sub connection is killed and
+    every stream gets an append through a: every reader gets its append."""
     nodes, a, b = replicas
-    async with httpx.AsyncClient(timeout=30) as http:
-        url_a, url_b = f"{a.url}/v1/stream/killwake", f"{b.url}/v1/stream/killwake"
-        assert (await http.put(url_a, headers={"content-type": "text/plain"})).status_code == 201
-        tail = (await http.head(url_b)).headers["stream-next-offset"]
-        polls = [
-            asyncio.create_task(http.get(url_b, params={"offset": tail, "live": "long-poll"}))
-            for _ in range(20)
-        ]
-        await asyncio.sleep(0.3)  # all twenty are waiting on replica b
-        killed = await _on_each_node(
-            nodes, lambda c: c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-        )
-        assert sum(int(k) for k in killed) >= 1
-        # Appended while b's listener is (probably) still reconnecting.
-        posted = await http.post(
-            url_a, content="after-kill", headers={"content-type": "text/plain"}
-        )
-        assert posted.status_code == 204
-        responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
-        assert [r.status_code for r in responses] == [200] * 20
-        assert all(r.text == "after-kill" for r in responses)
+    paths = [f"killwake-{i}-{time.monotonic_ns()}" for i in range(20)]
+    clients = [aioredis.Redis.from_url(url) for url in nodes]
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            polls = []
+            for path in paths:
+                created = await http.put(
+                    f"{a.url}/v1/stream/{path}", headers={"content-type": "text/plain"}
+                )
+                assert created.status_code == 201
+                tail = created.headers["stream-next-offset"]
+                polls.append(asyncio.create_task(http.get(
+                    f"{b.url}/v1/stream/{path}", params={"offset": tail, "live": "long-poll"}
+                )))
+            for path in paths:
+                await parked(clients, path)
+            assert not any(poll.done() for poll in polls)
+            killed = await _on_each_node(
+                nodes, lambda c: c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            )
+            assert sum(int(k) for k in killed) >= 1
+            # Appended while b's listener is (probably) still reconnecting.
+            posted = await asyncio.gather(*(
+                http.post(f"{a.url}/v1/stream/{path}", content=f"after-kill {path}",
+                          headers={"content-type": "text/plain"})
+                for path in paths
+            ))
+            assert [p.status_code for p in posted] == [204] * 20
+            responses = await asyncio.wait_for(asyncio.gather(*polls), 30)
+            assert [r.status_code for r in responses] == [200] * 20
+            assert [r.text for r in responses] == [f"after-kill {path}" for path in paths]
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 def test_replica_pids_are_distinct(replicas) -> None:

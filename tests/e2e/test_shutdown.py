@@ -17,9 +17,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from support.gateway_server import GatewayServer
+from support.live import parked
+from support.sse_reader import SSE, Event
 
-ANSWER_BOUND_S = 2.0
-EXIT_BOUND_S = 5.0
+ANSWER_BOUND_S = 10.0
+EXIT_BOUND_S = 15.0
 
 
 @pytest.fixture(
@@ -32,35 +34,56 @@ def server(request, redis_url: str) -> Iterator[tuple[subprocess.Popen, str]]:
         yield gateway.proc, gateway.url
 
 
-async def test_sigterm_answers_live_readers_and_exits(server) -> None:
+async def test_sigterm_answers_live_readers_and_exits(server, redis_client) -> None:
+    """A long-poll and an SSE reader, each on its own stream, are parked (their
+    wake channels are subscribed) after the SSE reader had its first events
+    (data and a control event). SIGTERM then answers the long-poll with a 204
+    and sends the SSE reader one more control event, which ends its response;
+    the process exits with status 0."""
     proc, url = server
-    stream = f"{url}/v1/stream/shutdown-{os.getpid()}-{time.monotonic_ns()}"
+    base = f"{url}/v1/stream"
+    poll_path = f"shutdown-poll-{os.getpid()}-{time.monotonic_ns()}"
+    sse_path = f"shutdown-sse-{os.getpid()}-{time.monotonic_ns()}"
+    text = {"content-type": "text/plain"}
     async with httpx.AsyncClient(timeout=30) as http:
-        assert (await http.put(stream, headers={"content-type": "text/plain"})).status_code == 201
-        poll = asyncio.create_task(http.get(stream, params={"offset": "now", "live": "long-poll"}))
+        assert (await http.put(f"{base}/{poll_path}", headers=text)).status_code == 201
+        created = await http.put(f"{base}/{sse_path}", content=b"before", headers=text)
+        assert created.status_code == 201
+        tail = created.headers["stream-next-offset"]
+        poll = asyncio.create_task(
+            http.get(f"{base}/{poll_path}", params={"offset": "now", "live": "long-poll"})
+        )
+        async with http.stream(
+            "GET", f"{base}/{sse_path}", params={"offset": "-1", "live": "sse"}
+        ) as response:
+            assert response.status_code == 200
+            sse = SSE(response)
+            first = await sse.next_event()
+            assert (first.type, first.data) == ("data", "before")
+            control = await sse.next_event()
+            assert control.type == "control"
+            assert control.json()["streamNextOffset"] == tail
+            await parked(redis_client, poll_path)
+            await parked(redis_client, sse_path)
+            assert not poll.done()
 
-        async def sse_events() -> str:
-            received = ""
-            params = {"offset": "now", "live": "sse"}
-            async with http.stream("GET", stream, params=params) as response:
-                assert response.status_code == 200
-                async for chunk in response.aiter_text():
-                    received += chunk
-            return received
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
 
-        sse = asyncio.create_task(sse_events())
-        await asyncio.sleep(0.5)  # both are waiting for data
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-
-        response = await asyncio.wait_for(poll, ANSWER_BOUND_S)
-        answered = time.monotonic() - signalled
-        assert response.status_code == 204
-        assert response.headers["stream-up-to-date"] == "true"
-        assert response.headers["stream-next-offset"]
-        events = await asyncio.wait_for(sse, ANSWER_BOUND_S)
-        # The SSE stream ended after a control event a client can resume from.
-        assert "event: control" in events and "streamNextOffset" in events
+            response_204 = await asyncio.wait_for(poll, ANSWER_BOUND_S)
+            answered = time.monotonic() - signalled
+            assert response_204.status_code == 204
+            assert response_204.headers["stream-up-to-date"] == "true"
+            assert response_204.headers["stream-next-offset"]
+            # After SIGTERM: a final control event a client can resume from, then
+            # the end of the response (comments aside).
+            after: list[Event] = []
+            async with asyncio.timeout(ANSWER_BOUND_S):
+                while (event := await sse.next()) is not None:
+                    if event.type != "comment":
+                        after.append(event)
+    assert [e.type for e in after] == ["control"], after
+    assert after[0].json()["streamNextOffset"] == tail
 
     exit_code = await asyncio.to_thread(proc.wait, EXIT_BOUND_S)
     exited = time.monotonic() - signalled
@@ -68,15 +91,17 @@ async def test_sigterm_answers_live_readers_and_exits(server) -> None:
         f"\nlong-poll answered {answered:.2f} s after SIGTERM; process exited after "
         f"{exited:.2f} s with code {exit_code}"
     )
+    assert exit_code == 0
     assert exited < EXIT_BOUND_S
 
 
 @pytest.mark.parametrize("server", ["console-script"], indirect=True)
-async def test_sigterm_answers_live_readers_over_http2(server) -> None:
+async def test_sigterm_answers_live_readers_over_http2(server, redis_client) -> None:
     """The same over one HTTP/2 connection: the live responses arrive whole
     (the GOAWAY only follows once they are done), then the process exits."""
     proc, url = server
-    stream = f"{url}/v1/stream/shutdown-h2-{os.getpid()}-{time.monotonic_ns()}"
+    path = f"shutdown-h2-{os.getpid()}-{time.monotonic_ns()}"
+    stream = f"{url}/v1/stream/{path}"
     async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as http:
         created = await http.put(stream, headers={"content-type": "text/plain"})
         assert (created.http_version, created.status_code) == ("HTTP/2", 201)
@@ -84,11 +109,11 @@ async def test_sigterm_answers_live_readers_over_http2(server) -> None:
             asyncio.create_task(http.get(stream, params={"offset": "now", "live": "long-poll"}))
             for _ in range(3)
         ]
-        await asyncio.sleep(0.5)
+        await parked(redis_client, path)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         responses = await asyncio.wait_for(asyncio.gather(*polls), ANSWER_BOUND_S)
         assert [r.status_code for r in responses] == [204, 204, 204]
         assert all(r.headers["stream-up-to-date"] == "true" for r in responses)
-    await asyncio.to_thread(proc.wait, EXIT_BOUND_S)
+    assert await asyncio.to_thread(proc.wait, EXIT_BOUND_S) == 0
     assert time.monotonic() - signalled < EXIT_BOUND_S

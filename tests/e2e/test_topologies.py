@@ -27,6 +27,7 @@ import httpx
 import pytest
 from support.gateway_server import GatewayServer
 from support.haproxy import HAPROXY_INSTALL_HINT, HAProxy, haproxy_binary
+from support.live import parked_sync
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer, redis7_binary, redis62_binary
 
@@ -44,6 +45,7 @@ TEXT = {"content-type": "text/plain"}
 class Topology:
     lb: HAProxy
     gateways: dict[str, GatewayServer]  # by DS_INSTANCE_ID
+    redis_nodes: list[str]  # the URL of every Redis node
     cluster: RedisCluster | None = None
 
     @property
@@ -59,17 +61,19 @@ def _start(stack: ExitStack, *, cluster: bool) -> Topology:
     if cluster:
         redis_cluster = stack.enter_context(RedisCluster(binary, masters=3))
         url = redis_cluster.url
+        nodes = [f"redis://{host}:{port}/0" for host, port in redis_cluster.nodes]
         # An empty REDIS_URL reads as unset: the gateway must use the cluster alone.
         env = {**GATEWAY_ENV, "REDIS_URL": "", "REDIS_CLUSTER_URL": url}
     else:
         url = stack.enter_context(RedisServer(binary)).url
+        nodes = [url]
         env = {**GATEWAY_ENV, "REDIS_URL": url}
     gateways = {
         name: stack.enter_context(GatewayServer(redis_url=url, env={**env, "DS_INSTANCE_ID": name}))
         for name in INSTANCES
     }
     lb = stack.enter_context(HAProxy([("127.0.0.1", gw.port) for gw in gateways.values()]))
-    return Topology(lb=lb, gateways=gateways, cluster=redis_cluster)
+    return Topology(lb=lb, gateways=gateways, redis_nodes=nodes, cluster=redis_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +184,10 @@ def test_live_read_on_one_replica_wakes_on_append_through_the_other(
 
         thread = threading.Thread(target=long_poll)
         thread.start()
-        time.sleep(0.5)  # let the long-poll reach replica a and start waiting
+        # Only replica a has a reader of this fresh stream: a subscription of its
+        # wake channel (on any node) is replica a's, and means the reader waits.
+        parked_sync(topology.redis_nodes, path)
+        assert thread.is_alive(), "the long-poll answered before there was data"
         appended = client.post(f"{b.url}/v1/stream/{path}", content="hello", headers=TEXT)
         assert appended.status_code == 204, appended.text
         thread.join(LONG_POLL_MS / 1000 + 10)

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from support.live import parked
 from support.store_reads import read_all, store_client
 
 from gateway.protocol import jsonmode
@@ -505,7 +506,9 @@ async def test_http_fork_with_a_body_of_a_soft_deleted_source_is_409(
     assert await redis_client.exists("ds:{hs-f2}:meta", "ds:{hs-f3}:meta") == 0
 
 
-async def test_http_fork_with_a_body_inherits_the_content_type(gateway: str) -> None:
+async def test_http_fork_with_a_body_inherits_the_content_type(
+    gateway: str, redis_client: aioredis.Redis
+) -> None:
     base = f"{gateway}/v1/stream"
     async with httpx.AsyncClient(timeout=5) as client:
         await client.put(
@@ -525,13 +528,14 @@ async def test_http_fork_with_a_body_inherits_the_content_type(gateway: str) -> 
         poll = asyncio.create_task(
             client.get(f"{base}/hj-f", params={"offset": tail, "live": "long-poll"}, timeout=10)
         )
+        await parked(redis_client, "hj-f")
         await client.post(
             f"{base}/hj", content=b'{"src":1}', headers={"Content-Type": "application/json"}
         )
-        await asyncio.sleep(0.3)  # give a wrong wake-up the time to happen
-        assert not poll.done()
+        # The fork's own append comes after the source's: a reader woken (and
+        # answered) by the source's append would not answer with exactly this.
         await client.post(
             f"{base}/hj-f", content=b'{"fork":1}', headers={"Content-Type": "application/json"}
         )
-        woken = await asyncio.wait_for(poll, 2)
+        woken = await asyncio.wait_for(poll, 10)
         assert woken.status_code == 200 and woken.json() == [{"fork": 1}]
