@@ -792,6 +792,41 @@ async def test_read_large_pages_of_small_entries_hold_as_many_as_read_lua_s(
     assert body == (await read_all(store, "small"))[0]
 
 
+@pytest.mark.parametrize("small_entries", [10, 11])
+async def test_a_final_large_page_of_exactly_the_planned_entries_is_up_to_date(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, small_entries: int
+) -> None:
+    """The boundary of "more pages follow" on a planned XRANGE page: two 400-byte
+    entries make read.lua plan pages of 10 entries (4 x 1000 / 400); after them,
+    10 small ones fill the final page exactly, which reaches the tail and keeps
+    Stream-Up-To-Date, while 11 leave one for a next page."""
+    store = make_store(redis_client, max_read_bytes=1000)
+    await store.load_scripts()
+    await store.create("edge", CreateRequest(OCTET))
+    large = [await store.append("edge", data(b"L" * 400)) for _ in range(2)]
+    small = [await store.append("edge", data(b"%09d;" % i)) for i in range(small_entries)]
+    planned: list[int] = []
+    xrange = store._xrange
+
+    async def recording_xrange(path: str, info: object, after: str, budget: int,
+                               wanted: int) -> object:
+        planned.append(wanted)
+        return await xrange(path, info, after, budget, wanted)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_xrange", recording_xrange)
+    page = await store.read("edge", large[-1].tail, large=True)
+    assert planned == [10], "the page must come from one planned XRANGE of 10 entries"
+    assert page.body == b"".join(b"%09d;" % i for i in range(10))
+    if small_entries == 10:
+        assert page.next_offset == small[-1].tail == page.info.tail
+        assert not page.more and page.up_to_date
+    else:
+        assert page.next_offset == small[9].tail != page.info.tail
+        assert page.more and not page.up_to_date
+        rest = await store.read("edge", page.next_offset, large=True)
+        assert rest.body == b"%09d;" % 10 and rest.up_to_date
+
+
 async def test_read_large_falls_back_to_read_lua_where_its_pages_would_be_small(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
