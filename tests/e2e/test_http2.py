@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
+from support.live import parked
 
 
 @pytest.fixture(
@@ -25,8 +27,9 @@ def h2_gateway(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
         yield gateway.url
 
 
-async def test_every_operation_over_http2(h2_gateway: str) -> None:
-    stream = f"{h2_gateway}/v1/stream/h2-{time.monotonic_ns()}"
+async def test_every_operation_over_http2(h2_gateway: str, redis_client: aioredis.Redis) -> None:
+    path = f"h2-{time.monotonic_ns()}"
+    stream = f"{h2_gateway}/v1/stream/{path}"
     plain = {"content-type": "text/plain"}
     async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as http:
         created = await http.put(stream, headers=plain, content=b"first")
@@ -39,7 +42,12 @@ async def test_every_operation_over_http2(h2_gateway: str) -> None:
         tail = read.headers["stream-next-offset"]
 
         # A long-poll and an SSE reader share the connection and are both woken.
+        # The long-poll waits once the stream's wake channel is subscribed; the SSE
+        # reader, started after that, captures its wake-up before its first read,
+        # so it waits once its first control event arrived.
         poll = asyncio.create_task(http.get(stream, params={"offset": tail, "live": "long-poll"}))
+        await parked(redis_client, path)
+        sse_waiting = asyncio.Event()
 
         async def sse_until_third() -> str:
             seen = ""
@@ -48,16 +56,19 @@ async def test_every_operation_over_http2(h2_gateway: str) -> None:
                 assert response.headers["content-type"] == "text/event-stream"
                 async for chunk in response.aiter_text():
                     seen += chunk
+                    if "event: control" in seen:
+                        sse_waiting.set()
                     if "third" in seen and seen.count("event: control") >= 2:
                         return seen
             return seen
 
         sse = asyncio.create_task(sse_until_third())
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(sse_waiting.wait(), 10)
+        assert not poll.done()
         assert (await http.post(stream, headers=plain, content=b"third")).status_code == 204
-        polled = await asyncio.wait_for(poll, 5)
+        polled = await asyncio.wait_for(poll, 10)
         assert (polled.status_code, polled.text) == (200, "third")
-        events = await asyncio.wait_for(sse, 5)
+        events = await asyncio.wait_for(sse, 10)
         assert "data:third" in events
 
         refused = await http.put(f"{stream}-bad", headers={**plain, "stream-ttl": "abc"})
