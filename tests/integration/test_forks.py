@@ -267,6 +267,27 @@ async def test_soft_deleted_source(store: Store, redis_client: aioredis.Redis) -
     assert (await store.create("src", CreateRequest(OCTET))).created
 
 
+async def test_a_soft_deleted_source_stays_until_its_last_fork_is_gone(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """Two forks read a soft-deleted source: deleting one of them leaves the
+    source (and the other fork's inherited data) in place; deleting the last
+    one removes the source."""
+    await source_with_three_entries(store)
+    await store.create("f1", fork("src"))
+    await store.create("f2", fork("src"))
+    await store.delete("src")
+    assert await refs(redis_client, store, "src") == 2
+
+    await store.delete("f1")
+    assert await refs(redis_client, store, "src") == 1
+    assert await keys_exist(redis_client, store, "src") > 0
+    assert (await read_all(store, "f2"))[0] == b"aaabbbccc"
+
+    await store.delete("f2")
+    assert await keys_exist(redis_client, store, "src") == 0
+
+
 async def test_deleting_a_source_without_forks_is_a_hard_delete(
     store: Store, redis_client: aioredis.Redis
 ) -> None:

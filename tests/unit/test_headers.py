@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -403,3 +404,39 @@ def test_parse_sub_offset_accepts_canonical(raw: str | None, expected: int | Non
 def test_parse_sub_offset_rejects_non_canonical(raw: str) -> None:
     with pytest.raises(BadRequest, match="Stream-Fork-Sub-Offset"):
         headers.parse_sub_offset(raw)
+
+
+# -- a 400 names what was wrong --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parse", "header"),
+    [
+        (lambda: headers.parse_ttl("soon"), "Stream-TTL"),
+        (lambda: headers.parse_expires_at("tomorrow"), "Stream-Expires-At"),
+        (lambda: headers.parse_expires_at("2026-13-01T00:00:00Z"), "Stream-Expires-At"),
+        (lambda: headers.parse_producer("p", "1", None), "Producer-Id, Producer-Epoch"),
+        (lambda: headers.parse_producer("", "1", "2"), "Producer-Id"),
+        (lambda: headers.parse_producer("p", "x", "2"), "Producer-Epoch"),
+        (lambda: headers.parse_producer("p", "1", "-2"), "Producer-Seq"),
+        (lambda: headers.parse_stream_seq(""), "Stream-Seq"),
+        (lambda: headers.parse_sub_offset("01"), "Stream-Fork-Sub-Offset"),
+    ],
+)
+def test_a_refusal_names_the_header_it_refuses(parse, header: str) -> None:
+    with pytest.raises(BadRequest) as exc:
+        parse()
+    assert exc.value.reason.startswith(header), exc.value.reason
+
+
+def test_expires_at_is_formatted_in_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        epoch_ms = 1_767_225_600_123  # 2026-01-01T00:00:00.123Z
+        assert headers.format_expires_at(epoch_ms) == "2026-01-01T00:00:00.123Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -260,3 +260,32 @@ def test_entry_of_an_empty_array() -> None:
 def test_entry_rejects_invalid_json(body: bytes) -> None:
     with pytest.raises(BadRequest):
         jsonmode.entry(body, allow_empty=True)
+
+
+# -- the exact path: literals and lone surrogates ------------------------------------------
+
+
+def test_exact_path_keeps_true_false_and_null_beside_a_large_number() -> None:
+    """A number orjson would round sends the body through the exact path, which
+    writes every other value itself, literals included."""
+    body = b'[{"n": 123456789012345678901234567890, "t": true, "f": false, "z": null}]'
+    (message,) = jsonmode.flatten(body, allow_empty=False)
+    assert json.loads(message) == {"n": 123456789012345678901234567890, "t": True,
+                                   "f": False, "z": None}
+    assert b"123456789012345678901234567890" in message
+
+
+def test_a_lone_surrogate_stays_an_escape() -> None:
+    """Valid JSON (an escape) that is not encodable as UTF-8: kept escaped."""
+    (message,) = jsonmode.flatten(b'["\\ud800x"]', allow_empty=False)
+    assert message == b'"\\ud800x"'
+
+
+@pytest.mark.parametrize("space", [b"\x0c", b"\x0b", b"\x1c", b"\xc2\xa0"])
+def test_only_json_whitespace_surrounds_a_body(space: bytes) -> None:
+    """RFC 8259 whitespace is space, tab, LF and CR: a form feed (or any other
+    space) around a body makes it invalid."""
+    with pytest.raises(BadRequest):
+        jsonmode.entry(space + b"[1]", allow_empty=False)
+    with pytest.raises(BadRequest):
+        jsonmode.entry(b"[1]" + space, allow_empty=False)
