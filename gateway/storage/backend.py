@@ -123,5 +123,6 @@ def connect(settings: Settings, url: str, *, cluster: bool, pipelined: bool = Tr
         socket_timeout=command_timeout,
         **_common_options(settings),
     )
-    client = RedisPyClient(aioredis.Redis(connection_pool=pool))
+    # from_pool: the client owns the pool, so closing it closes the connections.
+    client = RedisPyClient(aioredis.Redis.from_pool(pool))
     return Backend(client, False, settings, _standalone_url=url)
