@@ -11,18 +11,21 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from support.store_reads import read_all, store_client
 
+from gateway.config import Settings
 from gateway.protocol import jsonmode
 from gateway.protocol import offsets as off
 from gateway.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.protocol.headers import Producer
 from gateway.storage import commit as commit_module
 from gateway.storage import store as store_module
+from gateway.storage.backend import Backend, connect
 from gateway.storage.models import AppendRequest, AppendResult, CreateRequest
 from gateway.storage.resp import PipelinedClient
 from gateway.storage.store import Store
@@ -37,11 +40,27 @@ OFFSET_RE = re.compile(r"\A[0-9]{16}_[0-9]{16}\Z")
 # -- helpers ---------------------------------------------------------------------
 
 
+# Every test runs on both of the store's Redis clients, as connect() makes them:
+# the pipelined client and redis-py (same reply shapes, behind one interface).
+_backends: list[Backend] = []
+
+
+@pytest.fixture(autouse=True, params=["pipelined", "redis-py"])
+async def store_backend(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Backend]:
+    backend = connect(Settings(), redis_url, cluster=False, pipelined=request.param == "pipelined")
+    _backends.append(backend)
+    try:
+        yield backend
+    finally:
+        _backends.remove(backend)
+        await backend.aclose()
+
+
 def make_store(client: Any, max_read_bytes: int = 1024 * 1024) -> Store:
-    """A store on ``client``: a redis-py client (wrapped for the store) or the
-    pipelined client."""
+    """A store on this test's backend (``client``: the test's own redis-py
+    client, which stands for it) or on the client given."""
     if isinstance(client, aioredis.Redis):
-        client = store_client(client)
+        client = _backends[-1].client
     return Store(client, "ds", max_read_bytes)
 
 
@@ -1196,7 +1215,7 @@ async def test_json_appends_in_one_batch_keep_their_message_counts(
 
 async def test_a_batch_whose_redis_is_gone_fails_every_append() -> None:
     unreachable = aioredis.Redis(port=1, socket_connect_timeout=0.5)
-    store = make_store(unreachable)
+    store = make_store(store_client(unreachable))
     outcomes = await asyncio.gather(
         *(store.append("any", data(b"x")) for _ in range(3)), return_exceptions=True
     )
