@@ -30,7 +30,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from support.gateway_server import GatewayServer
-from support.live import parked
+from support.live import held_by_server, parked
 from support.raw_http import read_response
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,19 +171,6 @@ def request(
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def held_by_server(port: int) -> set[int]:
-    """Client ports of the connections the server on ``port`` has not closed yet
-    (Linux /proc/net/tcp: ESTABLISHED, or CLOSE_WAIT once the client closed)."""
-    held = set()
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            local, remote, state = line.split()[1:4]
-            if int(local.rsplit(":", 1)[1], 16) == port and state in ("01", "08"):
-                held.add(int(remote.rsplit(":", 1)[1], 16))
-    return held
 
 
 async def wait_released(port: int, client_port: int | None, within: float) -> float:

@@ -93,3 +93,28 @@ def parked_sync(
     finally:
         for client in clients:
             client.close()
+
+
+def held_by_server(port: int) -> set[int]:
+    """Client ports of the connections the server on ``port`` has not closed yet
+    (Linux /proc/net/tcp: ESTABLISHED, or CLOSE_WAIT once the client closed)."""
+    held = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            local, remote, state = line.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state in ("01", "08"):
+                held.add(int(remote.rsplit(":", 1)[1], 16))
+    return held
+
+
+async def released_by_server(
+    port: int, client_port: int, within_s: float = DEFAULT_WITHIN_S
+) -> None:
+    """Wait until the server on ``port`` closed its side of the connection from
+    ``client_port`` (it does once it is done with the request on it)."""
+
+    async def released() -> bool:
+        return client_port not in held_by_server(port)
+
+    await eventually(released, within_s, f"the server's close of the connection from {client_port}")
