@@ -26,7 +26,11 @@ from support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
 
-FAST_S = 1.5  # a failed request must come back within this
+# A failed request must come back within this: the 1 s connect timeout plus
+# room for a loaded machine, and still far below the long-poll timeout (a
+# request that waited for Redis instead of failing fast would take that long).
+FAST_S = 4.0
+LONG_POLL_MS = 20_000
 
 
 class RestartableRedis(RedisServer):
@@ -70,7 +74,9 @@ async def start() -> AsyncIterator[Callable[..., Awaitable[Setup]]]:
     async def _start(redis_up: bool = True, **env: str) -> Setup:
         redis = RestartableRedis()
         await asyncio.to_thread(redis.start)
-        gateway = GatewayServer(redis_url=redis.url, env={"DS_LONG_POLL_TIMEOUT_MS": "5000", **env})
+        gateway = GatewayServer(
+            redis_url=redis.url, env={"DS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_MS), **env}
+        )
         setup = Setup(redis, gateway, httpx.AsyncClient(timeout=10))
         setups.append(setup)
         if not redis_up:
@@ -198,14 +204,14 @@ async def test_redis_down_means_fast_503s_and_recovery_without_restart(
     async def serving() -> bool:
         return (await client.get(f"{S}/s", params={"offset": "-1"})).status_code == 200
 
-    recovery = await eventually(serving, 5, "recovery")
+    recovery = await eventually(serving, 15, "recovery")
     read = await client.get(f"{S}/s", params={"offset": "-1"})
     assert read.content == b"kept"  # nothing was written while Redis was down
     assert read.headers["stream-next-offset"] == tail
     assert (await client.get("/readyz")).status_code == 200
     assert (await client.head(f"{S}/new")).status_code == 404
     assert (await client.head(f"{S}/fork")).status_code == 404
-    assert recovery < 5
+    print(f"recovered {recovery:.2f} s after Redis restarted")
 
     # Live reads work again: a long-poll is woken by an append through the
     # re-established wake-up listener.
@@ -214,9 +220,9 @@ async def test_redis_down_means_fast_503s_and_recovery_without_restart(
     await parked(setup, "s")
     sent = time.monotonic()
     assert (await client.post(f"{S}/s", content=b"+new", headers=TEXT)).status_code == 204
-    woken = await asyncio.wait_for(poll, 5)
+    woken = await asyncio.wait_for(poll, LONG_POLL_MS / 1000 + 5)
     assert woken.status_code == 200 and woken.content == b"+new"
-    assert time.monotonic() - sent < 1.0  # woken, not timed out (5 s)
+    assert time.monotonic() - sent < FAST_S  # woken, not timed out (20 s)
     log = log_tail(setup.gateway.log_path, 1_000_000)
     assert "Traceback" not in log, log[-4000:]
 
@@ -234,11 +240,11 @@ async def test_a_long_poll_waiting_when_redis_dies_gets_503(
 
     killed = time.monotonic()
     await asyncio.to_thread(setup.redis.kill)
-    response = await asyncio.wait_for(poll, 6)
+    response = await asyncio.wait_for(poll, LONG_POLL_MS / 1000 + 5)
     elapsed = time.monotonic() - killed
     assert response.status_code == 503, (response.status_code, response.headers)
     assert response.headers["retry-after"].isdigit()
-    assert elapsed < FAST_S + 0.5, elapsed  # not the 5 s long-poll timeout
+    assert elapsed < FAST_S + 0.5, elapsed  # not the 20 s long-poll timeout
 
 
 async def test_an_sse_reader_waiting_when_redis_dies_is_disconnected(
@@ -301,7 +307,7 @@ async def test_a_frozen_redis_means_503_after_the_command_timeout(
     async def serving() -> bool:
         return (await client.head(f"{S}/f")).status_code == 200
 
-    await eventually(serving, 5, "recovery after SIGCONT")
+    await eventually(serving, 15, "recovery after SIGCONT")
     # The POST that got 503 may or may not have been applied once Redis woke up;
     # retrying it with the same producer tuple never duplicates it.
     retry = await client.post(
@@ -326,7 +332,7 @@ async def test_a_gateway_started_without_redis_serves_503_then_recovers(
         r = await client.put(f"{S}/late", content=b"x", headers=TEXT)
         return r.status_code in (200, 201)
 
-    await eventually(created, 5, "PUT after Redis started")
+    await eventually(created, 15, "PUT after Redis started")
     assert (await client.get(f"{S}/late", params={"offset": "-1"})).content == b"x"
     await wake_listener_connected(setup)
     tail = (await client.head(f"{S}/late")).headers["stream-next-offset"]
