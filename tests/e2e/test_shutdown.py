@@ -2,7 +2,8 @@
 responses (so clients resume on another replica) and exits within a bound.
 
 Bound stated in deploy/README.md: live readers are answered within about one
-second of SIGTERM and the process exits within five.
+second of SIGTERM and the process exits within five (measured figures are
+printed; the asserted bounds leave room for a loaded machine).
 """
 
 from __future__ import annotations

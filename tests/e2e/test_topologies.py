@@ -35,7 +35,7 @@ from gateway.storage.keys import stream_keys
 
 pytestmark = pytest.mark.timeout(90)
 
-LONG_POLL_MS = 5000
+LONG_POLL_MS = 10_000
 GATEWAY_ENV = {"DS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_MS)}
 INSTANCES = ("a", "b")
 TEXT = {"content-type": "text/plain"}
