@@ -970,14 +970,16 @@ async def test_two_workers_serve_and_stop_on_sigterm(
 
 
 async def test_large_response_read_slowly_arrives_exactly(
-    gw: GatewayServer, http: httpx.AsyncClient
+    gw: GatewayServer, limited: GatewayServer, http: httpx.AsyncClient
 ) -> None:
+    """Read through the server with the default 30 s read timeout: on a loaded
+    machine a slow client's pauses may exceed `gw`'s 2 s."""
     name = unique("large")
     data = os.urandom(4 * 1024 * 1024)
     r = await http.put(name, content=data, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 201
     tail = r.headers["stream-next-offset"]
-    async with connect(gw, rcvbuf=32 * 1024) as (reader, writer):
+    async with connect(limited, rcvbuf=32 * 1024) as (reader, writer):
         writer.write(request("GET", f"/v1/stream/{name}?offset=-1", "Host: t"))
         status, lines = await head_lines(reader)
         headers = dict(lines)
