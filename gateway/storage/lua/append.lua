@@ -44,6 +44,10 @@
 -- only compare two numbers.
 local nstreams = tonumber(ARGV[1])
 local default_max_age, default_max_bytes = ARGV[2], ARGV[3]
+-- Most deployments set no default: then only streams created with a limit of
+-- their own look any further (two table lookups per stream, no calls).
+local default_retention = (tonumber(default_max_age) or 0) > 0
+  or (tonumber(default_max_bytes) or 0) > 0
 local now = now_ms()
 local now_id = string.format('%d-0', now)  -- for next_id
 
@@ -291,7 +295,7 @@ for s = 1, nstreams do
     local m = st.m
     local fields = {'tail', m.tail}
     local trimmed = false
-    if st.appends > 0 and refs_of(m) == 0 then
+    if st.appends > 0 and (default_retention or m.rage or m.rbytes) and refs_of(m) == 0 then
       local max_age_ms = retention_limit(m.rage, default_max_age) * 1000
       local max_bytes = retention_limit(m.rbytes, default_max_bytes)
       if (max_age_ms > 0 or max_bytes > 0) and trim_due(m, max_age_ms, max_bytes) then
