@@ -280,7 +280,7 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def _start_embedded_if_needed(settings: Settings) -> EmbeddedRedis | None:
-    if settings.redis_url or settings.redis_cluster_url:
+    if settings.redis_url or settings.redis_cluster_url or settings.redis_sentinels:
         return None
     try:
         embedded = start_embedded(settings)

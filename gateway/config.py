@@ -36,6 +36,12 @@ class Settings:
     # Where the streams live. With neither URL set an embedded redis-server starts.
     redis_url: str | None = None
     redis_cluster_url: str | None = None
+    # Redis behind Sentinel: "host:port,host:port" of the sentinels and the name
+    # of the master they monitor (takes precedence over redis_url).
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
     data_dir: str = ".durable-streams-data"
     # Namespace of every Redis key the gateway writes (see gateway/keys.py).
     key_prefix: str = "ds"
@@ -59,6 +65,10 @@ class Settings:
     redis_command_timeout_ms: int = 2_000
     # Connections per replica for commands (the wake-up listener uses one more).
     redis_pool_size: int = 3
+    # Acknowledge a write only once this many replicas have it (Redis WAIT after
+    # each script run; 0: do not wait), waiting at most wait_timeout_ms.
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1_000
     # Cache-Control visibility for catch-up and long-poll reads: public or private.
     cache_visibility: str = "public"
     # Value of Access-Control-Allow-Origin.
@@ -115,9 +125,22 @@ class Settings:
         auth = _str("DS_AUTH", "none").lower()
         if auth not in AUTH_MODES:
             raise ValueError(f"DS_AUTH must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
+        command_timeout_ms = _int("DS_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1)
+        wait_timeout_ms = _int("DS_WAIT_TIMEOUT_MS", 1_000, 1)
+        # A WAIT holds its connection until the replicas answer or its timeout
+        # passes; past the command timeout the connection would be given up.
+        if wait_timeout_ms >= command_timeout_ms:
+            raise ValueError(
+                f"DS_WAIT_TIMEOUT_MS ({wait_timeout_ms}) must be less than "
+                f"DS_REDIS_COMMAND_TIMEOUT_MS ({command_timeout_ms})"
+            )
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
+            redis_sentinels=os.environ.get("REDIS_SENTINELS") or None,
+            redis_sentinel_master=_str("REDIS_SENTINEL_MASTER", "mymaster"),
+            redis_sentinel_username=os.environ.get("REDIS_SENTINEL_USERNAME") or None,
+            redis_sentinel_password=os.environ.get("REDIS_SENTINEL_PASSWORD") or None,
             data_dir=_str("DS_DATA_DIR", ".durable-streams-data"),
             key_prefix=key_prefix,
             stream_prefix=prefix,
@@ -127,8 +150,10 @@ class Settings:
             sse_max_duration_ms=_int("DS_SSE_MAX_DURATION_MS", 60_000, 1),
             sse_keepalive_ms=_int("DS_SSE_KEEPALIVE_MS", 15_000, 100),
             redis_connect_timeout_ms=_int("DS_REDIS_CONNECT_TIMEOUT_MS", 1_000, 1),
-            redis_command_timeout_ms=_int("DS_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1),
+            redis_command_timeout_ms=command_timeout_ms,
             redis_pool_size=_int("DS_REDIS_POOL_SIZE", 3, 1),
+            wait_replicas=_int("DS_WAIT_REPLICAS", 0, 0),
+            wait_timeout_ms=wait_timeout_ms,
             cache_visibility=visibility,
             cors_origin=_str("DS_CORS_ORIGIN", "*"),
             cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),

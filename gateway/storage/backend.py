@@ -1,11 +1,19 @@
-"""Redis connections: standalone (REDIS_URL) or Redis Cluster (REDIS_CLUSTER_URL).
+"""Redis connections: standalone (REDIS_URL), behind Sentinel (REDIS_SENTINELS)
+or Redis Cluster (REDIS_CLUSTER_URL).
 
 Two kinds of connection per gateway process:
 - a bounded pool for commands (every stream operation is one EVALSHA routed by
   its keys, which share one hash slot);
 - one pub/sub connection for wake-ups (gateway/wakeups.py). In a cluster a
   PUBLISH reaches every node, so one subscription on any node hears all of them;
-  after a failure the listener moves on to the next node.
+  after a failure the listener moves on to the next node. Behind Sentinel it
+  subscribes on the master, found through the sentinels on every (re)connection:
+  a replica hears the master's PUBLISHes too, but only while its replication
+  link holds, and a link that breaks and resynchronises from a snapshot drops
+  the messages in between without the listener noticing. The master's
+  connection breaks when the master dies, and every reconnect of the listener
+  wakes all readers to re-check (gateway/live/wakeups.py), so a failover can
+  delay a wake-up but not lose one.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from urllib.parse import urlparse
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from gateway.config import Settings
@@ -39,10 +48,19 @@ class Backend:
     # wake-up listener connects, on each (re)connection a new PubSub.
     _cluster_client: Any = None
     _standalone_url: str | None = None
+    _sentinel: Sentinel | None = None
     _pubsub_clients: list[Any] = field(default_factory=list)
     _node_cycle: Any = None
 
     def pubsub(self) -> Any:
+        if self._sentinel is not None:
+            if not self._pubsub_clients:
+                self._pubsub_clients.append(
+                    self._sentinel.master_for(
+                        self.settings.redis_sentinel_master, **_listener_options(self.settings)
+                    )
+                )
+            return self._pubsub_clients[0].pubsub()
         if not self.cluster:
             if not self._pubsub_clients:
                 assert self._standalone_url is not None
@@ -65,9 +83,10 @@ class Backend:
         return client.pubsub()
 
     async def aclose(self) -> None:
-        for client in [self.client, *self._pubsub_clients]:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        for client in [self.client, *self._pubsub_clients, self._sentinel]:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
 
 def client_name(settings: Settings) -> str:
@@ -126,3 +145,48 @@ def connect(settings: Settings, url: str, *, cluster: bool, pipelined: bool = Tr
     # from_pool: the client owns the pool, so closing it closes the connections.
     client = RedisPyClient(aioredis.Redis.from_pool(pool))
     return Backend(client, False, settings, _standalone_url=url)
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (IPv6 hosts in brackets: ``[::1]:26379``)."""
+    addresses = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"REDIS_SENTINELS: expected host:port, got {item!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    if not addresses:
+        raise ValueError("REDIS_SENTINELS names no sentinel")
+    return addresses
+
+
+def connect_sentinel(settings: Settings) -> Backend:
+    """Connections to the master that the sentinels in ``REDIS_SENTINELS``
+    monitor under ``REDIS_SENTINEL_MASTER``. Every new connection asks the
+    sentinels where the master is, so after a failover the gateway follows the
+    promoted replica by itself: connections to the old master fail (503 with
+    Retry-After) and their replacements reach the new one."""
+    assert settings.redis_sentinels is not None
+    command_timeout = settings.redis_command_timeout_ms / 1000
+    sentinel = Sentinel(
+        sentinel_addresses(settings.redis_sentinels),
+        sentinel_kwargs={
+            "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
+            "socket_timeout": command_timeout,
+            "username": settings.redis_sentinel_username,
+            "password": settings.redis_sentinel_password,
+        },
+    )
+    master = sentinel.master_for(
+        settings.redis_sentinel_master,
+        max_connections=settings.redis_pool_size,
+        socket_timeout=command_timeout,
+        **_common_options(settings),
+    )
+    # The sentinel pool raises rather than waits when all its connections are
+    # busy: the client's limit makes callers wait for one instead.
+    client = RedisPyClient(master, limit=settings.redis_pool_size)
+    return Backend(client, False, settings, _sentinel=sentinel)

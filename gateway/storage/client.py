@@ -6,17 +6,51 @@ redis-py. Both give the store the same reply shapes: RESP replies as Redis sent
 them (bytes, integers, nested lists, None), never redis-py's parsed forms (an
 XRANGE entry's fields as a dict, SMEMBERS as a set), and the same exception
 types (redis-py's), which gateway/storage/errors.py translates.
+
+``evalsha_wait`` is a script call followed by Redis ``WAIT`` on the same
+connection, sent together (DS_WAIT_REPLICAS): WAIT counts the replicas that
+have everything this connection wrote, so it must follow the script on its
+connection; elsewhere it would vouch for nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 
 # The commands the store sends besides EVALSHA, whose replies redis-py would
 # otherwise parse into other shapes.
 _RAW_COMMANDS = ("XRANGE", "SMEMBERS", "HGET", "EXISTS", "PING")
+# A script run on a node that no longer serves its slot, or not yet.
+_REDIRECTS = (
+    redis_errors.MovedError,
+    redis_errors.AskError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+)
+
+
+class ReplicaWait(NamedTuple):
+    """Acknowledge a write only once ``replicas`` replicas have it, waiting at
+    most ``timeout_ms`` for them (Redis ``WAIT replicas timeout_ms``)."""
+
+    replicas: int
+    timeout_ms: int
+
+    def check(self, acknowledged: Any) -> None:
+        """Raise NOREPLICAS (a 503, gateway/storage/errors.py) when WAIT
+        counted fewer replicas than wanted. The write stays in Redis: it may
+        still reach the replicas, or be lost in a failover."""
+        if int(acknowledged) < self.replicas:
+            raise redis_errors.ResponseError(
+                f"NOREPLICAS the write reached {int(acknowledged)} of {self.replicas} "
+                f"replicas within {self.timeout_ms} ms"
+            )
 
 
 class RedisClient(Protocol):
@@ -27,6 +61,13 @@ class RedisClient(Protocol):
         ...
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]: ...
+
+    def evalsha_wait(
+        self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any
+    ) -> Awaitable[Any]:
+        """``evalsha``, then ``WAIT`` on the same connection: the script's reply
+        once enough replicas acknowledged it (NOREPLICAS otherwise)."""
+        ...
 
     async def script_load(self, source: str) -> Any: ...
 
@@ -70,6 +111,62 @@ class RedisPyClient:
             return await self.client.evalsha(sha, numkeys, *keys_and_args)
         async with self._limit:
             return await self.client.evalsha(sha, numkeys, *keys_and_args)
+
+    async def evalsha_wait(
+        self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any
+    ) -> Any:
+        if self._limit is None:
+            return await self._evalsha_wait(wait, sha, numkeys, *keys_and_args)
+        async with self._limit:
+            return await self._evalsha_wait(wait, sha, numkeys, *keys_and_args)
+
+    async def _evalsha_wait(
+        self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any
+    ) -> Any:
+        commands = [
+            PipelineCommand(0, "EVALSHA", sha, numkeys, *keys_and_args),
+            PipelineCommand(1, "WAIT", wait.replicas, wait.timeout_ms),
+        ]
+        if isinstance(self.client, RedisCluster):
+            await self._cluster_pipeline(commands, keys_and_args[0])
+        else:
+            # A plain pipeline: one connection from the pool, both commands in one write.
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command.args)
+            commands[0].result, commands[1].result = await pipe.execute(raise_on_error=False)
+        script, acknowledged = commands[0].result, commands[1].result
+        if isinstance(script, BaseException):
+            raise script
+        if isinstance(acknowledged, BaseException):
+            raise acknowledged
+        wait.check(acknowledged)
+        return script
+
+    async def _cluster_pipeline(self, commands: list[PipelineCommand], key: Any) -> None:
+        """Both commands on one connection to the master of ``key``'s slot.
+        The cluster client would route WAIT (which has no key) elsewhere, and
+        retry a redirected script without it; so this goes to the node directly
+        and, when that fails, lets the cluster client learn the new topology
+        from a harmless command on the same slot before answering 503."""
+        cluster = self.client
+        await cluster.initialize()  # a topology refresh, when one is due
+        node: ClusterNode = cluster.get_node_from_key(key)
+        failed: BaseException | None = None
+        try:
+            await node.execute_pipeline(commands)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            failed = exc
+        script = commands[0].result
+        if isinstance(script, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+            failed = script
+        elif isinstance(script, _REDIRECTS):
+            failed = script
+        if failed is None:
+            return
+        with contextlib.suppress(Exception):  # what matters is what the client learns
+            await cluster.execute_command("EXISTS", key)
+        raise redis_errors.TryAgainError(f"write not acknowledged: {failed}") from failed
 
     async def script_load(self, source: str) -> Any:
         # The cluster client sends it to every primary.

@@ -5,6 +5,10 @@ Each append in a run gets exactly what it would get alone (the script applies
 them in order, each seeing what the ones before it wrote). On a standalone Redis
 appends to any streams share a run; on Redis Cluster, where one script's keys
 must share a hash slot, only appends to the same stream do.
+
+With DS_WAIT_REPLICAS each run is followed by one Redis WAIT on its connection,
+so a run's appends are acknowledged once the replicas have all of them: one
+WAIT per run, not per append. Without it a run is its script call alone.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from .client import RedisClient
+from .client import RedisClient, ReplicaWait
 from .errors import storage_errors
 from .keys import StreamKeys
 from .scripts import Script
@@ -97,10 +101,12 @@ class GroupCommit:
         per_stream: bool,
         local_wakes: LocalWakes | None,
         retention: tuple[int, int] = (0, 0),
+        wait: ReplicaWait | None = None,
     ) -> None:
         """``retention``: the server's default max age (seconds) and max bytes
         of a stream, 0 for none (append.lua trims the streams' heads)."""
         self.client = client
+        self.wait = wait
         self.script = script
         self.keys_of = keys_of
         self.per_stream = per_stream
@@ -137,14 +143,21 @@ class GroupCommit:
             del self._batches[group]
         if batch.reply is None:
             batch.sent = batch.argv(self.retention)
-            batch.reply = self.script.start(self.client, batch.keys, batch.sent)
+            if self.wait is None:
+                batch.reply = self.script.start(self.client, batch.keys, batch.sent)
+            else:
+                batch.reply = self.script.start_waiting(
+                    self.client, batch.keys, batch.sent, self.wait
+                )
 
     async def _commit(self, group: str, batch: _Batch) -> None:
         self._send(group, batch)  # at the end of the turn, unless sent already
         assert batch.reply is not None
         try:
             async with storage_errors:
-                reply = await self.script.finish(self.client, batch.reply, batch.keys, batch.sent)
+                reply = await self.script.finish(
+                    self.client, batch.reply, batch.keys, batch.sent, self.wait
+                )
         except Exception as exc:
             for waiter in batch.waiters:
                 if not waiter.done():

@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 from redis import exceptions as redis_errors
 
+from .client import ReplicaWait
+
 READER_BUFFER_BYTES = 1 << 20
 
 
@@ -110,6 +112,30 @@ class RespProtocol(asyncio.Protocol):
                 future.set_exception(error)
         if self.transport is not None:
             self.transport.abort()
+
+
+def _pack_wait(wait: ReplicaWait) -> bytes:
+    command: tuple[Any, ...] = ("WAIT", wait.replicas, wait.timeout_ms)
+    packed: bytes = hiredis.pack_command(command)
+    return packed
+
+
+async def _acknowledged(
+    wait: ReplicaWait, script: asyncio.Future[Any], acknowledged: asyncio.Future[Any]
+) -> Any:
+    """The script's reply once WAIT counted enough replicas."""
+    try:
+        reply = await script
+    except BaseException:
+        # The script's error is the answer; WAIT's reply (or error) is dropped.
+        if acknowledged.done():
+            if not acknowledged.cancelled():
+                acknowledged.exception()
+        else:
+            acknowledged.cancel()
+        raise
+    wait.check(await acknowledged)
+    return reply
 
 
 def _response_error(message: str) -> Exception:
@@ -243,6 +269,29 @@ class PipelinedClient:
     async def _connect_and_send(self, args: tuple[Any, ...]) -> Any:
         protocol = await self._connection()
         return await protocol.send(hiredis.pack_command(args))
+
+    def evalsha_wait(
+        self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any
+    ) -> Awaitable[Any]:
+        """EVALSHA and WAIT, written together on one connection (the one this
+        turn's commands use, as in ``execute_command``)."""
+        protocol = self._slots[self._next]
+        if protocol is None or protocol.closed or not protocol.in_turn:
+            self._next = (self._next + 1) % len(self._slots)
+            protocol = self._slots[self._next]
+        if protocol is None or protocol.closed:
+            return self._connect_and_wait(wait, sha, numkeys, keys_and_args)
+        script = protocol.send(hiredis.pack_command(("EVALSHA", sha, numkeys, *keys_and_args)))
+        acknowledged = protocol.send(_pack_wait(wait))
+        return _acknowledged(wait, script, acknowledged)
+
+    async def _connect_and_wait(
+        self, wait: ReplicaWait, sha: str, numkeys: int, keys_and_args: tuple[Any, ...]
+    ) -> Any:
+        protocol = await self._connection()
+        script = protocol.send(hiredis.pack_command(("EVALSHA", sha, numkeys, *keys_and_args)))
+        acknowledged = protocol.send(_pack_wait(wait))
+        return await _acknowledged(wait, script, acknowledged)
 
     def flush(self) -> None:
         """Write the commands issued so far in this loop turn now, instead of at

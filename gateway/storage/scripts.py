@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from .client import RedisClient
+from .client import RedisClient, ReplicaWait
 
 # The scripts on one stream's keys (KEYS: meta, data, producers, forks).
 STREAM_OPERATIONS = (
@@ -44,8 +44,17 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
-        return await self.finish(client, self.start(client, keys, args), keys, args)
+    async def __call__(
+        self,
+        client: RedisClient,
+        keys: list[str],
+        args: list[Any],
+        wait: ReplicaWait | None = None,
+    ) -> Any:
+        if wait is None:
+            return await self.finish(client, self.start(client, keys, args), keys, args)
+        pending = self.start_waiting(client, keys, args, wait)
+        return await self.finish(client, pending, keys, args, wait)
 
     def start(self, client: RedisClient, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         """Issue the call now and return its reply's awaitable (to ``finish``).
@@ -53,16 +62,30 @@ class Script:
         when awaited."""
         return client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def start_waiting(
+        self, client: RedisClient, keys: list[str], args: list[Any], wait: ReplicaWait
+    ) -> Awaitable[Any]:
+        """``start``, followed on the same connection by Redis WAIT: the reply
+        comes once ``wait.replicas`` replicas have the script's writes."""
+        return client.evalsha_wait(wait, self.sha, len(keys), *keys, *args)
+
     async def finish(
-        self, client: RedisClient, pending: Awaitable[Any], keys: list[str], args: list[Any]
+        self,
+        client: RedisClient,
+        pending: Awaitable[Any],
+        keys: list[str],
+        args: list[Any],
+        wait: ReplicaWait | None = None,
     ) -> Any:
-        """The reply of a ``start``ed call, loading the script first if Redis
-        had lost it."""
+        """The reply of a ``start``ed (or ``start_waiting``) call, loading the
+        script first if Redis had lost it."""
         try:
             return await pending
         except NoScriptError:
             await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            if wait is None:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await client.evalsha_wait(wait, self.sha, len(keys), *keys, *args)
 
 
 class Scripts:

@@ -16,7 +16,7 @@ from gateway.protocol import headers, jsonmode
 from gateway.protocol import offsets as off
 from gateway.protocol.errors import BadRequest, Conflict, Forbidden, Gone, NotFound
 
-from .client import RedisClient
+from .client import RedisClient, ReplicaWait
 from .commit import GroupCommit, LocalWakes
 from .errors import storage_errors
 from .keys import StreamKeys, stream_keys
@@ -50,14 +50,18 @@ class Store:
         batch_per_stream: bool = False,
         local_wakes: LocalWakes | None = None,
         retention: tuple[int, int] = (0, 0),
+        wait: ReplicaWait | None = None,
     ) -> None:
         """``batch_per_stream``: commit only appends to the same stream together
         (Redis Cluster, where one script's keys must share a hash slot);
         otherwise appends to any streams share a script run. ``local_wakes``:
         told of the wake-ups of this process's appends as their scripts return.
         ``retention``: the default max age (seconds) and max bytes of streams
-        created without their own, 0 for none."""
+        created without their own, 0 for none.
+        ``wait``: acknowledge writes (creates, appends, deletes, fork references)
+        only once that many replicas have them (Redis WAIT, DS_WAIT_REPLICAS)."""
         self.client = client
+        self.wait = wait
         self.key_prefix = key_prefix
         self.max_read_bytes = max_read_bytes
         self.retention = retention
@@ -69,6 +73,7 @@ class Store:
             per_stream=batch_per_stream,
             local_wakes=local_wakes,
             retention=retention,
+            wait=wait,
         )
 
     def keys(self, path: str) -> StreamKeys:
@@ -119,7 +124,9 @@ class Store:
         ]
         for data, count in entries:
             args += [data, "" if count is None else str(count)]
-        reply = CreateReply.parse(await self.scripts.create(self.client, self.keys(path).all, args))
+        reply = CreateReply.parse(
+            await self.scripts.create(self.client, self.keys(path).all, args, self.wait)
+        )
         if reply.status == "conflict":
             raise Conflict("stream exists with a different configuration")
         if reply.status == "gone":
@@ -150,7 +157,7 @@ class Store:
         requested_mt = headers.media_type(req.content_type) if req.content_type else ""
         acquired = ForkAcquireReply.parse(
             await self.scripts.fork_acquire(
-                self.client, self.keys(source).all, [requested_mt, offset_id, path]
+                self.client, self.keys(source).all, [requested_mt, offset_id, path], self.wait
             )
         )
         status = await self._status(source, acquired.status)
@@ -285,7 +292,9 @@ class Store:
     async def delete(self, path: str) -> None:
         k = self.keys(path)
         async with storage_errors:
-            reply = DeleteReply.parse(await self.scripts.delete(self.client, k.all, [k.wake]))
+            reply = DeleteReply.parse(
+                await self.scripts.delete(self.client, k.all, [k.wake], self.wait)
+            )
             status = await self._status(path, reply.status)
             if status == "not_found":
                 raise NotFound("stream not found")
@@ -300,7 +309,7 @@ class Store:
             for _ in range(MAX_FORK_DEPTH):
                 keys = self.keys(source).all
                 reply = DeleteReply.parse(
-                    await self.scripts.fork_release(self.client, keys, [fork])
+                    await self.scripts.fork_release(self.client, keys, [fork], self.wait)
                 )
                 if reply.status != "deleted" or not reply.fork_source:
                     return

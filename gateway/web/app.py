@@ -27,6 +27,7 @@ from gateway.protocol.errors import (
 )
 from gateway.protocol.paths import is_reserved, stream_path
 from gateway.storage import backend
+from gateway.storage.client import ReplicaWait
 from gateway.storage.quotas import Quotas
 from gateway.storage.store import Store
 
@@ -203,6 +204,8 @@ class Gateway:
         settings = self.settings
         if settings.redis_cluster_url:
             return settings.redis_cluster_url, True
+        if settings.redis_sentinels:
+            return "", False  # the master's address comes from the sentinels
         if settings.redis_url:
             return settings.redis_url, False
         from gateway.storage.embedded import start_embedded
@@ -213,7 +216,10 @@ class Gateway:
     async def startup(self) -> None:
         settings = self.settings
         url, cluster = await asyncio.to_thread(self.redis_target)
-        self.backend = backend.connect(settings, url, cluster=cluster)
+        if not url:  # REDIS_SENTINELS
+            self.backend = backend.connect_sentinel(settings)
+        else:
+            self.backend = backend.connect(settings, url, cluster=cluster)
         self.hub = WakeHub(self.backend.pubsub)
         store = Store(
             self.backend.client,
@@ -222,6 +228,11 @@ class Gateway:
             batch_per_stream=cluster,
             local_wakes=self.hub,
             retention=(settings.retention_max_age_s, settings.retention_max_bytes),
+            wait=(
+                ReplicaWait(settings.wait_replicas, settings.wait_timeout_ms)
+                if settings.wait_replicas
+                else None
+            ),
         )
         try:
             await store.load_scripts()
@@ -241,7 +252,7 @@ class Gateway:
         log.info(
             "durable streams gateway ready; streams under %s/ on %s; DS_AUTH=%s",
             settings.stream_prefix,
-            "Redis Cluster" if cluster else "Redis",
+            "Redis Cluster" if cluster else "Redis" if url else "Redis behind Sentinel",
             settings.auth,
         )
 
