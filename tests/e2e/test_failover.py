@@ -49,6 +49,8 @@ AFTER_RECOVERY = 100
 # Generous: Sentinel needs down-after (1 s) plus an election; a loaded 2-core
 # machine stretches both.
 RECOVERY_DEADLINE_S = 45.0
+# A second gateway serving a long-poll across the failover.
+READER_ENV = {"DS_LONG_POLL_TIMEOUT_MS": "20000"}
 # Replicas sync at once rather than after the default 5 s diskless-sync delay.
 FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 GATEWAY_ENV = {"DS_REDIS_COMMAND_TIMEOUT_MS": "2000", "DS_REDIS_CONNECT_TIMEOUT_MS": "1000"}
@@ -170,6 +172,39 @@ def _report(label: str, run: int, out: Produced, stored: set[str]) -> list[str]:
     return lost
 
 
+async def _woken_across_gateways(reader: str, writer: str, path: str) -> None:
+    """A long-poll on ``reader`` (another process, whose wake-up listener lived
+    through the failover) answers an append made on ``writer`` with its data:
+    the wake-up came through Redis pub/sub on the new topology, well before
+    the long-poll's timeout."""
+    url = f"{{}}/v1/stream/{path}"
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        for _ in range(100):
+            # Its first requests after the failover may meet the dead master: 503.
+            head = await client.head(url.format(reader))
+            if head.status_code != 503:
+                break
+            assert head.headers["retry-after"]
+            await asyncio.sleep(0.1)
+        assert head.status_code == 200, head.status_code
+        tail = head.headers["stream-next-offset"]
+        poll = asyncio.create_task(
+            client.get(url.format(reader), params={"offset": tail, "live": "long-poll"})
+        )
+        await asyncio.sleep(0.5)  # the long-poll is waiting (a 204 would take 20 s)
+        started = time.monotonic()
+        appended = await client.post(
+            url.format(writer),
+            content=orjson.dumps({"id": "after-failover"}),
+            headers={"Content-Type": "application/json"},
+        )
+        assert appended.status_code == 204, appended.text
+        response = await poll
+        assert response.status_code == 200, response.text
+        assert response.json() == [{"id": "after-failover"}]
+        assert time.monotonic() - started < 10
+
+
 def _assert_clean_log(gateway: GatewayServer) -> None:
     """Redis failing is no client's fault and no bug: no ERROR line, no traceback."""
     log = Path(gateway.log_path).read_text()
@@ -197,14 +232,19 @@ async def test_sentinel_failover_is_followed_and_with_wait_loses_nothing(
                 "REDIS_SENTINEL_MASTER": group.name,
                 "DS_WAIT_REPLICAS": str(wait_replicas),
             }
-            with GatewayServer(redis_url="", env=env, server="console-script") as gateway:
+            with (
+                GatewayServer(redis_url="", env=env, server="console-script") as gateway,
+                GatewayServer(redis_url="", env={**env, **READER_ENV}) as reader,
+            ):
                 out, stored = await _failover_run(
                     gateway.url, "failover/sentinel", lambda: _kill_sentinel_master(group)
                 )
                 lost = _report(f"sentinel wait={wait_replicas}", run, out, stored)
                 if wait_replicas:
                     assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
+                await _woken_across_gateways(reader.url, gateway.url, "failover/sentinel")
                 _assert_clean_log(gateway)
+                _assert_clean_log(reader)
 
 
 # -- Redis Cluster ------------------------------------------------------------------
@@ -223,7 +263,10 @@ async def test_cluster_failover_is_followed_and_with_wait_loses_nothing(
                 "DS_WAIT_REPLICAS": str(wait_replicas),
                 "REDIS_CLUSTER_URL": cluster.url,
             }
-            with GatewayServer(redis_url="", env=env, server="console-script") as gateway:
+            with (
+                GatewayServer(redis_url="", env=env, server="console-script") as gateway,
+                GatewayServer(redis_url="", env={**env, **READER_ENV}) as reader,
+            ):
                 out, stored = await _failover_run(
                     gateway.url,
                     path,
@@ -233,7 +276,9 @@ async def test_cluster_failover_is_followed_and_with_wait_loses_nothing(
                 if wait_replicas:
                     assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
                 assert cluster.slot_owner(f"ds:{{{path}}}:meta") != owner
+                await _woken_across_gateways(reader.url, gateway.url, path)
                 _assert_clean_log(gateway)
+                _assert_clean_log(reader)
 
 
 # -- WAIT without a failover ----------------------------------------------------------
