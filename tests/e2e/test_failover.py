@@ -21,9 +21,11 @@ Select with ``-m failover``. DS_FAILOVER_RUNS=N repeats each failover N times
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -416,3 +418,97 @@ async def _wait_for_status(client: httpx.AsyncClient, url: str) -> None:
         assert response.status_code == 503, response.text
         await asyncio.sleep(0.05)  # poll interval
     raise AssertionError("stream not created")
+
+
+class _Monitor:
+    """Redis MONITOR on one server, in a thread: (client, command name) in order,
+    until an ``ECHO`` of its stop marker comes by."""
+
+    STOP = "monitor-stop"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = (host, port)
+        self.client = redis.Redis(host=host, port=port, socket_timeout=30)
+        self.seen: list[tuple[str, str]] = []
+        self._monitor = self.client.monitor()
+        self._monitor.__enter__()  # MONITOR is on before the first append
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            command = self._monitor.next_command()
+            if command["client_address"] == "lua":
+                continue  # the commands a script runs
+            name, _, rest = command["command"].partition(" ")
+            if name.upper() == "ECHO" and self.STOP in rest:
+                return
+            self.seen.append(
+                (f"{command['client_address']}:{command['client_port']}", name.upper())
+            )
+
+    def stop(self) -> list[tuple[str, str]]:
+        with redis.Redis(host=self.address[0], port=self.address[1]) as other:
+            other.echo(self.STOP)
+        self._thread.join(timeout=20)
+        assert not self._thread.is_alive()
+        self._monitor.__exit__()
+        self.client.close()
+        return self.seen
+
+
+@pytest.mark.parametrize("topology", ["standalone", "sentinel", "cluster"])
+async def test_wait_follows_each_script_run_on_its_connection(topology: str) -> None:
+    """WAIT counts the replicas that have what its own connection wrote: each
+    script run (creates and deletes included) is followed by a WAIT from the
+    same client, before any other command of that client."""
+    path = "failover/monitored"
+    with contextlib.ExitStack() as stack:
+        env = {**GATEWAY_ENV, "DS_WAIT_REPLICAS": "1"}
+        if topology == "standalone":
+            master = stack.enter_context(RedisServer(BINARY, extra_args=FAST_SYNC))
+            replica = stack.enter_context(RedisServer(BINARY))
+            with redis.Redis.from_url(replica.url) as direct:
+                direct.replicaof("127.0.0.1", master.port)
+            redis_url, watched = master.url, ("127.0.0.1", master.port)
+        elif topology == "sentinel":
+            group = stack.enter_context(SentinelGroup(BINARY, replicas=1))
+            env |= {"REDIS_SENTINELS": group.sentinels_env, "REDIS_SENTINEL_MASTER": group.name}
+            redis_url, watched = "", group.master_address()
+        else:
+            cluster = stack.enter_context(
+                RedisCluster(BINARY, masters=3, replicas=1, node_timeout_ms=2000)
+            )
+            env["REDIS_CLUSTER_URL"] = cluster.url
+            redis_url, watched = "", cluster.slot_owner(f"ds:{{{path}}}:meta")
+        assert watched is not None
+        gateway = stack.enter_context(
+            GatewayServer(redis_url=redis_url, env=env, server="console-script")
+        )
+        url = f"{gateway.url}/v1/stream/{path}"
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await _wait_for_status(client, url)  # until the replica is in sync
+            monitor = _Monitor(*watched)
+            try:
+                results = await asyncio.gather(
+                    *(
+                        client.post(url, content=b"x", headers={"Content-Type": "text/plain"})
+                        for _ in range(100)
+                    )
+                )
+                deleted = await client.delete(url)
+            finally:
+                seen = await asyncio.to_thread(monitor.stop)
+        assert [r.status_code for r in results] == [204] * 100
+        assert deleted.status_code == 204
+    by_client: dict[str, list[str]] = {}
+    for client_id, name in seen:
+        by_client.setdefault(client_id, []).append(name)
+    scripts = 0
+    for names in by_client.values():
+        for index, name in enumerate(names):
+            if name in ("EVALSHA", "EVAL"):
+                scripts += 1
+                assert names[index + 1 : index + 2] == ["WAIT"], names[index : index + 5]
+    waits = sum(names.count("WAIT") for names in by_client.values())
+    assert scripts >= 2 and waits == scripts, by_client
