@@ -52,6 +52,8 @@ AFTER_RECOVERY = 100
 # Generous: Sentinel needs down-after (1 s) plus an election; a loaded 2-core
 # machine stretches both.
 RECOVERY_DEADLINE_S = 45.0
+# How long the master acknowledges alone before it dies (cut-then-kill).
+CUT_S = 0.5
 # A second gateway serving a long-poll across the failover.
 READER_ENV = {"DS_LONG_POLL_TIMEOUT_MS": "20000"}
 # Replicas sync at once rather than after the default 5 s diskless-sync delay.
@@ -234,9 +236,33 @@ def _kill_sentinel_master(group: SentinelGroup) -> None:
     os.kill(group.server_at(address[1]).pid, signal.SIGKILL)
 
 
+def _cut_replication_then_kill(group: SentinelGroup) -> None:
+    """The replicas lose their link (stopped, their connections closed by the
+    master), the master goes on alone for CUT_S, then dies: what a broken
+    replication link followed by a crash does. What the master acknowledged
+    alone is lost; with DS_WAIT_REPLICAS it acknowledged nothing."""
+    address = group.master_address()
+    assert address is not None
+    master = group.server_at(address[1])
+    for replica in group.replicas:
+        os.kill(replica.pid, signal.SIGSTOP)  # they cannot reconnect meanwhile
+    try:
+        with redis.Redis.from_url(master.url, socket_timeout=2) as client:
+            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        time.sleep(CUT_S)  # the length of the window, not a wait for a state
+        os.kill(master.pid, signal.SIGKILL)
+    finally:
+        for replica in group.replicas:
+            os.kill(replica.pid, signal.SIGCONT)
+
+
+FAILURES = {"kill": _kill_sentinel_master, "cut-then-kill": _cut_replication_then_kill}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
 @pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait-1", "no-wait"])
 async def test_sentinel_failover_is_followed_and_with_wait_loses_nothing(
-    wait_replicas: int,
+    wait_replicas: int, failure: str
 ) -> None:
     for run in range(RUNS):
         with SentinelGroup(BINARY, replicas=2) as group:
@@ -251,9 +277,9 @@ async def test_sentinel_failover_is_followed_and_with_wait_loses_nothing(
                 GatewayServer(redis_url="", env={**env, **READER_ENV}) as reader,
             ):
                 out, stored = await _failover_run(
-                    gateway.url, "failover/sentinel", lambda: _kill_sentinel_master(group)
+                    gateway.url, "failover/sentinel", lambda: FAILURES[failure](group)
                 )
-                lost = _report(f"sentinel wait={wait_replicas}", run, out, stored)
+                lost = _report(f"sentinel {failure} wait={wait_replicas}", run, out, stored)
                 if wait_replicas:
                     assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
                 await _woken_across_gateways(reader.url, gateway.url, "failover/sentinel")
