@@ -236,27 +236,33 @@ def _kill_sentinel_master(group: SentinelGroup) -> None:
     os.kill(group.server_at(address[1]).pid, signal.SIGKILL)
 
 
-def _cut_replication_then_kill(group: SentinelGroup) -> None:
+def _cut_replication_then_kill(
+    master: tuple[str, int], master_pid: int, replica_pids: list[int]
+) -> None:
     """The replicas lose their link (stopped, their connections closed by the
     master), the master goes on alone for CUT_S, then dies: what a broken
     replication link followed by a crash does. What the master acknowledged
     alone is lost; with DS_WAIT_REPLICAS it acknowledged nothing."""
-    address = group.master_address()
-    assert address is not None
-    master = group.server_at(address[1])
-    for replica in group.replicas:
-        os.kill(replica.pid, signal.SIGSTOP)  # they cannot reconnect meanwhile
+    for pid in replica_pids:
+        os.kill(pid, signal.SIGSTOP)  # they cannot reconnect meanwhile
     try:
-        with redis.Redis.from_url(master.url, socket_timeout=2) as client:
+        with redis.Redis(*master, socket_timeout=2) as client:
             client.execute_command("CLIENT", "KILL", "TYPE", "replica")
         time.sleep(CUT_S)  # the length of the window, not a wait for a state
-        os.kill(master.pid, signal.SIGKILL)
+        os.kill(master_pid, signal.SIGKILL)
     finally:
-        for replica in group.replicas:
-            os.kill(replica.pid, signal.SIGCONT)
+        for pid in replica_pids:
+            os.kill(pid, signal.SIGCONT)
 
 
-FAILURES = {"kill": _kill_sentinel_master, "cut-then-kill": _cut_replication_then_kill}
+def _cut_sentinel_replication_then_kill(group: SentinelGroup) -> None:
+    address = group.master_address()
+    assert address is not None
+    replicas = [server.pid for server in group.servers if server.port != address[1]]
+    _cut_replication_then_kill(address, group.server_at(address[1]).pid, replicas)
+
+
+FAILURES = {"kill": _kill_sentinel_master, "cut-then-kill": _cut_sentinel_replication_then_kill}
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))
@@ -334,9 +340,10 @@ async def test_sentinel_forced_failover_with_the_old_master_alive(wait_replicas:
 # -- Redis Cluster ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("failure", ["kill", "cut-then-kill"])
 @pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait-1", "no-wait"])
 async def test_cluster_failover_is_followed_and_with_wait_loses_nothing(
-    wait_replicas: int,
+    wait_replicas: int, failure: str
 ) -> None:
     path = "failover/cluster"
     for run in range(RUNS):
@@ -351,12 +358,16 @@ async def test_cluster_failover_is_followed_and_with_wait_loses_nothing(
                 GatewayServer(redis_url="", env=env, server="console-script") as gateway,
                 GatewayServer(redis_url="", env={**env, **READER_ENV}) as reader,
             ):
-                out, stored = await _failover_run(
-                    gateway.url,
-                    path,
-                    functools.partial(os.kill, cluster.pid_of(owner), signal.SIGKILL),
-                )
-                lost = _report(f"cluster wait={wait_replicas}", run, out, stored)
+                if failure == "kill":
+                    fail = functools.partial(os.kill, cluster.pid_of(owner), signal.SIGKILL)
+                else:
+                    replicas = [cluster.pid_of(node) for node in cluster.replicas_of(owner)]
+                    assert len(replicas) == 2
+                    fail = functools.partial(
+                        _cut_replication_then_kill, owner, cluster.pid_of(owner), replicas
+                    )
+                out, stored = await _failover_run(gateway.url, path, fail)
+                lost = _report(f"cluster {failure} wait={wait_replicas}", run, out, stored)
                 if wait_replicas:
                     assert not lost, f"acknowledged appends lost with WAIT: {lost[:10]}"
                 assert cluster.slot_owner(f"ds:{{{path}}}:meta") != owner

@@ -176,6 +176,26 @@ class RedisCluster:
             ]
         return [(int(r[0]), int(r[1]), (_s(r[2][0]), int(r[2][1]))) for r in raw]
 
+    def replicas_of(self, master: tuple[str, int]) -> list[tuple[str, int]]:
+        """The replicas of ``master`` (host, port), from CLUSTER NODES (CLUSTER
+        SLOTS leaves out replicas that have not replicated a write yet)."""
+        with self._live_node().client() as client:
+            raw = client.execute_command("CLUSTER NODES")
+        text = _s(raw) if isinstance(raw, (str, bytes)) else ""
+        if isinstance(raw, dict):  # parsed: {"ip:port@bus": {"node_id": ..., "master_id": ...}}
+            text = "\n".join(
+                f"{info['node_id']} {address} - {info['master_id']}"
+                for address, info in raw.items()
+            )
+        nodes = [line.split() for line in text.splitlines() if line.strip()]
+
+        def address(field: str) -> tuple[str, int]:
+            host, _, port = field.split("@")[0].rpartition(":")
+            return host, int(port)
+
+        master_id = next(fields[0] for fields in nodes if address(fields[1]) == master)
+        return [address(fields[1]) for fields in nodes if fields[3] == master_id]
+
     def slot_owner(self, key: str | bytes) -> tuple[str, int]:
         """The master node (host, port) that owns ``key``'s slot."""
         slot = self.keyslot(key)
