@@ -26,8 +26,10 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 # The commands the store sends besides EVALSHA, whose replies redis-py would
 # otherwise parse into other shapes.
 _RAW_COMMANDS = ("XRANGE", "SMEMBERS", "HGET", "EXISTS", "PING")
-# A script run on a node that no longer serves its slot, or not yet.
-_REDIRECTS = (
+# A script sent to the node that no longer serves its slot, or not yet, or not at all.
+_NOT_RUN_HERE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
     redis_errors.MovedError,
     redis_errors.AskError,
     redis_errors.TryAgainError,
@@ -123,19 +125,18 @@ class RedisPyClient:
     async def _evalsha_wait(
         self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any
     ) -> Any:
-        commands = [
-            PipelineCommand(0, "EVALSHA", sha, numkeys, *keys_and_args),
-            PipelineCommand(1, "WAIT", wait.replicas, wait.timeout_ms),
-        ]
+        script_command = ("EVALSHA", sha, numkeys, *keys_and_args)
+        wait_command = ("WAIT", wait.replicas, wait.timeout_ms)
         if isinstance(self.client, RedisCluster):
-            await self._cluster_pipeline(commands, keys_and_args[0])
+            script, acknowledged = await self._on_slot_master(
+                keys_and_args[0], script_command, wait_command
+            )
         else:
             # A plain pipeline: one connection from the pool, both commands in one write.
             pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command.args)
-            commands[0].result, commands[1].result = await pipe.execute(raise_on_error=False)
-        script, acknowledged = commands[0].result, commands[1].result
+            pipe.execute_command(*script_command)
+            pipe.execute_command(*wait_command)
+            script, acknowledged = await pipe.execute(raise_on_error=False)
         if isinstance(script, BaseException):
             raise script
         if isinstance(acknowledged, BaseException):
@@ -143,30 +144,32 @@ class RedisPyClient:
         wait.check(acknowledged)
         return script
 
-    async def _cluster_pipeline(self, commands: list[PipelineCommand], key: Any) -> None:
-        """Both commands on one connection to the master of ``key``'s slot.
-        The cluster client would route WAIT (which has no key) elsewhere, and
-        retry a redirected script without it; so this goes to the node directly
-        and, when that fails, lets the cluster client learn the new topology
-        from a harmless command on the same slot before answering 503."""
+    async def _on_slot_master(
+        self, key: Any, script_command: tuple[Any, ...], wait_command: tuple[Any, ...]
+    ) -> tuple[Any, Any]:
+        """The script and WAIT on one connection to the master of ``key``'s
+        slot: their replies (or errors), in order. The cluster client would
+        route WAIT (which has no key) elsewhere, and retry a redirected script
+        without it; so this goes to the node directly and, when that fails, lets
+        the cluster client learn the new topology from a harmless command on the
+        same slot before answering 503."""
         cluster = self.client
         await cluster.initialize()  # a topology refresh, when one is due
         node: ClusterNode = cluster.get_node_from_key(key)
+        commands = [PipelineCommand(0, *script_command), PipelineCommand(1, *wait_command)]
         failed: BaseException | None = None
         try:
             await node.execute_pipeline(commands)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             failed = exc
         script = commands[0].result
-        if isinstance(script, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+        if isinstance(script, _NOT_RUN_HERE):
             failed = script
-        elif isinstance(script, _REDIRECTS):
-            failed = script
-        if failed is None:
-            return
-        with contextlib.suppress(Exception):  # what matters is what the client learns
-            await cluster.execute_command("EXISTS", key)
-        raise redis_errors.TryAgainError(f"write not acknowledged: {failed}") from failed
+        if failed is not None:
+            with contextlib.suppress(Exception):  # what matters is what the client learns
+                await cluster.execute_command("EXISTS", key)
+            raise redis_errors.TryAgainError(f"write not acknowledged: {failed}") from failed
+        return script, commands[1].result
 
     async def script_load(self, source: str) -> Any:
         # The cluster client sends it to every primary.
