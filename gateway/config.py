@@ -126,10 +126,11 @@ class Settings:
         if auth not in AUTH_MODES:
             raise ValueError(f"DS_AUTH must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
         command_timeout_ms = _int("DS_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1)
+        wait_replicas = _int("DS_WAIT_REPLICAS", 0, 0)
         wait_timeout_ms = _int("DS_WAIT_TIMEOUT_MS", 1_000, 1)
         # A WAIT holds its connection until the replicas answer or its timeout
         # passes; past the command timeout the connection would be given up.
-        if wait_timeout_ms >= command_timeout_ms:
+        if wait_replicas and wait_timeout_ms >= command_timeout_ms:
             raise ValueError(
                 f"DS_WAIT_TIMEOUT_MS ({wait_timeout_ms}) must be less than "
                 f"DS_REDIS_COMMAND_TIMEOUT_MS ({command_timeout_ms})"
@@ -152,7 +153,7 @@ class Settings:
             redis_connect_timeout_ms=_int("DS_REDIS_CONNECT_TIMEOUT_MS", 1_000, 1),
             redis_command_timeout_ms=command_timeout_ms,
             redis_pool_size=_int("DS_REDIS_POOL_SIZE", 3, 1),
-            wait_replicas=_int("DS_WAIT_REPLICAS", 0, 0),
+            wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms,
             cache_visibility=visibility,
             cors_origin=_str("DS_CORS_ORIGIN", "*"),

@@ -38,6 +38,14 @@ def test_a_wait_timeout_beyond_the_command_timeout_is_refused(
         Settings.from_env()
 
 
+def test_a_short_command_timeout_needs_no_wait_setting_without_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DS_WAIT_REPLICAS", raising=False)
+    monkeypatch.setenv("DS_REDIS_COMMAND_TIMEOUT_MS", "500")
+    assert Settings.from_env().redis_command_timeout_ms == 500
+
+
 def test_sentinel_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.1:26379,10.0.0.2:26379")
     monkeypatch.setenv("REDIS_SENTINEL_MASTER", "streams")
