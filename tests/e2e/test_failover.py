@@ -2,17 +2,23 @@
 continuously through the gateway.
 
 Behind Sentinel (a master, two replicas, three sentinels) and on Redis Cluster
-(three masters with two replicas each), with and without DS_WAIT_REPLICAS=1:
+(three masters with two replicas each), with and without DS_WAIT_REPLICAS=1,
+the master killed outright ("kill") or after its replicas lost their link to
+it ("cut-then-kill": it acknowledges alone for CUT_S first):
 - while no master serves the stream, every write gets a 503 with Retry-After
   (never a 500, never a hang), and the gateway follows the promotion by itself;
+  a second gateway's long-poll is then woken through pub/sub;
 - with DS_WAIT_REPLICAS=1, every acknowledged append is read back afterwards;
 - without it, acknowledged appends may be lost (replication is asynchronous):
   how many is measured and printed (``-s``), not asserted.
 Two replicas per master, because after a failover the promoted replica must
 itself have a replica for a write to be acknowledged with DS_WAIT_REPLICAS=1.
+And a forced Sentinel failover with the old master alive (a partition): the
+losses measured, with WAIT too, which narrows the window but cannot close it.
 
 Plus DS_WAIT_REPLICAS without a failover: no replica means 503, never a 2xx;
-and WAIT costs one command per group-commit run, none when it is unset.
+WAIT follows each script run on its own connection (MONITOR); and WAIT costs
+one command per group-commit run, none when it is unset.
 
 Select with ``-m failover``. DS_FAILOVER_RUNS=N repeats each failover N times
 (to measure the loss window; the figures are in deploy/README.md).
@@ -324,7 +330,10 @@ async def test_sentinel_forced_failover_with_the_old_master_alive(wait_replicas:
                 with group.sentinels[0].client() as sentinel:
                     sentinel.execute_command("SENTINEL", "FAILOVER", group.name)
 
-            with GatewayServer(redis_url="", env=env, server="console-script") as gateway:
+            with (
+                GatewayServer(redis_url="", env=env, server="console-script") as gateway,
+                GatewayServer(redis_url="", env={**env, **READER_ENV}) as reader,
+            ):
                 out, stored = await _failover_run(
                     gateway.url,
                     "failover/forced",
@@ -334,7 +343,9 @@ async def test_sentinel_forced_failover_with_the_old_master_alive(wait_replicas:
                 _report(f"sentinel forced wait={wait_replicas}", run, out, stored)
                 address = group.master_address()
                 assert address is not None and address[1] != old.port
+                await _woken_across_gateways(reader.url, gateway.url, "failover/forced")
                 _assert_clean_log(gateway)
+                _assert_clean_log(reader)
 
 
 # -- Redis Cluster ------------------------------------------------------------------
