@@ -451,8 +451,9 @@ async def test_wait_is_one_command_per_commit_run_and_none_when_unset(wait_repli
         print(f"\nWAIT cost wait={wait_replicas}: {appends} appends, {dict(calls)}")
         assert 0 < runs <= appends
         if wait_replicas:
+            # One WAIT per script run: per group-commit run, however many appends
+            # it holds (how many runs the appends need depends on their timing).
             assert calls["cmdstat_wait"] == runs
-            assert runs < appends  # group commit: one WAIT for many appends
         else:
             assert calls["cmdstat_wait"] == 0
 
