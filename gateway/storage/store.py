@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from gateway.protocol import headers, jsonmode
-from gateway.protocol import offsets as off
+from gateway.protocol import headers, jsonmode, offsets
 from gateway.protocol.errors import BadRequest, Conflict, Forbidden, Gone, NotFound
 
 from .client import RedisClient, ReplicaWait
@@ -94,7 +93,7 @@ class Store:
             if req.fork_source is None:
                 if req.fork_sub_offset is not None:
                     raise BadRequest("Stream-Fork-Sub-Offset requires Stream-Forked-From")
-                return await self._create(path, req, base_tail=off.ZERO_ID)
+                return await self._create(path, req, base_tail=offsets.ZERO_ID)
             return await self._create_fork(path, req)
 
     async def _create(
@@ -142,7 +141,7 @@ class Store:
             raise Conflict("stream was deleted and its path is still in use by forks")
         content_type = reply.content_type if reply.status == "exists" else req.content_type
         return CreateResult(
-            reply.status == "created", off.from_entry_id(reply.tail), reply.closed, content_type
+            reply.status == "created", offsets.from_entry_id(reply.tail), reply.closed, content_type
         )
 
     async def _create_fork(self, path: str, req: CreateRequest) -> CreateResult:
@@ -153,7 +152,7 @@ class Store:
         sub = req.fork_sub_offset or 0
         if sub > 0 and req.fork_offset is None:
             raise BadRequest("Stream-Fork-Sub-Offset needs an explicit Stream-Fork-Offset")
-        offset_id = "" if req.fork_offset is None else off.parse(req.fork_offset, "fork offset")
+        offset_id = "" if req.fork_offset is None else offsets.parse(req.fork_offset, "fork offset")
         requested_mt = headers.media_type(req.content_type) if req.content_type else ""
         acquired = ForkAcquireReply.parse(
             await self.scripts.fork_acquire(
@@ -219,7 +218,7 @@ class Store:
     ) -> tuple[bytes, int | None]:
         """The part of the source's next append that a sub-offset fork inherits."""
         page = await self._read(source, anchor_id, "", 1, "source")
-        if page.next_offset == off.from_entry_id(anchor_id) or not page.body:
+        if page.next_offset == offsets.from_entry_id(anchor_id) or not page.body:
             raise BadRequest("Stream-Fork-Sub-Offset points past the end of the source")
         if page.info.is_json:
             messages = jsonmode.split(page.body)
@@ -257,14 +256,14 @@ class Store:
             )
         raw = await self.commits.submit(path, item, len(req.body or b""))
         if type(raw) is bytes:  # a plain append's reply: its entry id alone
-            return AppendResult("ok", off.from_entry_id(raw.decode()), False, None, None)
+            return AppendResult("ok", offsets.from_entry_id(raw.decode()), False, None, None)
         reply = AppendReply.parse(raw)
         status = await self._status(path, reply.status)
         if status == "not_found":
             raise NotFound("stream not found")
         if status == "gone":
             raise Gone("stream has been deleted")
-        tail = off.from_entry_id(reply.tail)
+        tail = offsets.from_entry_id(reply.tail)
         base: dict[str, str] = {"Stream-Next-Offset": tail}
         if reply.closed:
             base["Stream-Closed"] = "true"
@@ -353,11 +352,11 @@ class Store:
         read.lua can size the page from the stream's statistics, the page comes
         from a plain XRANGE instead of through Lua (see read.lua). Live reads,
         mostly at the tail, skip that second round trip."""
-        earliest = offset == off.BEGINNING
+        earliest = offset == offsets.BEGINNING
         if offset is None:
             after = ""
         else:
-            after = off.ZERO_ID if earliest else off.to_entry_id(offset)
+            after = offsets.ZERO_ID if earliest else offsets.to_entry_id(offset)
         async with storage_errors:
             return await self._read(
                 path, after, "", MAX_PAGE_ENTRIES, "read", plan=large, earliest=earliest
@@ -370,7 +369,7 @@ class Store:
         just reported (what is appended meanwhile waits for the next page, so
         the page and its metadata agree), cut at the byte budget as read.lua
         cuts it."""
-        tail = off.to_entry_id(info.tail)
+        tail = offsets.to_entry_id(info.tail)
         batch = await self.client.execute_command(
             "XRANGE", self.keys(path).data, "(" + after, tail, "COUNT", wanted
         )
@@ -385,7 +384,7 @@ class Store:
             last = text(entry_id)
         more = bool(entries) and (
             len(entries) < len(batch)
-            or (len(batch) == wanted and off.id_key(last) < off.id_key(tail))
+            or (len(batch) == wanted and offsets.id_key(last) < offsets.id_key(tail))
         )
         return _Range(info, entries, used, last, more)
 
@@ -412,7 +411,7 @@ class Store:
         )
         # The page's one copy of its data (a single entry is not even copied).
         body = (b"," if r.info.is_json else b"").join(r.entries)
-        return Page(r.info, body, off.from_entry_id(r.last), r.more)
+        return Page(r.info, body, offsets.from_entry_id(r.last), r.more)
 
     async def _status(self, path: str, status: str) -> str:
         """A script's status for ``path``, 'gone' becoming 'not_found' when the
@@ -431,7 +430,7 @@ class Store:
             raise Gone("stream has been deleted")
         return StreamInfo(
             content_type=reply.content_type,
-            tail=off.from_entry_id(reply.tail),
+            tail=offsets.from_entry_id(reply.tail),
             closed=reply.closed,
             ttl=reply.ttl,
             expires_at=reply.expires_at,
@@ -466,7 +465,7 @@ class Store:
         if reply.status == "trimmed":
             raise Gone(
                 "offset is before the earliest retained position "
-                f"{off.from_entry_id(reply.last)} (retention): read from offset=-1"
+                f"{offsets.from_entry_id(reply.last)} (retention): read from offset=-1"
             )
         if reply.status == "xrange":
             # From reply.last: where the read starts (-1 starts at the earliest).
@@ -477,7 +476,7 @@ class Store:
         # status == 'fork': the range starts in data inherited from the source.
         source, fork_offset = reply.fork_source, reply.fork_offset
         bound = fork_offset
-        if upto and off.id_key(upto) < off.id_key(fork_offset):
+        if upto and offsets.id_key(upto) < offsets.id_key(fork_offset):
             bound = upto
         src = await self._read_range(
             source, after, bound, budget, max_entries, "source", depth + 1, earliest=earliest
@@ -489,7 +488,7 @@ class Store:
         # larger than the budget: every page holds at least one).
         room, entries_left = budget - src.size, max_entries - len(src.entries)
         if entries_left <= 0 or room <= 0:
-            own_data = info.tail > off.from_entry_id(fork_offset)
+            own_data = info.tail > offsets.from_entry_id(fork_offset)
             return _Range(info, src.entries, src.size, fork_offset, own_data)
         own = await self._read_range(
             path, fork_offset, upto, room, entries_left, mode, depth, continuing=bool(src.entries)

@@ -11,9 +11,7 @@ from urllib.parse import quote, unquote
 
 from gateway.config import Settings
 from gateway.live.reads import Live
-from gateway.protocol import headers as h
-from gateway.protocol import jsonmode
-from gateway.protocol import offsets as off
+from gateway.protocol import headers, jsonmode, offsets
 from gateway.protocol.errors import BadRequest, Conflict, Gone
 from gateway.storage.models import AppendRequest, CreateRequest, Page, StreamInfo
 from gateway.storage.store import Store
@@ -84,17 +82,17 @@ def _fork_source(raw: str, stream_prefix: str, root_path: str = "") -> str:
 
 
 async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
-    ttl = h.parse_ttl(req.header("stream-ttl"))
-    expires_at = h.parse_expires_at(req.header("stream-expires-at"))
+    ttl = headers.parse_ttl(req.header("stream-ttl"))
+    expires_at = headers.parse_expires_at(req.header("stream-expires-at"))
     if ttl is not None and expires_at is not None:
         raise BadRequest("send either Stream-TTL or Stream-Expires-At, not both")
-    max_age = h.parse_retention_max_age(req.header("stream-retention-max-age"))
-    max_bytes = h.parse_retention_max_bytes(req.header("stream-retention-max-bytes"))
-    closed = h.is_closed(req.header("stream-closed"))
-    content_type = h.normalize_content_type(req.header("content-type"))
+    max_age = headers.parse_retention_max_age(req.header("stream-retention-max-age"))
+    max_bytes = headers.parse_retention_max_bytes(req.header("stream-retention-max-bytes"))
+    closed = headers.is_closed(req.header("stream-closed"))
+    content_type = headers.normalize_content_type(req.header("content-type"))
     forked_from = req.header("stream-forked-from")
     fork_offset = req.header("stream-fork-offset")
-    sub_offset = h.parse_sub_offset(req.header("stream-fork-sub-offset"))
+    sub_offset = headers.parse_sub_offset(req.header("stream-fork-sub-offset"))
     source = None
     if forked_from is None:
         if fork_offset is not None or sub_offset is not None:
@@ -104,7 +102,7 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
         if ctx.auth is not None:
             # A fork reads its source (section 4.2): it needs read there too.
             await ctx.auth.authorize(req, Operation.READ, source)
-        if fork_offset is not None and not off.is_offset(fork_offset.strip()):
+        if fork_offset is not None and not offsets.is_offset(fork_offset.strip()):
             raise BadRequest("malformed Stream-Fork-Offset")
 
     body = await req.body(ctx.settings.max_body_bytes)
@@ -117,7 +115,7 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
             raise Conflict("fork source stream has been deleted") from exc
     entries: tuple[tuple[bytes, int | None], ...] = ()
     if body:
-        if h.is_json(content_type or h.DEFAULT_CONTENT_TYPE):
+        if headers.is_json(content_type or headers.DEFAULT_CONTENT_TYPE):
             entries = _json_entries(body, allow_empty=True)
         else:
             entries = ((body, None),)
@@ -126,7 +124,7 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
         path,
         CreateRequest(
             # '' lets a fork inherit its source's type; a plain stream defaults.
-            content_type=content_type or ("" if source else h.DEFAULT_CONTENT_TYPE),
+            content_type=content_type or ("" if source else headers.DEFAULT_CONTENT_TYPE),
             ttl=ttl,
             expires_at=expires_at,
             closed=closed,
@@ -154,21 +152,21 @@ async def create(ctx: Context, req: Request, path: str, res: Response) -> None:
 
 
 async def append(ctx: Context, req: Request, path: str, res: Response) -> None:
-    close = h.is_closed(req.header("stream-closed"))
-    producer = h.parse_producer(
+    close = headers.is_closed(req.header("stream-closed"))
+    producer = headers.parse_producer(
         req.header("producer-id"), req.header("producer-epoch"), req.header("producer-seq")
     )
-    stream_seq = h.parse_stream_seq(req.header("stream-seq"))
+    stream_seq = headers.parse_stream_seq(req.header("stream-seq"))
     body = await req.body(ctx.settings.max_body_bytes)
     media_type = ""
     json_count = None
     data: bytes | None = None
     if body:
-        content_type = h.normalize_content_type(req.header("content-type"))
+        content_type = headers.normalize_content_type(req.header("content-type"))
         if content_type is None:
             raise BadRequest("Content-Type is required with a body")
-        media_type = h.media_type(content_type)
-        if media_type == h.JSON:
+        media_type = headers.media_type(content_type)
+        if media_type == headers.JSON:
             data, json_count = jsonmode.entry(body, allow_empty=False)
         else:
             data = body
@@ -217,7 +215,7 @@ def info_headers(ctx: Context, info: StreamInfo) -> Headers:
         stream_next_offset=info.tail,
         stream_ttl=str(info.ttl) if info.ttl is not None else None,
         stream_expires_at=(
-            h.format_expires_at(info.expires_at) if info.expires_at is not None else None
+            headers.format_expires_at(info.expires_at) if info.expires_at is not None else None
         ),
         stream_closed="true" if info.closed else None,
         stream_retention_max_age=_optional(info.retention_max_age),
@@ -254,13 +252,13 @@ def read_params(req: Request) -> ReadParams:
     if raw is None:
         if live is not None:
             raise BadRequest("live reads need an offset")
-        offset: str | None = off.ZERO
-    elif raw == off.BEGINNING:
-        offset = off.BEGINNING
-    elif raw == off.NOW:
+        offset: str | None = offsets.ZERO
+    elif raw == offsets.BEGINNING:
+        offset = offsets.BEGINNING
+    elif raw == offsets.NOW:
         offset = None
     else:
-        off.parse(raw)
+        offsets.parse(raw)
         offset = raw
     return ReadParams(offset, live, req.single("cursor"))
 
@@ -300,7 +298,7 @@ async def catch_up(
         out = page_headers(ctx, page, cache_control="no-store")
         await res.send(200, out, b"[]" if page.info.is_json else b"")
         return
-    tag = etag(off.ZERO if params.offset == off.BEGINNING else params.offset, page)
+    tag = etag(offsets.ZERO if params.offset == offsets.BEGINNING else params.offset, page)
     out = page_headers(ctx, page, etag=tag, cache_control=ctx.catch_up_cache_control)
     if _matches(req.header("if-none-match"), tag):
         await res.send(304, out)
@@ -311,7 +309,7 @@ async def catch_up(
 async def options(ctx: Context, req: Request, path: str, res: Response) -> None:
     """CORS preflight, including If-None-Match (section 10.1)."""
     requested = req.header("access-control-request-headers")
-    if requested is not None and not h.is_token_list(requested):
+    if requested is not None and not headers.is_token_list(requested):
         requested = None  # echo header names, nothing else: send the default list
     out = ctx.response_headers(
         access_control_allow_methods=ALLOWED_METHODS,

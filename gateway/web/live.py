@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from gateway.protocol import headers as h
+from gateway.protocol import headers
 from gateway.protocol import sse as sse_framing
 from gateway.protocol.cursor import next_cursor
 from gateway.storage.models import Page
@@ -60,7 +60,7 @@ class SseWriter:
         self.binary = False
 
     async def open(self, page: Page) -> None:
-        self.binary = not h.is_text(page.info.content_type)
+        self.binary = not headers.is_text(page.info.content_type)
         await self.res.start_stream(
             200,
             self.ctx.response_headers(
