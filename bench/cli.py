@@ -30,6 +30,8 @@ from bench.procs import raise_nofile_limit
 from bench.scenarios import RUN_ORDER, SCENARIOS, measures_for, wrk_version
 from bench.servers import (
     GATEWAY_ENV,
+    JWT_GATEWAY_ENV,
+    JWT_SECRET,
     NODE_DIR,
     REDIS_SERVER,
     ROOT,
@@ -132,16 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def enable_jwt() -> None:
-    """bench/run --auth jwt: a secret for the gateways, a token for the clients."""
+def enable_jwt(gateways: bool = True) -> None:
+    """bench/run --auth jwt: a secret for the gateways (``gateways``), a token
+    for the clients (gateways without DS_AUTH ignore it)."""
     import jwt
 
     import bench.httpc
 
-    secret = "bench-jwt-secret-" + "x" * 48
     scopes = {op: ["**"] for op in ("read", "append", "create", "delete")}
-    token = jwt.encode({"exp": int(time.time()) + 86400, "ds": scopes}, secret, "HS256")
-    GATEWAY_ENV.update({"DS_AUTH": "jwt", "DS_JWT_SECRET": secret})
+    token = jwt.encode({"exp": int(time.time()) + 86400, "ds": scopes}, JWT_SECRET, "HS256")
+    if gateways:
+        GATEWAY_ENV.update(JWT_GATEWAY_ENV)
     os.environ["BENCH_AUTH_TOKEN"] = token  # wrk's append.lua, fan-out client processes
     bench.httpc.AUTH_TOKEN = token
 
@@ -164,6 +167,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.configs = select_configs(args.only)
     if args.auth == "jwt":
         enable_jwt()
+    elif any(c.key.endswith("-jwt") for c in args.configs):
+        enable_jwt(gateways=False)
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     return args

@@ -22,6 +22,11 @@ NODE_DIR = ROOT / "bench" / "node"
 # Gateway settings for the bench: SSE connections are kept open for the whole
 # fan-out measurement (the default closes them after 60 s so CDNs can collapse).
 GATEWAY_ENV = {"DS_SSE_MAX_DURATION_MS": "900000"}
+# The gateway's JWT settings of the bench (bench/cli.py mints the clients' token
+# with this secret): for every gateway config with --auth jwt, and always for
+# the gw-native-1w-jwt config, the other half of a same-run none/jwt A/B.
+JWT_SECRET = "bench-jwt-secret-" + "x" * 48
+JWT_GATEWAY_ENV = {"DS_AUTH": "jwt", "DS_JWT_SECRET": JWT_SECRET}
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen, log: str, timeout: float) -> None:
@@ -142,6 +147,7 @@ class ServerConfig:
                 "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                 "DS_DATA_DIR": os.path.join(workdir, "unused-data"),
                 "PYTHONUNBUFFERED": "1",
+                **(JWT_GATEWAY_ENV if self.key.endswith("-jwt") else {}),
             }
             args = self.gateway_args(port)
             cwd = baseline_dir() if self.key == "gw-baseline" else None
@@ -269,6 +275,12 @@ EXTRA_CONFIGS: list[ServerConfig] = [
     ),
     # The granian CLI with its per-worker concurrency limit (--backpressure,
     # default backlog/workers = 1024) raised.
+    # The primary configuration with DS_AUTH=jwt, beside gw-native-1w in one run:
+    # what the trust boundary costs (clients send a token to every config then).
+    ServerConfig(
+        "gw-native-1w-jwt", "gateway (1 worker, DS_AUTH=jwt)", "gateway",
+        "DS_AUTH=jwt durable-streams-gateway --workers 1  (its own server)",
+    ),
     # The primary configuration at another commit, for same-run A/B comparisons
     # of a change (bench/run --baseline REV adds it).
     ServerConfig(
