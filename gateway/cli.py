@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import ipaddress
 import logging
 import os
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -138,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DS_TLS_KEYFILE") or None,
         help="native: the certificate's PEM private key, unencrypted (default: $DS_TLS_KEYFILE)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics of every worker on this port, at /metrics "
+        "(default: $DS_METRICS_PORT; none). DS_METRICS=1 serves them on the main port too",
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("DS_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no"),
+        help="one line per request on stdout (default: on; DS_LOG_FORMAT=json for JSON lines)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--app", default=APP, help=f"app to serve, RSGI and ASGI (default: {APP})")
     return parser
@@ -172,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.forwarded_allow_ips is not None:
         # Through the environment, so every worker and every server sees it.
         os.environ["DS_FORWARDED_ALLOW_IPS"] = args.forwarded_allow_ips
+    if args.metrics_port is not None:
+        os.environ["DS_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["DS_ACCESS_LOG"] = "1" if args.access_log else "0"
     try:
         args.tls = _tls_context(args)
     except TLSConfigError as exc:
@@ -184,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     _warn_if_unprotected(settings, args.host)
     _raise_open_file_limit()
+    metrics_dir = _metrics_dir(settings)
+    try:
+        exporter = _start_metrics_exporter(args.host, settings.metrics_port)
+    except OSError as exc:
+        _remove_metrics_dir(metrics_dir)
+        parser.error(f"cannot serve metrics on port {settings.metrics_port}: {exc}")
     embedded = _start_embedded_if_needed(settings)
     try:
         return SERVERS[args.server](args)
@@ -191,6 +217,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         # After the server (and so every worker) has exited, so nothing still writes.
         if embedded is not None:
             embedded.stop()
+        if exporter is not None:
+            _reap(exporter)
+        _remove_metrics_dir(metrics_dir)
+
+
+def _metrics_dir(settings: Settings) -> str | None:
+    """With metrics on: a fresh PROMETHEUS_MULTIPROC_DIR for this start's
+    workers, so counts of every worker add up (and none of a previous start's
+    remain). Set before any worker imports prometheus_client."""
+    if not settings.metrics_enabled:
+        return None
+    path = tempfile.mkdtemp(prefix="ds-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _remove_metrics_dir(path: str | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_metrics_exporter(host: str, port: int | None) -> subprocess.Popen[bytes] | None:
+    """``--metrics-port``: a small process of its own serves every worker's
+    metrics (read from PROMETHEUS_MULTIPROC_DIR), so that no worker is special
+    and no thread runs in the process that forks the workers. The socket is
+    bound here, so a port in use stops the start."""
+    if port is None:
+        return None
+    sock = socket.create_server((host, port), reuse_port=False)
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import gateway.cli as c; c.serve_metrics()",
+                str(sock.fileno()),
+            ],
+            pass_fds=(sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        sock.close()
+
+
+def serve_metrics() -> None:
+    """The metrics exporter's process: /metrics on the socket it inherited."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from gateway import metrics
+
+    fd = int(sys.argv[1])
+    _die_with_parent()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.partition("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = metrics.exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", metrics.CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # scrapes are not requests to the gateway
+
+    server = ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = socket.socket(fileno=fd)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        server.serve_forever()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _is_loopback(host: str) -> bool:
@@ -303,9 +411,17 @@ def _run_native(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         backlog=max(1024, min(args.max_connections, 65535)),
         tls=args.tls,
+        on_worker_exit=_worker_exited,
     )
     # Workers import the app after the fork, each its own.
     return server.run(lambda: _load_app(args.app), args.host, args.port, args.workers, options)
+
+
+def _worker_exited(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from gateway.metrics import mark_process_dead
+
+        mark_process_dead(pid)
 
 
 def _run_granian(args: argparse.Namespace) -> int:

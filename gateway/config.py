@@ -31,6 +31,15 @@ def _str(name: str, default: str) -> str:
     return default if raw is None or raw.strip() == "" else raw.strip()
 
 
+def _flag(name: str) -> bool:
+    raw = _str(name, "0").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the streams live. With neither URL set an embedded redis-server starts.
@@ -114,6 +123,19 @@ class Settings:
     # counted in Redis, so every replica shares them.
     rate_limit: str | None = None
     max_live_readers: int = 0
+    # Prometheus metrics (gateway/metrics.py): /metrics on the main port
+    # (DS_METRICS=1), and/or on a port of its own served by the console script
+    # (DS_METRICS_PORT). Collected only when served somewhere.
+    metrics_path: bool = False
+    metrics_port: int | None = None
+    # The request log (gateway/web/telemetry.py): one line per request on
+    # stdout, "text" or "json". The console script turns it on (--no-access-log).
+    access_log: bool = False
+    log_format: str = "text"
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_path or self.metrics_port is not None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -135,6 +157,10 @@ class Settings:
                 f"DS_WAIT_TIMEOUT_MS ({wait_timeout_ms}) must be less than "
                 f"DS_REDIS_COMMAND_TIMEOUT_MS ({command_timeout_ms})"
             )
+        log_format = _str("DS_LOG_FORMAT", "text").lower()
+        if log_format not in ("text", "json"):
+            raise ValueError("DS_LOG_FORMAT must be 'text' or 'json'")
+        metrics_port = _int("DS_METRICS_PORT", 0, 0) or None
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
@@ -175,4 +201,8 @@ class Settings:
             auth_forward_timeout_ms=_int("DS_AUTH_FORWARD_TIMEOUT_MS", 2_000, 1),
             rate_limit=os.environ.get("DS_RATE_LIMIT", "").strip() or None,
             max_live_readers=_int("DS_MAX_LIVE_READERS", 0, 0),
+            metrics_path=_flag("DS_METRICS"),
+            metrics_port=metrics_port,
+            access_log=_flag("DS_ACCESS_LOG"),
+            log_format=log_format,
         )

@@ -26,6 +26,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
+from gateway import metrics
+
 log = logging.getLogger("gateway.wakeups")
 
 # How long a channel stays subscribed after its last reader left.
@@ -65,6 +67,8 @@ class Wake:
             return
         self._fired = True
         waiters, self._waiters = self._waiters, set()
+        if metrics.LOCAL is not None:
+            metrics.LOCAL.woken += len(waiters)
         for fut in waiters:
             if not fut.done():
                 fut.set_result(True)
@@ -348,6 +352,8 @@ class WakeHub:
             # (they re-read, find nothing new, and wait again).
             self.wake_all()
             self.reconnects += 1
+            if metrics.LOCAL is not None:
+                metrics.LOCAL.pubsub_reconnects.inc()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 from typing import Any, NamedTuple, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+
+from gateway import metrics
 
 # The commands the store sends besides EVALSHA, whose replies redis-py would
 # otherwise parse into other shapes.
@@ -83,6 +86,18 @@ class RedisClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def _timed(reply: Awaitable[Any]) -> Any:
+    """``reply``, its latency observed when metrics are collected."""
+    local = metrics.LOCAL
+    if local is None:
+        return await reply
+    start = time.monotonic()
+    try:
+        return await reply
+    finally:
+        local.redis.observe(time.monotonic() - start)
+
+
 def _raw(response: Any, **options: Any) -> Any:
     return response
 
@@ -103,16 +118,16 @@ class RedisPyClient:
 
     async def execute_command(self, *args: Any) -> Any:
         if self._limit is None:
-            return await self.client.execute_command(*args)
+            return await _timed(self.client.execute_command(*args))
         async with self._limit:
-            return await self.client.execute_command(*args)
+            return await _timed(self.client.execute_command(*args))
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         # Through redis-py's own method: the cluster client routes it by its keys.
         if self._limit is None:
-            return await self.client.evalsha(sha, numkeys, *keys_and_args)
+            return await _timed(self.client.evalsha(sha, numkeys, *keys_and_args))
         async with self._limit:
-            return await self.client.evalsha(sha, numkeys, *keys_and_args)
+            return await _timed(self.client.evalsha(sha, numkeys, *keys_and_args))
 
     async def evalsha_wait(
         self, wait: ReplicaWait, sha: str, numkeys: int, *keys_and_args: Any

@@ -17,6 +17,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from gateway import metrics
+
 from .client import RedisClient, ReplicaWait
 from .errors import storage_errors
 from .keys import StreamKeys
@@ -142,6 +144,8 @@ class GroupCommit:
         if self._batches.get(group) is batch:
             del self._batches[group]
         if batch.reply is None:
+            if metrics.LOCAL is not None:
+                metrics.LOCAL.batches.observe(len(batch.waiters))
             batch.sent = batch.argv(self.retention)
             if self.wait is None:
                 batch.reply = self.script.start(self.client, batch.keys, batch.sent)

@@ -11,6 +11,7 @@ from types import TracebackType
 
 from redis import exceptions as redis_errors
 
+from gateway import metrics
 from gateway.protocol.errors import Unavailable
 
 _UNAVAILABLE = (
@@ -50,6 +51,8 @@ class _StorageErrors:
     ) -> None:
         # Never swallows: other errors propagate as they are.
         if exc is not None and is_unavailable(exc):
+            if metrics.LOCAL is not None:
+                metrics.LOCAL.redis_errors.labels(type(exc).__name__).inc()
             raise Unavailable() from exc
 
 

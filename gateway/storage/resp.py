@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 from redis import exceptions as redis_errors
 
+from gateway import metrics
+
 from .client import ReplicaWait
 
 READER_BUFFER_BYTES = 1 << 20
@@ -56,6 +58,9 @@ class RespProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        # Command latency: from the command's write to this reply's arrival.
+        local = metrics.LOCAL
+        now = time.monotonic() if local is not None else 0.0
         while True:
             reply = self.reader.gets()
             if reply is False:
@@ -63,7 +68,9 @@ class RespProtocol(asyncio.Protocol):
             if not self.pending:  # a reply nobody asked for: the stream is broken
                 self.abort(redis_errors.ConnectionError("unexpected reply from Redis"))
                 return
-            future, _ = self.pending.popleft()
+            future, sent_at = self.pending.popleft()
+            if local is not None:
+                local.redis.observe(now - sent_at)
             if future.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):

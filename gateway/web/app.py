@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+from gateway import metrics
 from gateway.config import Settings
 from gateway.live.reads import Live
 from gateway.live.wakeups import WakeHub
@@ -49,8 +50,13 @@ from .request import (
     UnsafeHeader,
     base_headers,
 )
+from .telemetry import Recorded, Telemetry
 
 log = logging.getLogger("gateway")
+
+# Refusals of the trust boundary (401, 403) and of rate limits (429), counted
+# by gateway/metrics.py's auth_refusals_total.
+REFUSAL_STATUSES = frozenset({401, 403, 429})
 
 
 class Gateway:
@@ -70,13 +76,22 @@ class Gateway:
         parse_rates(self.settings.rate_limit)  # a bad DS_RATE_LIMIT stops the start too
         self._prefix = self.settings.stream_prefix + "/"
         self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
+        # Request metrics and the request log; None when both are off.
+        self.telemetry: Telemetry | None = None
+        self._metrics_path = self.settings.metrics_path
 
     # -- requests --------------------------------------------------------------------
 
     async def handle(self, req: Request, res: Response) -> None:
+        telemetry = self.telemetry
+        recorded: Recorded | None = None
+        if telemetry is not None:
+            res = recorded = telemetry.begin(req, res)
         try:
             await self.route(req, res)
         except ProtocolError as exc:
+            if telemetry is not None and exc.status in REFUSAL_STATUSES:
+                telemetry.refused(exc.status, type(exc).__name__)
             if not res.started:
                 await self.send_error(req, res, exc)
         except ClientGone:
@@ -92,6 +107,9 @@ class Gateway:
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
             await self.send_internal_error(req, res)
+        finally:
+            if telemetry is not None and recorded is not None:
+                telemetry.finish(req, recorded)
 
     async def send_internal_error(self, req: Request, res: Response) -> None:
         if not res.started:
@@ -128,6 +146,8 @@ class Gateway:
             return res.send(200, self._plain_headers(), b"ok\n")
         if path == "/readyz":
             return self.readyz(res)
+        if path == "/metrics" and self._metrics_path:
+            return self.metrics_page(req, res)
         raise NotFound("not found")
 
     def stream_request(self, req: Request, path: str, res: Response) -> Awaitable[None]:
@@ -197,6 +217,19 @@ class Gateway:
             b"ready\n" if ok else b"redis unreachable\n",
         )
 
+    async def metrics_page(self, req: Request, res: Response) -> None:
+        """Prometheus' text format: every worker's metrics in multi-process mode."""
+        if req.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"method {req.method} is not allowed")
+        metrics.flush()
+        body = await asyncio.to_thread(metrics.exposition)
+        headers = [
+            *self._base,
+            ("content-type", metrics.CONTENT_TYPE),
+            ("cache-control", "no-store"),
+        ]
+        await res.send(200, headers, body, head=req.method == "HEAD")
+
     # -- life cycle ----------------------------------------------------------------
 
     def redis_target(self) -> tuple[str, bool]:
@@ -246,6 +279,10 @@ class Gateway:
             self.live_readers = self.auth.live_readers
         self.ctx = Context(settings, store, self.live, self.trusted, self._base, self.auth)
         await self.hub.start()
+        if settings.metrics_enabled or settings.access_log:
+            self.telemetry = Telemetry(settings)
+        if settings.metrics_enabled:
+            metrics.start_flushing(asyncio.get_running_loop())
         # What exists now (modules, scripts, settings) lives as long as the
         # process: keep it out of every later garbage collection.
         gc.freeze()
@@ -263,6 +300,10 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.drain()
+        if self.settings.metrics_enabled:
+            metrics.stop_flushing()
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.hub is not None:
             await self.hub.stop()
         closer = getattr(self.auth, "aclose", None)

@@ -101,6 +101,7 @@ _VARYING_HEADERS = frozenset(
         "producer-expected-seq",
         "producer-received-seq",
         "content-length",
+        "x-request-id",
         "stream-expires-at",
         "stream-ttl",
     }

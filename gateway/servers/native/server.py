@@ -87,6 +87,8 @@ class ServerOptions:
     backlog: int = 4096
     # HTTPS (tls.py beside this module builds it); the TLS handshake gets ``read_timeout``.
     tls: ssl.SSLContext | None = None
+    # Told the pid of every worker that exited (metrics: drop its live gauges).
+    on_worker_exit: Callable[[int], None] | None = None
 
 
 class ServerState:
@@ -295,6 +297,8 @@ class Supervisor:
             while self.children:
                 pid, status = os.wait()
                 started = self.children.pop(pid, None)
+                if started is not None and self.options.on_worker_exit is not None:
+                    self.options.on_worker_exit(pid)
                 if started is None or self.stopping:
                     continue
                 code = os.waitstatus_to_exitcode(status)

@@ -1,0 +1,323 @@
+"""What each request leaves behind: its request metrics and its request-log line.
+
+``Gateway.handle`` wraps the server's response in a ``Recorded`` (when metrics
+or the request log are on; otherwise nothing here runs), which notes the status
+and the body bytes as they pass and adds ``X-Request-Id`` to every response.
+When the handler is done (for long-poll and SSE: when the response ends),
+``Recorded.finish`` adds the request to this process's tallies
+(gateway/metrics.py flushes them into Prometheus once a second) and writes
+one log line.
+
+The request id is the client's ``X-Request-Id`` when it is a plain token of at
+most 128 characters (letters, digits and ``._:/+=@-``), else a new one: a
+random per-process prefix and a counter, unique across replicas and cheaper
+than a UUID.
+
+Log lines (DS_LOG_FORMAT: ``text``, the default, or ``json``) name the time,
+the instance, the request id, method, path and redacted query, status,
+bytes received and sent, and the duration. Credentials never reach them: the
+Authorization header is not read, and the values of ``token``,
+``access_token``, ``signature`` and ``sig`` query parameters become
+``REDACTED``. The path is written JSON-quoted, so no client can forge a line.
+Lines are buffered and written to stdout together, at most 50 ms late: a write
+per request would cost more than the rest of the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import orjson
+
+from gateway import metrics
+from gateway.config import Settings
+
+from .request import Headers, Request, Response
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+# Query parameters whose values are credentials (gateway/web/auth/: bearer
+# tokens for EventSource, pre-signed URLs' signatures).
+SECRET_PARAMS = frozenset({"token", "access_token", "signature", "sig"})
+REDACTED = "REDACTED"
+# A client that never got a response (it went away first), as nginx logs it.
+CLIENT_CLOSED = 499
+
+LOG_FLUSH_DELAY_S = 0.05
+LOG_FLUSH_LINES = 512
+
+# Operation labels: bounded, whatever clients send.
+_STREAM_OPERATIONS = {
+    "POST": "append",
+    "PUT": "create",
+    "HEAD": "head",
+    "DELETE": "delete",
+    "OPTIONS": "options",
+}
+LIVE_OPERATIONS = ("long_poll", "sse")
+
+
+def redact_query(query: str) -> str:
+    """``query`` with the values of credential parameters replaced."""
+    if "=" not in query:
+        return query
+    parts = query.split("&")
+    for index, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if equals and name.lower() in SECRET_PARAMS:
+            parts[index] = f"{name}={REDACTED}"
+    return "&".join(parts)
+
+
+def operation_of(req: Request, prefix: str) -> str:
+    """The metrics label of a request: what it does, in a word."""
+    path = req.path
+    if path.startswith(prefix):
+        method = req.method
+        if method == "GET":
+            query = req.query_string
+            if "live=" in query:
+                if "live=sse" in query:
+                    return "sse"
+                if "live=long-poll" in query:
+                    return "long_poll"
+            return "read"
+        return _STREAM_OPERATIONS.get(method, "other")
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    return "other"
+
+
+class LogWriter:
+    """Request-log lines, gathered and written to ``fd`` together."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, line: str) -> None:
+        lines = self.lines
+        lines.append(line)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_FLUSH_DELAY_S, self.flush)
+        elif len(lines) >= LOG_FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.lines:
+            return
+        data = memoryview("".join(self.lines).encode("utf-8", "backslashreplace"))
+        self.lines.clear()
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except BlockingIOError:
+            pass  # a non-blocking stdout that is full: drop rather than stall every client
+        except OSError:
+            pass  # stdout closed: nothing to tell anyone
+
+
+class _Clock:
+    """Wall-clock timestamps for log lines from ``perf_counter`` readings; the
+    seconds part formatted once a second, the milliseconds from a table."""
+
+    __slots__ = ("offset", "second", "text")
+
+    _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+    def __init__(self) -> None:
+        self.offset = time.time() - time.perf_counter()
+        self.second = -1
+        self.text = ""
+
+    def stamp(self, counter: float) -> str:
+        now = counter + self.offset
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self.text + self._MILLIS[int((now - second) * 1000)]
+
+
+def _quoted(target: str) -> str:
+    """``target`` as a JSON string: a path cannot break the line or forge a field."""
+    quoted = _QUOTED.get(target)
+    if quoted is None:
+        quoted = orjson.dumps(target).decode()
+        if len(_QUOTED) < _QUOTED_MAX:
+            _QUOTED[target] = quoted
+    return quoted
+
+
+# The quoted paths of busy streams (their appends repeat them), bounded.
+_QUOTED: dict[str, str] = {}
+_QUOTED_MAX = 4096
+
+
+class Telemetry:
+    """Per process: the tallies behind the request metrics, and the request log."""
+
+    def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
+        self.prefix = settings.stream_prefix + "/"
+        self.log: LogWriter | None = None
+        if settings.access_log:
+            self.log = LogWriter(sys.stdout.fileno() if fd is None else fd)
+        self.json = settings.log_format == "json"
+        self.instance = settings.instance_id or socket.gethostname()
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(6) + "-"
+        self._clock = _Clock()
+        self.tallies: dict[str, metrics.Tally] = {}
+        self.local: metrics.Metrics | None = None
+        if settings.metrics_enabled:
+            self.local = metrics.enable()
+            metrics.add_flusher(self.flush)
+
+    def flush(self) -> None:
+        for tally in self.tallies.values():
+            tally.flush()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.flush()
+
+    def begin(self, req: Request, res: Response) -> Recorded:
+        request_id = req._headers.get(REQUEST_ID_HEADER)
+        if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
+            request_id = self._id_prefix + format(next(self._ids), "x")
+        operation = operation_of(req, self.prefix)
+        local = self.local
+        if local is not None and operation in LIVE_OPERATIONS:
+            local.readers[operation] += 1
+        return Recorded(res, request_id, operation, req.query_string)
+
+    def refused(self, status: int, reason: str) -> None:
+        """A request the trust boundary or a rate limit refused (401, 403, 429)."""
+        if self.local is not None:
+            self.local.refusals.labels(str(status), reason).inc()
+
+    def finish(self, req: Request, rec: Recorded) -> None:
+        end = time.perf_counter()
+        elapsed = end - rec.start
+        status = rec.status or CLIENT_CLOSED
+        # Bytes received as declared (an SSE request, whose headers are
+        # released by now, has no body).
+        declared = req._headers.get("content-length")
+        received = int(declared) if declared is not None and declared.isdigit() else 0
+        local = self.local
+        if local is not None:
+            operation = rec.operation
+            tally = self.tallies.get(operation)
+            if tally is None:
+                tally = self.tallies[operation] = metrics.Tally(local, operation)
+            by_status = tally.by_status
+            by_status[status] = by_status.get(status, 0) + 1
+            tally.received += received
+            tally.sent += rec.sent
+            tally.latency.observe(elapsed)
+            if operation in LIVE_OPERATIONS:
+                local.readers[operation] -= 1
+        log = self.log
+        if log is not None:
+            query = rec.query
+            if query:
+                query = redact_query(query)
+            stamp = self._clock.stamp(end)
+            if self.json:
+                log.add(self._json_line(req, rec, stamp, query, status, received, elapsed))
+            else:
+                path = req.path
+                log.add(
+                    f"{stamp} instance={self.instance} request_id={rec.request_id} "
+                    f"method={req.method} path={_quoted(path + '?' + query if query else path)} "
+                    f"status={status} received_bytes={received} sent_bytes={rec.sent} "
+                    f"duration_us={int(elapsed * 1e6)}\n"
+                )
+
+    def _json_line(
+        self,
+        req: Request,
+        rec: Recorded,
+        stamp: str,
+        query: str,
+        status: int,
+        received: int,
+        elapsed: float,
+    ) -> str:
+        return orjson.dumps(
+            {
+                "time": stamp,
+                "instance": self.instance,
+                "request_id": rec.request_id,
+                "method": req.method,
+                "path": req.path,
+                "query": query,
+                "status": status,
+                "received_bytes": received,
+                "sent_bytes": rec.sent,
+                "duration_us": int(elapsed * 1e6),
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        ).decode()
+
+
+class Recorded(Response):
+    """The server's response as the handlers see it: notes status and body
+    bytes on their way, and adds ``X-Request-Id`` to every response."""
+
+    __slots__ = ("_inner", "operation", "query", "request_id", "sent", "start", "status")
+
+    def __init__(self, inner: Response, request_id: str, operation: str, query: str) -> None:
+        # Not Response.__init__: ``started`` is the inner response's.
+        self._inner = inner
+        self.request_id = request_id
+        self.operation = operation
+        self.query = query  # kept: a long-lived response releases the request's query
+        self.status = 0
+        self.sent = 0
+        self.start = time.perf_counter()
+
+    @property
+    def started(self) -> bool:
+        """The inner response's: the server decides when a response has started."""
+        return self._inner.started
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self._inner.started = value
+
+    def send(
+        self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
+    ) -> Coroutine[Any, Any, None]:
+        self.status = status
+        if not head:
+            self.sent += len(body)
+        return self._inner.send(
+            status, [*headers, (REQUEST_ID_HEADER, self.request_id)], body, head=head
+        )
+
+    def start_stream(self, status: int, headers: Headers) -> Coroutine[Any, Any, None]:
+        self.status = status
+        return self._inner.start_stream(status, [*headers, (REQUEST_ID_HEADER, self.request_id)])
+
+    def write(self, chunk: bytes) -> Coroutine[Any, Any, None]:
+        self.sent += len(chunk)
+        return self._inner.write(chunk)
+
+    def end_stream(self) -> Coroutine[Any, Any, None]:
+        return self._inner.end_stream()

@@ -1,0 +1,336 @@
+"""Metrics and the request log, against the real console script over real sockets.
+
+- ``--metrics-port``: every worker's counts add up on the separate port (``--workers
+  2``), live-reader gauges follow readers and forget a killed worker's readers,
+  the main port has no /metrics unless DS_METRICS=1;
+- the request log: one line per request, text or JSON, with the request id taken
+  in or made (and returned on every response), credentials never written, live
+  reads logged when they end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.servers.native.server import MIN_WORKER_LIFETIME_S
+from tests.support.gateway_server import GatewayServer
+from tests.support.procs import free_port
+
+OCTET = {"Content-Type": "application/octet-stream"}
+WAIT_S = 20.0  # generous: metrics are flushed once a second, CI machines are slow
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S) -> object:
+    """Poll ``check`` until it returns something truthy; fail with ``what``."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Samples of a Prometheus text page: 'name{labels}' -> value (labels as sent)."""
+    response = httpx.get(url, timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, float] = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def sample(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The value of one sample, its labels in any order (0 when absent)."""
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and set(filter(None, rest.rstrip("}").split(","))) == wanted:
+            return value
+    return 0.0
+
+
+def log_lines(gw: GatewayServer) -> list[str]:
+    return Path(gw.log_path).read_text(errors="replace").splitlines()
+
+
+def request_lines(gw: GatewayServer) -> list[str]:
+    return [line for line in log_lines(gw) if " request_id=" in line]
+
+
+@pytest.fixture(scope="module")
+def workers2(redis_url: str) -> Iterator[tuple[GatewayServer, str]]:
+    port = free_port()
+    with GatewayServer(
+        redis_url=redis_url,
+        server="console-script",
+        args=["--workers", "2", "--metrics-port", str(port)],
+        env={"DS_LONG_POLL_TIMEOUT_MS": "20000"},
+    ) as gw:
+        yield gw, f"http://127.0.0.1:{port}/metrics"
+
+
+def test_counts_of_both_workers_add_up_on_the_metrics_port(
+    workers2: tuple[GatewayServer, str],
+) -> None:
+    gw, metrics_url = workers2
+    path = f"/v1/stream/metrics-{uuid.uuid4().hex}"
+    assert httpx.put(gw.url + path, headers=OCTET).status_code == 201
+    before = sample(
+        scrape(metrics_url), "durable_streams_requests_total", operation="append", status="204"
+    )
+    # Each append on a new connection, until both workers have answered some
+    # (the request ids of one process share a prefix).
+    prefixes: set[str] = set()
+    appended = 0
+    while appended < 400 and (len(prefixes) < 2 or appended < 20):
+        response = httpx.post(gw.url + path, content=b"x" * 100, headers=OCTET)
+        assert response.status_code == 204
+        prefixes.add(response.headers["x-request-id"].rsplit("-", 1)[0])
+        appended += 1
+    assert len(prefixes) == 2, "one worker answered all 400 appends"
+
+    def counted() -> float:
+        samples = scrape(metrics_url)
+        value = sample(samples, "durable_streams_requests_total", operation="append", status="204")
+        return value - before == appended and value
+
+    wait_for(f"{appended} appends counted", counted)
+    samples = scrape(metrics_url)
+    assert (
+        sample(samples, "durable_streams_request_duration_seconds_count", operation="append")
+        >= appended
+    )
+    assert sample(samples, "durable_streams_received_bytes_total", operation="append") >= (
+        100 * appended
+    )
+    assert sample(samples, "durable_streams_group_commit_batch_appends_count") >= appended / 64
+    assert sample(samples, "durable_streams_redis_command_duration_seconds_count") > 0
+    # Not on the main port unless DS_METRICS=1 says so.
+    assert httpx.get(gw.url + "/metrics").status_code == 404
+
+
+def test_live_reader_gauge_follows_readers_and_forgets_a_killed_worker(
+    workers2: tuple[GatewayServer, str],
+) -> None:
+    gw, metrics_url = workers2
+    path = f"/v1/stream/metrics-{uuid.uuid4().hex}"
+    created = httpx.put(gw.url + path, headers=OCTET)
+    offset = created.headers["stream-next-offset"]
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("GET", f"{gw.url}{path}?offset={offset}&live=sse") as sse,
+    ):
+        assert sse.status_code == 200
+        wait_for(
+            "one SSE reader",
+            lambda: sample(scrape(metrics_url), "durable_streams_live_readers", mode="sse") == 1,
+        )
+        # The worker holding the reader dies without a word: its gauge goes.
+        workers = _children(gw.pid)
+        assert len(workers) == 2
+        holder = [pid for pid in workers if _holds_connection_from(pid, sse)]
+        assert len(holder) == 1, "cannot tell which worker holds the reader"
+        # (A worker that dies young stops the supervisor instead: wait until it is not.)
+        wait_for(
+            "the worker to outlive its start-up window",
+            lambda: _age_s(holder[0]) > MIN_WORKER_LIFETIME_S + 0.5,
+        )
+        os.kill(holder[0], signal.SIGKILL)
+        wait_for(
+            "the killed worker's reader forgotten",
+            lambda: sample(scrape(metrics_url), "durable_streams_live_readers", mode="sse") == 0,
+        )
+    # The supervisor started another worker; both serve again.
+    wait_for("a new worker", lambda: len(_children(gw.pid)) == 2)
+
+
+def _children(pid: int | None) -> list[int]:
+    assert pid is not None
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found += [int(child) for child in children]
+    return [child for child in found if _is_worker(child)]
+
+
+def _age_s(pid: int) -> float:
+    started_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime_s - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    return b"serve_metrics" not in command
+
+
+def _holds_connection_from(pid: int, response: httpx.Response) -> bool:
+    """Whether process ``pid`` has the server side of ``response``'s connection open."""
+    stream = response.extensions["network_stream"]
+    local_port = stream.get_extra_info("client_addr")[1]
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        match = re.fullmatch(r"socket:\[(\d+)\]", target)
+        if match:
+            inodes.add(match.group(1))
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == local_port and fields[9] in inodes:
+            return True
+    return False
+
+
+def test_metrics_on_the_main_port_with_ds_metrics(redis_url: str) -> None:
+    with GatewayServer(redis_url=redis_url, env={"DS_METRICS": "1"}) as gw:
+        path = f"/v1/stream/metrics-{uuid.uuid4().hex}"
+        httpx.put(gw.url + path, headers=OCTET)
+        httpx.get(f"{gw.url}{path}?offset=-1")
+        samples = scrape(gw.url + "/metrics")
+        assert (
+            sample(samples, "durable_streams_requests_total", operation="create", status="201") == 1
+        )
+        assert (
+            sample(samples, "durable_streams_requests_total", operation="read", status="200") == 1
+        )
+
+
+@pytest.fixture(scope="module")
+def text_log(redis_url: str) -> Iterator[GatewayServer]:
+    with GatewayServer(
+        redis_url=redis_url,
+        server="console-script",
+        env={"DS_INSTANCE_ID": "replica-7", "DS_LONG_POLL_TIMEOUT_MS": "600"},
+    ) as gw:
+        yield gw
+
+
+def test_one_text_line_per_request_with_the_request_id_taken_in(text_log: GatewayServer) -> None:
+    gw = text_log
+    path = f"/v1/stream/log-{uuid.uuid4().hex}"
+    response = httpx.put(gw.url + path, headers={**OCTET, "X-Request-Id": "trace-42.a:b"})
+    assert response.headers["x-request-id"] == "trace-42.a:b"
+    line = wait_for(
+        "the request's log line",
+        lambda: [line for line in request_lines(gw) if "request_id=trace-42.a:b" in line],
+    )
+    assert len(line) == 1
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z instance=replica-7 request_id=trace-42\.a:b "
+        rf'method=PUT path="{re.escape(path)}" status=201 received_bytes=0 sent_bytes=0 '
+        r"duration_us=\d+",
+        line[0],
+    ), line[0]
+
+
+def test_a_bad_request_id_is_replaced_and_errors_carry_one_too(text_log: GatewayServer) -> None:
+    gw = text_log
+    for bad in ("x" * 129, "two words", 'quote"d', "new\tline"):
+        response = httpx.get(
+            f"{gw.url}/v1/stream/missing-{uuid.uuid4().hex}", headers={"X-Request-Id": bad}
+        )
+        assert response.status_code == 404
+        made = response.headers["x-request-id"]
+        assert made != bad and re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", made)
+    assert httpx.get(gw.url + "/healthz").headers["x-request-id"]
+
+
+def test_tokens_are_never_logged(text_log: GatewayServer) -> None:
+    gw = text_log
+    secret = uuid.uuid4().hex
+    path = f"/v1/stream/log-{uuid.uuid4().hex}"
+    httpx.put(gw.url + path, headers=OCTET)
+    response = httpx.get(
+        f"{gw.url}{path}?offset=-1&token={secret}&signature={secret}x&Access_Token={secret}y",
+        headers={"Authorization": f"Bearer {secret}z", "X-Request-Id": "redaction"},
+    )
+    assert response.status_code == 200
+    line = wait_for(
+        "the request's log line",
+        lambda: [line for line in request_lines(gw) if "request_id=redaction" in line],
+    )
+    assert (
+        'path="' + path + "?offset=-1&token=REDACTED&signature=REDACTED&Access_Token=REDACTED"
+    ) in line[0]
+    assert secret not in Path(gw.log_path).read_text()
+
+
+def test_a_long_poll_is_logged_when_it_ends(text_log: GatewayServer) -> None:
+    gw = text_log
+    path = f"/v1/stream/log-{uuid.uuid4().hex}"
+    offset = httpx.put(gw.url + path, headers=OCTET).headers["stream-next-offset"]
+    response = httpx.get(
+        f"{gw.url}{path}?offset={offset}&live=long-poll",
+        headers={"X-Request-Id": "waiting"},
+        timeout=30,
+    )
+    assert response.status_code == 204  # the 600 ms timeout
+    line = wait_for(
+        "the long-poll's log line",
+        lambda: [line for line in request_lines(gw) if "request_id=waiting" in line],
+    )
+    duration_us = int(re.search(r"duration_us=(\d+)", line[0]).group(1))  # type: ignore[union-attr]
+    assert 500_000 <= duration_us < 30_000_000
+    assert "status=204" in line[0]
+
+
+def test_json_lines(redis_url: str) -> None:
+    with GatewayServer(
+        redis_url=redis_url, server="console-script", env={"DS_LOG_FORMAT": "json"}
+    ) as gw:
+        path = f"/v1/stream/log-{uuid.uuid4().hex}"
+        httpx.put(gw.url + path, headers=OCTET)
+        httpx.post(
+            gw.url + path + "?token=hush", content=b"12345", headers={**OCTET, "X-Request-Id": "j1"}
+        )
+
+        def entry() -> dict[str, object] | None:
+            for line in log_lines(gw):
+                if line.startswith("{") and '"j1"' in line:
+                    return json.loads(line)
+            return None
+
+        logged = wait_for("the JSON line", entry)
+        assert isinstance(logged, dict)
+        assert logged["request_id"] == "j1"
+        assert logged["method"] == "POST"
+        assert logged["path"] == path
+        assert logged["query"] == "token=REDACTED"
+        assert logged["status"] == 204
+        assert logged["received_bytes"] == 5
+        assert logged["instance"]
+        assert isinstance(logged["duration_us"], int)
+
+
+def test_no_access_log(redis_url: str) -> None:
+    with GatewayServer(
+        redis_url=redis_url, server="console-script", args=["--no-access-log"]
+    ) as gw:
+        response = httpx.get(gw.url + "/healthz")
+        assert response.status_code == 200
+        assert "x-request-id" not in response.headers
+        gw.stop()
+        assert request_lines(gw) == []
