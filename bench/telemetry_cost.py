@@ -95,8 +95,10 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         redis = subprocess.Popen(
-            ["redis-server", "--port", "6397", "--dir", work, "--save", ""]
-            + ["--appendonly", "yes", "--appendfsync", "everysec"],
+            [
+                *("redis-server", "--port", "6397", "--dir", work, "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "everysec"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         procs.append(redis)

@@ -234,8 +234,9 @@ def test_probe_timing_fits_the_readiness_check(container: dict[str, Any]) -> Non
 
 
 def test_ports_line_up(container: dict[str, Any]) -> None:
-    (port,) = container["ports"]
-    assert port["containerPort"] == DEFAULT_PORT == 4437
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": DEFAULT_PORT, "metrics": 9464}
+    assert DEFAULT_PORT == 4437
     for kind, probe in probes(container).items():
         assert resolve_port(container, probe["httpGet"]["port"]) == DEFAULT_PORT, kind
     service = load_one("service.yaml")
@@ -252,6 +253,7 @@ def test_container_command_is_accepted_by_the_console_script(container: dict[str
     assert all(isinstance(arg, str) for arg in command)
     args = build_parser().parse_args(command[1:])
     assert (args.host, args.port, args.workers) == ("0.0.0.0", DEFAULT_PORT, 1)
+    assert args.metrics_port == 9464  # the container's "metrics" port
 
 
 def test_redis_url_comes_from_the_secret(container: dict[str, Any]) -> None:
