@@ -49,11 +49,12 @@ def wait_ready(port: int) -> None:
     raise RuntimeError(f"gateway on {port} did not start")
 
 
-def wrk(port: int, pid: int, duration: int, body: str) -> tuple[float, float]:
+def wrk(port: int, pid: int, duration: int, body: str, pin: list[str]) -> tuple[float, float]:
     """(appends/s, gateway CPU microseconds per append)"""
     before = cpu_seconds(pid)
     out = subprocess.run(
         [
+            *pin,
             "wrk",
             "-t2",
             "-c32",
@@ -72,6 +73,9 @@ def wrk(port: int, pid: int, duration: int, body: str) -> tuple[float, float]:
         check=True,
     ).stdout
     used = cpu_seconds(pid) - before
+    if os.environ.get("BENCH_DEBUG"):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        print(port, "utime", fields[11], "stime", fields[12], "minflt", fields[7], file=sys.stderr)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     if "Non-2xx" in out:
@@ -84,6 +88,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="gateways on CPU 1, Redis and wrk on CPU 0: the gateway is the bottleneck, "
+        "so appends/s show its CPU cost in full (and vary less)",
+    )
+    parser.add_argument(
         "--on",
         default="--metrics-port 8833",
         help="the measured gateway's options (default: %(default)s, request log on)",
@@ -94,8 +104,11 @@ def main() -> None:
     Path(body).write_bytes(b"x" * 100)
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        pin_gateway = ["taskset", "-c", "1"] if args.pin else []
+        pin_load = ["taskset", "-c", "0"] if args.pin else []
         redis = subprocess.Popen(
             [
+                *pin_load,
                 *("redis-server", "--port", "6397", "--dir", work, "--save", ""),
                 *("--appendonly", "yes", "--appendfsync", "everysec"),
             ],
@@ -103,7 +116,7 @@ def main() -> None:
         )
         procs.append(redis)
         env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:6397/0", "DS_INSTANCE_ID": "bench"}
-        common = [str(SCRIPT), "--host", "127.0.0.1", "--log-level", "warning"]
+        common = [*pin_gateway, str(SCRIPT), "--host", "127.0.0.1", "--log-level", "warning"]
         with open(os.path.join(work, "off.log"), "wb") as off_log:
             off = subprocess.Popen(
                 [*common, "--port", "8831", "--no-access-log"], env=env, stdout=off_log
@@ -122,13 +135,13 @@ def main() -> None:
                 "PUT", f"/v1/stream/b{i}", headers={"Content-Type": "application/octet-stream"}
             )
             conn.getresponse().read()
-        wrk(8831, off.pid, 3, body)  # warm-up
-        wrk(8832, on.pid, 3, body)
+        wrk(8831, off.pid, 3, body, pin_load)  # warm-up
+        wrk(8832, on.pid, 3, body, pin_load)
         rates: list[float] = []
         cpus: list[float] = []
         for number in range(1, args.rounds + 1):
-            off_rate, off_cpu = wrk(8831, off.pid, args.duration, body)
-            on_rate, on_cpu = wrk(8832, on.pid, args.duration, body)
+            off_rate, off_cpu = wrk(8831, off.pid, args.duration, body, pin_load)
+            on_rate, on_cpu = wrk(8832, on.pid, args.duration, body, pin_load)
             rates.append(on_rate / off_rate)
             cpus.append(on_cpu / off_cpu)
             print(

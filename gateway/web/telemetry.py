@@ -52,8 +52,9 @@ REDACTED = "REDACTED"
 # A client that never got a response (it went away first), as nginx logs it.
 CLIENT_CLOSED = 499
 
-LOG_FLUSH_DELAY_S = 0.05
-LOG_FLUSH_LINES = 512
+# Finished requests are counted and logged in batches, at most this late.
+BATCH_DELAY_S = 0.05
+BATCH_REQUESTS = 512
 
 # Operation labels: bounded, whatever clients send.
 _STREAM_OPERATIONS = {
@@ -78,13 +79,15 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
-def operation_of(req: Request, prefix: str) -> str:
+def operation_of(req: Request | Recorded, prefix: str) -> str:
     """The metrics label of a request: what it does, in a word."""
     path = req.path
+    method = req.method
+    if method == "POST" and path.startswith(prefix):
+        return "append"  # the hot path first
     if path.startswith(prefix):
-        method = req.method
         if method == "GET":
-            query = req.query_string
+            query = req.query_string if isinstance(req, Request) else req.query
             if "live=" in query:
                 if "live=sse" in query:
                     return "sse"
@@ -99,44 +102,23 @@ def operation_of(req: Request, prefix: str) -> str:
     return "other"
 
 
-class LogWriter:
-    """Request-log lines, gathered and written to ``fd`` together."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.lines: list[str] = []
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, line: str) -> None:
-        lines = self.lines
-        lines.append(line)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(LOG_FLUSH_DELAY_S, self.flush)
-        elif len(lines) >= LOG_FLUSH_LINES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self.lines:
-            return
-        data = memoryview("".join(self.lines).encode("utf-8", "backslashreplace"))
-        self.lines.clear()
-        try:
-            while data:
-                data = data[os.write(self.fd, data) :]
-        except BlockingIOError:
-            pass  # a non-blocking stdout that is full: drop rather than stall every client
-        except OSError:
-            pass  # stdout closed: nothing to tell anyone
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BlockingIOError:
+        pass  # a non-blocking stdout that is full: drop rather than stall every client
+    except OSError:
+        pass  # stdout closed: nothing to tell anyone
 
 
 class _Clock:
     """Wall-clock timestamps for log lines from ``perf_counter`` readings; the
-    seconds part formatted once a second, the milliseconds from a table."""
+    seconds part formatted once a second, the milliseconds from a table, the
+    whole once a millisecond."""
 
-    __slots__ = ("offset", "second", "text")
+    __slots__ = ("last", "last_text", "offset", "second", "text")
 
     _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
@@ -144,14 +126,21 @@ class _Clock:
         self.offset = time.time() - time.perf_counter()
         self.second = -1
         self.text = ""
+        self.last = -1
+        self.last_text = ""
 
     def stamp(self, counter: float) -> str:
         now = counter + self.offset
-        second = int(now)
+        millis = int(now * 1000)
+        if millis == self.last:
+            return self.last_text
+        self.last = millis
+        second = millis // 1000
         if second != self.second:
             self.second = second
             self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self.text + self._MILLIS[int((now - second) * 1000)]
+        self.last_text = self.text + self._MILLIS[millis - second * 1000]
+        return self.last_text
 
 
 def _quoted(target: str) -> str:
@@ -170,13 +159,18 @@ _QUOTED_MAX = 4096
 
 
 class Telemetry:
-    """Per process: the tallies behind the request metrics, and the request log."""
+    """Per process: the tallies behind the request metrics, and the request log.
+
+    A finished request costs the request path one list append: every
+    ``BATCH_DELAY_S`` (or ``BATCH_REQUESTS`` requests) ``drain`` adds the
+    batch to the tallies and writes its log lines, in one tight loop.
+    """
 
     def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
         self.prefix = settings.stream_prefix + "/"
-        self.log: LogWriter | None = None
+        self.fd: int | None = None
         if settings.access_log:
-            self.log = LogWriter(sys.stdout.fileno() if fd is None else fd)
+            self.fd = sys.stdout.fileno() if fd is None else fd
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
         self._ids = itertools.count(1)
@@ -187,24 +181,28 @@ class Telemetry:
         if settings.metrics_enabled:
             self.local = metrics.enable()
             metrics.add_flusher(self.flush)
+        self.done: list[Recorded] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def flush(self) -> None:
+        self.drain()
         for tally in self.tallies.values():
             tally.flush()
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.flush()
+        self.drain()
 
     def begin(self, req: Request, res: Response) -> Recorded:
         request_id = req._headers.get(REQUEST_ID_HEADER)
         if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
-            request_id = self._id_prefix + format(next(self._ids), "x")
-        operation = operation_of(req, self.prefix)
-        local = self.local
-        if local is not None and operation in LIVE_OPERATIONS:
-            local.readers[operation] += 1
-        return Recorded(res, request_id, operation, req.query_string)
+            request_id = f"{self._id_prefix}{next(self._ids):x}"
+        rec = Recorded(res, request_id, req)
+        if req.method == "GET" and self.local is not None and "live=" in rec.query:
+            operation = operation_of(req, self.prefix)
+            if operation in LIVE_OPERATIONS:
+                self.local.readers[operation] += 1
+                rec.live = operation
+        return rec
 
     def refused(self, status: int, reason: str) -> None:
         """A request the trust boundary or a rate limit refused (401, 403, 429)."""
@@ -212,65 +210,82 @@ class Telemetry:
             self.local.refusals.labels(str(status), reason).inc()
 
     def finish(self, req: Request, rec: Recorded) -> None:
-        end = time.perf_counter()
-        elapsed = end - rec.start
-        status = rec.status or CLIENT_CLOSED
+        rec.end = time.perf_counter()
         # Bytes received as declared (an SSE request, whose headers are
         # released by now, has no body).
-        declared = req._headers.get("content-length")
-        received = int(declared) if declared is not None and declared.isdigit() else 0
-        local = self.local
-        if local is not None:
-            operation = rec.operation
-            tally = self.tallies.get(operation)
-            if tally is None:
-                tally = self.tallies[operation] = metrics.Tally(local, operation)
-            by_status = tally.by_status
-            by_status[status] = by_status.get(status, 0) + 1
-            tally.received += received
-            tally.sent += rec.sent
-            tally.latency.observe(elapsed)
-            if operation in LIVE_OPERATIONS:
-                local.readers[operation] -= 1
-        log = self.log
-        if log is not None:
-            query = rec.query
-            if query:
-                query = redact_query(query)
-            stamp = self._clock.stamp(end)
-            if self.json:
-                log.add(self._json_line(req, rec, stamp, query, status, received, elapsed))
-            else:
-                path = req.path
-                log.add(
-                    f"{stamp} instance={self.instance} request_id={rec.request_id} "
-                    f"method={req.method} path={_quoted(path + '?' + query if query else path)} "
-                    f"status={status} received_bytes={received} sent_bytes={rec.sent} "
-                    f"duration_us={int(elapsed * 1e6)}\n"
-                )
+        rec.received = req._headers.get("content-length")
+        done = self.done
+        done.append(rec)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
+        elif len(done) >= BATCH_REQUESTS:
+            self.drain()
 
-    def _json_line(
-        self,
-        req: Request,
-        rec: Recorded,
-        stamp: str,
-        query: str,
-        status: int,
-        received: int,
-        elapsed: float,
-    ) -> str:
+    def drain(self) -> None:
+        """Count and log the requests finished since the last drain."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done = self.done
+        if not done:
+            return
+        self.done = []
+        local = self.local
+        tallies = self.tallies
+        prefix = self.prefix
+        log = self.fd is not None
+        text = log and not self.json
+        instance = self.instance
+        stamp = self._clock.stamp
+        lines: list[str] = []
+        for rec in done:
+            elapsed = rec.end - rec.start
+            status = rec.status or CLIENT_CLOSED
+            declared = rec.received
+            received = int(declared) if declared and declared.isdigit() else 0
+            if local is not None:
+                operation = rec.live or operation_of(rec, prefix)
+                tally = tallies.get(operation)
+                if tally is None:
+                    tally = tallies[operation] = metrics.Tally(local, operation)
+                by_status = tally.by_status
+                by_status[status] = by_status.get(status, 0) + 1
+                tally.received += received
+                tally.sent += rec.sent
+                tally.latency.observe(elapsed)
+                if rec.live:
+                    local.readers[rec.live] -= 1
+            if log:
+                query = rec.query
+                if query:
+                    query = redact_query(query)
+                path = rec.path
+                if text:
+                    target = _quoted(path + "?" + query if query else path)
+                    lines.append(
+                        f"{stamp(rec.end)} instance={instance} request_id={rec.request_id} "
+                        f"method={rec.method} path={target} status={status} "
+                        f"received_bytes={received} sent_bytes={rec.sent} "
+                        f"duration_us={int(elapsed * 1e6)}\n"
+                    )
+                else:
+                    lines.append(self._json_line(rec, stamp(rec.end), query, status, received))
+        if lines and self.fd is not None:
+            write_all(self.fd, "".join(lines).encode("utf-8", "backslashreplace"))
+
+    def _json_line(self, rec: Recorded, stamp: str, query: str, status: int, received: int) -> str:
         return orjson.dumps(
             {
                 "time": stamp,
                 "instance": self.instance,
                 "request_id": rec.request_id,
-                "method": req.method,
-                "path": req.path,
+                "method": rec.method,
+                "path": rec.path,
                 "query": query,
                 "status": status,
                 "received_bytes": received,
                 "sent_bytes": rec.sent,
-                "duration_us": int(elapsed * 1e6),
+                "duration_us": int((rec.end - rec.start) * 1e6),
             },
             option=orjson.OPT_APPEND_NEWLINE,
         ).decode()
@@ -278,18 +293,36 @@ class Telemetry:
 
 class Recorded(Response):
     """The server's response as the handlers see it: notes status and body
-    bytes on their way, and adds ``X-Request-Id`` to every response."""
+    bytes on their way, and adds ``X-Request-Id`` to every response. Kept
+    until its request is counted and logged (the request object itself may
+    serve the connection's next request by then)."""
 
-    __slots__ = ("_inner", "operation", "query", "request_id", "sent", "start", "status")
+    __slots__ = (
+        "_inner",
+        "end",
+        "live",
+        "method",
+        "path",
+        "query",
+        "received",
+        "request_id",
+        "sent",
+        "start",
+        "status",
+    )
 
-    def __init__(self, inner: Response, request_id: str, operation: str, query: str) -> None:
+    def __init__(self, inner: Response, request_id: str, req: Request) -> None:
         # Not Response.__init__: ``started`` is the inner response's.
         self._inner = inner
         self.request_id = request_id
-        self.operation = operation
-        self.query = query  # kept: a long-lived response releases the request's query
+        self.method = req.method
+        self.path = req.path
+        self.query = req.query_string  # (a long-lived response releases the request's)
+        self.live: str | None = None  # "long_poll" or "sse": counted as a live reader
         self.status = 0
         self.sent = 0
+        self.received: str | None = None  # the declared Content-Length, at the end
+        self.end = 0.0
         self.start = time.perf_counter()
 
     @property
