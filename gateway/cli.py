@@ -8,6 +8,11 @@ worker shares that server; it stops that server after the HTTP server exits.
 Should this process end without stopping it (SIGKILL; with ``--workers 1`` the
 one worker is this process, and nothing restarts it), the embedded Redis's
 watchdog stops the server once no gateway process is left.
+
+With metrics on (``--metrics-port``, DS_METRICS=1) it gives the workers a fresh
+PROMETHEUS_MULTIPROC_DIR, serves ``--metrics-port`` from a small process of its
+own (``serve_metrics``), and removes the directory on exit. The request log is
+on unless ``--no-access-log``.
 """
 
 from __future__ import annotations
