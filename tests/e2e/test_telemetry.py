@@ -334,3 +334,31 @@ def test_no_access_log(redis_url: str) -> None:
         assert "x-request-id" not in response.headers
         gw.stop()
         assert request_lines(gw) == []
+
+
+def test_auth_refusals_are_counted_and_their_tokens_not_logged(redis_url: str) -> None:
+    secret = "s" * 40
+    with GatewayServer(
+        redis_url=redis_url,
+        server="console-script",
+        env={"DS_METRICS": "1", "DS_AUTH": "jwt", "DS_JWT_SECRET": secret},
+    ) as gw:
+        url = f"{gw.url}/v1/stream/private-{uuid.uuid4().hex}"
+        bad_token = "not.a." + uuid.uuid4().hex
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(f"{url}?offset=-1&token={bad_token}").status_code == 401
+        samples = scrape(gw.url + "/metrics")
+        assert (
+            sample(
+                samples, "durable_streams_auth_refusals_total", status="401", reason="Unauthorized"
+            )
+            == 2
+        )
+        assert (
+            sample(samples, "durable_streams_requests_total", operation="read", status="401") == 2
+        )
+        wait_for(
+            "both log lines",
+            lambda: len([line for line in request_lines(gw) if "status=401" in line]) == 2,
+        )
+        assert bad_token not in Path(gw.log_path).read_text()
