@@ -79,7 +79,7 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
-def operation_of(req: Request | Recorded, prefix: str) -> str:
+def operation_of(req: Request, prefix: str) -> str:
     """The metrics label of a request: what it does, in a word."""
     path = req.path
     method = req.method
@@ -87,7 +87,7 @@ def operation_of(req: Request | Recorded, prefix: str) -> str:
         return "append"  # the hot path first
     if path.startswith(prefix):
         if method == "GET":
-            query = req.query_string if isinstance(req, Request) else req.query
+            query = req.query_string
             if "live=" in query:
                 if "live=sse" in query:
                     return "sse"
@@ -193,9 +193,11 @@ class Telemetry:
         self.drain()
 
     def begin(self, req: Request, res: Response) -> Recorded:
-        request_id = req._headers.get(REQUEST_ID_HEADER)
-        if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
-            request_id = f"{self._id_prefix}{next(self._ids):x}"
+        request_id = None
+        if self.fd is not None:  # the id is the log's: none without a log
+            request_id = req._headers.get(REQUEST_ID_HEADER)
+            if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
+                request_id = f"{self._id_prefix}{next(self._ids):x}"
         rec = Recorded(res, request_id, req)
         if req.method == "GET" and self.local is not None and "live=" in rec.query:
             operation = operation_of(req, self.prefix)
@@ -244,7 +246,7 @@ class Telemetry:
             declared = rec.received
             received = int(declared) if declared and declared.isdigit() else 0
             if local is not None:
-                operation = rec.live or operation_of(rec, prefix)
+                operation = rec.live or operation_of(rec.req, prefix)
                 tally = tallies.get(operation)
                 if tally is None:
                     tally = tallies[operation] = metrics.Tally(local, operation)
@@ -259,12 +261,12 @@ class Telemetry:
                 query = rec.query
                 if query:
                     query = redact_query(query)
-                path = rec.path
+                path = rec.req.path
                 if text:
                     target = _quoted(path + "?" + query if query else path)
                     lines.append(
                         f"{stamp(rec.end)} instance={instance} request_id={rec.request_id} "
-                        f"method={rec.method} path={target} status={status} "
+                        f"method={rec.req.method} path={target} status={status} "
                         f"received_bytes={received} sent_bytes={rec.sent} "
                         f"duration_us={int(elapsed * 1e6)}\n"
                     )
@@ -279,8 +281,8 @@ class Telemetry:
                 "time": stamp,
                 "instance": self.instance,
                 "request_id": rec.request_id,
-                "method": rec.method,
-                "path": rec.path,
+                "method": rec.req.method,
+                "path": rec.req.path,
                 "query": query,
                 "status": status,
                 "received_bytes": received,
@@ -301,23 +303,23 @@ class Recorded(Response):
         "_inner",
         "end",
         "live",
-        "method",
-        "path",
         "query",
         "received",
+        "req",
         "request_id",
         "sent",
         "start",
         "status",
     )
 
-    def __init__(self, inner: Response, request_id: str, req: Request) -> None:
+    def __init__(self, inner: Response, request_id: str | None, req: Request) -> None:
         # Not Response.__init__: ``started`` is the inner response's.
         self._inner = inner
         self.request_id = request_id
-        self.method = req.method
-        self.path = req.path
-        self.query = req.query_string  # (a long-lived response releases the request's)
+        # Servers make a request object per request; its method and path
+        # outlive release(), its query does not.
+        self.req = req
+        self.query = req.query_string
         self.live: str | None = None  # "long_poll" or "sse": counted as a live reader
         self.status = 0
         self.sent = 0
@@ -340,13 +342,15 @@ class Recorded(Response):
         self.status = status
         if not head:
             self.sent += len(body)
-        return self._inner.send(
-            status, [*headers, (REQUEST_ID_HEADER, self.request_id)], body, head=head
-        )
+        if self.request_id is not None:
+            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
+        return self._inner.send(status, headers, body, head=head)
 
     def start_stream(self, status: int, headers: Headers) -> Coroutine[Any, Any, None]:
         self.status = status
-        return self._inner.start_stream(status, [*headers, (REQUEST_ID_HEADER, self.request_id)])
+        if self.request_id is not None:
+            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
+        return self._inner.start_stream(status, headers)
 
     def write(self, chunk: bytes) -> Coroutine[Any, Any, None]:
         self.sent += len(chunk)
