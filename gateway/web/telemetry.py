@@ -2,11 +2,11 @@
 
 ``Gateway.handle`` wraps the server's response in a ``Recorded`` (when metrics
 or the request log are on; otherwise nothing here runs), which notes the status
-and the body bytes as they pass and adds ``X-Request-Id`` to every response.
-When the handler is done (for long-poll and SSE: when the response ends),
-``Recorded.finish`` adds the request to this process's tallies
-(gateway/metrics.py flushes them into Prometheus once a second) and writes
-one log line.
+and the body bytes as they pass and, with the log on, adds ``X-Request-Id`` to
+every response. When the handler is done (for long-poll and SSE: when the
+response ends), ``Telemetry.finish`` queues it; every 50 ms ``Telemetry.drain``
+adds the queued requests to this process's tallies (gateway/metrics.py flushes
+them into Prometheus once a second) and writes their log lines.
 
 The request id is the client's ``X-Request-Id`` when it is a plain token of at
 most 128 characters (letters, digits and ``._:/+=@-``), else a new one: a
@@ -19,8 +19,8 @@ bytes received and sent, and the duration. Credentials never reach them: the
 Authorization header is not read, and the values of ``token``,
 ``access_token``, ``signature`` and ``sig`` query parameters become
 ``REDACTED``. The path is written JSON-quoted, so no client can forge a line.
-Lines are buffered and written to stdout together, at most 50 ms late: a write
-per request would cost more than the rest of the line.
+Lines are written to stdout together, at most 50 ms late: a write per request
+would cost more than the rest of the line.
 """
 
 from __future__ import annotations
