@@ -362,3 +362,19 @@ def test_auth_refusals_are_counted_and_their_tokens_not_logged(redis_url: str) -
             lambda: len([line for line in request_lines(gw) if "status=401" in line]) == 2,
         )
         assert bad_token not in Path(gw.log_path).read_text()
+
+
+def test_redis_failures_are_counted_by_type(redis_url: str) -> None:
+    # Nothing listens on this port: every stream request is a fast 503.
+    with GatewayServer(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        env={"DS_METRICS": "1", "DS_REDIS_CONNECT_TIMEOUT_MS": "200"},
+    ) as gw:
+        url = f"{gw.url}/v1/stream/unreachable-{uuid.uuid4().hex}"
+        for _ in range(3):
+            assert httpx.get(f"{url}?offset=-1", timeout=10).status_code == 503
+        samples = scrape(gw.url + "/metrics")
+        assert sample(samples, "durable_streams_redis_errors_total", error="ConnectionError") >= 3
+        assert (
+            sample(samples, "durable_streams_requests_total", operation="read", status="503") == 3
+        )
