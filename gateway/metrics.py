@@ -158,17 +158,17 @@ class LocalHistogram:
     """Observations kept as plain bucket counts until ``flush`` adds them to
     ``child`` (a Histogram, or one labelled child of it)."""
 
-    __slots__ = ("_bounds", "_child", "counts", "total")
+    __slots__ = ("_child", "bounds", "counts", "total")
 
     def __init__(self, child: Any, buckets: tuple[float, ...]) -> None:
         self._child = child
-        self._bounds = (*buckets, float("inf"))
-        self.counts = [0] * len(self._bounds)
+        self.bounds = (*buckets, float("inf"))
+        self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
     def observe(self, value: float) -> None:
         # Prometheus buckets are "less than or equal": the first bound >= value.
-        self.counts[bisect_left(self._bounds, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def flush(self) -> None:

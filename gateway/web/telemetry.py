@@ -33,6 +33,7 @@ import secrets
 import socket
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Coroutine
 from typing import Any
 
@@ -246,7 +247,16 @@ class Telemetry:
             declared = rec.received
             received = int(declared) if declared and declared.isdigit() else 0
             if local is not None:
-                operation = rec.live or operation_of(rec.req, prefix)
+                live = rec.live
+                if live is not None:
+                    operation = live
+                    local.readers[live] -= 1
+                else:
+                    req = rec.req
+                    if req.method == "POST" and req.path.startswith(prefix):
+                        operation = "append"  # the hot path, without a call
+                    else:
+                        operation = operation_of(req, prefix)
                 tally = tallies.get(operation)
                 if tally is None:
                     tally = tallies[operation] = metrics.Tally(local, operation)
@@ -254,9 +264,10 @@ class Telemetry:
                 by_status[status] = by_status.get(status, 0) + 1
                 tally.received += received
                 tally.sent += rec.sent
-                tally.latency.observe(elapsed)
-                if rec.live:
-                    local.readers[rec.live] -= 1
+                # LocalHistogram.observe, inline
+                latency = tally.latency
+                latency.counts[bisect_left(latency.bounds, elapsed)] += 1
+                latency.total += elapsed
             if log:
                 query = rec.query
                 if query:
