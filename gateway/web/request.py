@@ -233,6 +233,14 @@ class Request:
             self._path = self._decode_path()
         return self._path
 
+    def loggable_path(self) -> str:
+        """The path for logs and metrics, which must not fail: as decoded, or a
+        placeholder when the client sent one that is not UTF-8 (it got a 400)."""
+        try:
+            return self.path
+        except BadRequest:
+            return "<not UTF-8>"
+
     @property
     def query(self) -> dict[str, list[str]]:
         if self._query is None:

@@ -82,7 +82,7 @@ def redact_query(query: str) -> str:
 
 def operation_of(req: Request, prefix: str) -> str:
     """The metrics label of a request: what it does, in a word."""
-    path = req.path
+    path = req.loggable_path()
     method = req.method
     if method == "POST" and path.startswith(prefix):
         return "append"  # the hot path first
@@ -253,7 +253,7 @@ class Telemetry:
                     local.readers[live] -= 1
                 else:
                     req = rec.req
-                    if req.method == "POST" and req.path.startswith(prefix):
+                    if req.method == "POST" and req.loggable_path().startswith(prefix):
                         operation = "append"  # the hot path, without a call
                     else:
                         operation = operation_of(req, prefix)
@@ -272,7 +272,7 @@ class Telemetry:
                 query = rec.query
                 if query:
                     query = redact_query(query)
-                path = rec.req.path
+                path = rec.req.loggable_path()
                 if text:
                     target = _quoted(path + "?" + query if query else path)
                     lines.append(
@@ -293,7 +293,7 @@ class Telemetry:
                 "instance": self.instance,
                 "request_id": rec.request_id,
                 "method": rec.req.method,
-                "path": rec.req.path,
+                "path": rec.req.loggable_path(),
                 "query": query,
                 "status": status,
                 "received_bytes": received,
