@@ -38,7 +38,17 @@ def is_unavailable(exc: BaseException) -> bool:
 
 class _StorageErrors:
     """A plain class rather than ``@asynccontextmanager``: it wraps every
-    storage call, and a generator-based manager costs a generator per use."""
+    storage call, and a generator-based manager costs a generator per use.
+
+    ``refused``: what to call a script Redis refuses outright (an ACL without
+    its commands, a key of another type) when the caller would rather treat
+    that as unavailable too (the quota checks, gateway/storage/quotas.py);
+    None lets such errors propagate."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self, refused: str | None = None) -> None:
+        self.refused = refused
 
     async def __aenter__(self) -> None:
         return None
@@ -50,10 +60,16 @@ class _StorageErrors:
         tb: TracebackType | None,
     ) -> None:
         # Never swallows: other errors propagate as they are.
-        if exc is not None and is_unavailable(exc):
+        if exc is None:
+            return
+        if is_unavailable(exc):
             if metrics.LOCAL is not None:
                 metrics.LOCAL.redis_errors.labels(type(exc).__name__).inc()
             raise Unavailable() from exc
+        if self.refused is not None and isinstance(exc, redis_errors.ResponseError):
+            raise Unavailable(f"Redis refused {self.refused}: {str(exc)[:200]}") from exc
 
 
 storage_errors = _StorageErrors()
+# The quota checks: a refused script means the limit cannot be checked either.
+quota_errors = _StorageErrors(refused="a quota check")

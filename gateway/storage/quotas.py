@@ -13,41 +13,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from types import TracebackType
-
-from redis import exceptions as redis_errors
-
-from gateway.protocol.errors import Unavailable
 
 from .client import RedisClient
-from .errors import is_unavailable
+from .errors import quota_errors
 from .keys import live_readers_key, rate_key
 from .scripts import Scripts
-
-
-class _QuotaErrors:
-    """Like ``storage_errors``, and a refused script too (an ACL without the
-    quota commands, a key of another type): either way the limit cannot be
-    checked, and the caller decides what then."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            return
-        if is_unavailable(exc):
-            raise Unavailable() from exc
-        if isinstance(exc, redis_errors.ResponseError):
-            raise Unavailable(f"Redis refused a quota check: {str(exc)[:200]}") from exc
-
-
-quota_errors = _QuotaErrors()
 
 
 class _Hits:
