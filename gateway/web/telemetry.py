@@ -4,7 +4,7 @@
 or the request log are on; otherwise nothing here runs), which notes the status
 and the body bytes as they pass and, with the log on, adds ``X-Request-Id`` to
 every response. When the handler is done (for long-poll and SSE: when the
-response ends), ``Telemetry.finish`` queues it; every 50 ms ``Telemetry.drain``
+response ends), ``Telemetry.finish`` queues its figures; every 50 ms ``Telemetry.drain``
 adds the queued requests to this process's tallies (gateway/metrics.py flushes
 them into Prometheus once a second) and writes their log lines.
 
@@ -80,15 +80,12 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
-def operation_of(req: Request, prefix: str) -> str:
+def operation_of(method: str, path: str, query: str, prefix: str) -> str:
     """The metrics label of a request: what it does, in a word."""
-    path = req.loggable_path()
-    method = req.method
-    if method == "POST" and path.startswith(prefix):
-        return "append"  # the hot path first
     if path.startswith(prefix):
+        if method == "POST":
+            return "append"  # the hot path first
         if method == "GET":
-            query = req.query_string
             if "live=" in query:
                 if "live=sse" in query:
                     return "sse"
@@ -158,6 +155,13 @@ def _quoted(target: str) -> str:
 _QUOTED: dict[str, str] = {}
 _QUOTED_MAX = 4096
 
+_now = time.perf_counter
+
+# A finished request, as drain reads it: start and end (perf_counter), status,
+# bytes sent, Content-Length as declared, method, path, query, request id,
+# live operation.
+Finished = tuple[float, float, int, int, str | None, str, str, str, str | None, str | None]
+
 
 class Telemetry:
     """Per process: the tallies behind the request metrics, and the request log.
@@ -182,7 +186,7 @@ class Telemetry:
         if settings.metrics_enabled:
             self.local = metrics.enable()
             metrics.add_flusher(self.flush)
-        self.done: list[Recorded] = []
+        self.done: list[Finished] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def flush(self) -> None:
@@ -199,9 +203,10 @@ class Telemetry:
             request_id = req._headers.get(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
                 request_id = f"{self._id_prefix}{next(self._ids):x}"
-        rec = Recorded(res, request_id, req)
-        if req.method == "GET" and self.local is not None and "live=" in rec.query:
-            operation = operation_of(req, self.prefix)
+        query = req.query_string
+        rec = Recorded(res, request_id, query)
+        if req.method == "GET" and self.local is not None and "live=" in query:
+            operation = operation_of("GET", req.loggable_path(), query, self.prefix)
             if operation in LIVE_OPERATIONS:
                 self.local.readers[operation] += 1
                 rec.live = operation
@@ -213,12 +218,27 @@ class Telemetry:
             self.local.refusals.labels(str(status), reason).inc()
 
     def finish(self, req: Request, rec: Recorded) -> None:
-        rec.end = time.perf_counter()
-        # Bytes received as declared (an SSE request, whose headers are
-        # released by now, has no body).
-        rec.received = req._headers.get("content-length")
+        # What drain needs, as a tuple of strings and numbers: the garbage
+        # collector stops tracking it at its first pass, and nothing else of
+        # the request (its object, headers, connection) outlives the request.
+        # Holding those until the drain cost more in collections than the
+        # rest of the bookkeeping did. Bytes received are as declared (an SSE
+        # request, whose headers are released by now, has no body).
         done = self.done
-        done.append(rec)
+        done.append(
+            (
+                rec.start,
+                _now(),
+                rec.status,
+                rec.sent,
+                req._headers.get("content-length"),
+                req.method,
+                req.loggable_path(),
+                rec.query,
+                rec.request_id,
+                rec.live,
+            )
+        )
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
         elif len(done) >= BATCH_REQUESTS:
@@ -241,102 +261,79 @@ class Telemetry:
         instance = self.instance
         stamp = self._clock.stamp
         lines: list[str] = []
-        for rec in done:
-            elapsed = rec.end - rec.start
-            status = rec.status or CLIENT_CLOSED
-            declared = rec.received
+        for start, end, status, sent, declared, method, path, query, request_id, live in done:
+            elapsed = end - start
+            if not status:
+                status = CLIENT_CLOSED
             received = int(declared) if declared and declared.isdigit() else 0
             if local is not None:
-                live = rec.live
                 if live is not None:
                     operation = live
                     local.readers[live] -= 1
+                elif method == "POST" and path.startswith(prefix):
+                    operation = "append"  # the hot path, without a call
                 else:
-                    req = rec.req
-                    if req.method == "POST" and req.loggable_path().startswith(prefix):
-                        operation = "append"  # the hot path, without a call
-                    else:
-                        operation = operation_of(req, prefix)
+                    operation = operation_of(method, path, query, prefix)
                 tally = tallies.get(operation)
                 if tally is None:
                     tally = tallies[operation] = metrics.Tally(local, operation)
                 by_status = tally.by_status
                 by_status[status] = by_status.get(status, 0) + 1
                 tally.received += received
-                tally.sent += rec.sent
+                tally.sent += sent
                 # LocalHistogram.observe, inline
                 latency = tally.latency
                 latency.counts[bisect_left(latency.bounds, elapsed)] += 1
                 latency.total += elapsed
             if log:
-                query = rec.query
                 if query:
                     query = redact_query(query)
-                path = rec.req.loggable_path()
                 if text:
                     target = _quoted(path + "?" + query if query else path)
                     lines.append(
-                        f"{stamp(rec.end)} instance={instance} request_id={rec.request_id} "
-                        f"method={rec.req.method} path={target} status={status} "
-                        f"received_bytes={received} sent_bytes={rec.sent} "
+                        f"{stamp(end)} instance={instance} request_id={request_id} "
+                        f"method={method} path={target} status={status} "
+                        f"received_bytes={received} sent_bytes={sent} "
                         f"duration_us={int(elapsed * 1e6)}\n"
                     )
                 else:
-                    lines.append(self._json_line(rec, stamp(rec.end), query, status, received))
+                    lines.append(
+                        orjson.dumps(
+                            {
+                                "time": stamp(end),
+                                "instance": instance,
+                                "request_id": request_id,
+                                "method": method,
+                                "path": path,
+                                "query": query,
+                                "status": status,
+                                "received_bytes": received,
+                                "sent_bytes": sent,
+                                "duration_us": int(elapsed * 1e6),
+                            },
+                            option=orjson.OPT_APPEND_NEWLINE,
+                        ).decode()
+                    )
         if lines and self.fd is not None:
             write_all(self.fd, "".join(lines).encode("utf-8", "backslashreplace"))
-
-    def _json_line(self, rec: Recorded, stamp: str, query: str, status: int, received: int) -> str:
-        return orjson.dumps(
-            {
-                "time": stamp,
-                "instance": self.instance,
-                "request_id": rec.request_id,
-                "method": rec.req.method,
-                "path": rec.req.loggable_path(),
-                "query": query,
-                "status": status,
-                "received_bytes": received,
-                "sent_bytes": rec.sent,
-                "duration_us": int((rec.end - rec.start) * 1e6),
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        ).decode()
 
 
 class Recorded(Response):
     """The server's response as the handlers see it: notes status and body
-    bytes on their way, and adds ``X-Request-Id`` to every response. Kept
-    until its request is counted and logged (the request object itself may
-    serve the connection's next request by then)."""
+    bytes on their way, and adds ``X-Request-Id`` to every response."""
 
-    __slots__ = (
-        "_inner",
-        "end",
-        "live",
-        "query",
-        "received",
-        "req",
-        "request_id",
-        "sent",
-        "start",
-        "status",
-    )
+    __slots__ = ("_inner", "live", "query", "request_id", "sent", "start", "status")
 
-    def __init__(self, inner: Response, request_id: str | None, req: Request) -> None:
+    def __init__(self, inner: Response, request_id: str | None, query: str) -> None:
         # Not Response.__init__: ``started`` is the inner response's.
         self._inner = inner
         self.request_id = request_id
-        # Servers make a request object per request; its method and path
-        # outlive release(), its query does not.
-        self.req = req
-        self.query = req.query_string
+        # The query as it came (an SSE request releases it once it has started).
+        self.query = query
         self.live: str | None = None  # "long_poll" or "sse": counted as a live reader
         self.status = 0
         self.sent = 0
-        self.received: str | None = None  # the declared Content-Length, at the end
-        self.end = 0.0
-        self.start = time.perf_counter()
+        self.start = _now()
 
     @property
     def started(self) -> bool:
