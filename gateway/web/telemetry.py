@@ -34,7 +34,10 @@ import socket
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Coroutine, Sequence
+from itertools import compress, repeat
+from operator import mul, sub
 from typing import Any
 
 import orjson
@@ -116,20 +119,20 @@ class _Clock:
     seconds part formatted once a second, the milliseconds from a table, the
     whole once a millisecond."""
 
-    __slots__ = ("last", "last_text", "offset", "second", "text")
+    __slots__ = ("last", "last_text", "offset_millis", "second", "text")
 
     _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
     def __init__(self) -> None:
-        self.offset = time.time() - time.perf_counter()
+        self.offset_millis = round((time.time() - time.perf_counter()) * 1000)
         self.second = -1
         self.text = ""
         self.last = -1
         self.last_text = ""
 
-    def stamp(self, counter: float) -> str:
-        now = counter + self.offset
-        millis = int(now * 1000)
+    def stamp(self, counter_millis: int) -> str:
+        """The time of ``perf_counter`` reading ``counter_millis`` (in milliseconds)."""
+        millis = counter_millis + self.offset_millis
         if millis == self.last:
             return self.last_text
         self.last = millis
@@ -168,7 +171,7 @@ class Telemetry:
 
     A finished request costs the request path one list append: every
     ``BATCH_DELAY_S`` (or ``BATCH_REQUESTS`` requests) ``drain`` adds the
-    batch to the tallies and writes its log lines, in one tight loop.
+    batch to the tallies and writes its log lines.
     """
 
     def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
@@ -178,6 +181,12 @@ class Telemetry:
             self.fd = sys.stdout.fileno() if fd is None else fd
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
+        # The part of a text line that is the same on every line (one piece
+        # fewer to join per line).
+        self._text_format = (
+            f"%s instance={self.instance.replace('%', '%%')} request_id=%s method=%s path=%s "
+            "status=%d received_bytes=%s sent_bytes=%d duration_us=%d\n"
+        )
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6) + "-"
         self._clock = _Clock()
@@ -245,7 +254,12 @@ class Telemetry:
             self.drain()
 
     def drain(self) -> None:
-        """Count and log the requests finished since the last drain."""
+        """Count and log the requests finished since the last drain.
+
+        Column by column: the batch is transposed once and most of the work
+        runs in C (``map``, ``Counter``, ``%`` formatting), so that a request
+        costs little Python of its own.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -253,69 +267,158 @@ class Telemetry:
         if not done:
             return
         self.done = []
-        local = self.local
-        tallies = self.tallies
-        prefix = self.prefix
-        log = self.fd is not None
-        text = log and not self.json
-        instance = self.instance
-        stamp = self._clock.stamp
-        lines: list[str] = []
-        for start, end, status, sent, declared, method, path, query, request_id, live in done:
-            elapsed = end - start
-            if not status:
-                status = CLIENT_CLOSED
-            received = int(declared) if declared and declared.isdigit() else 0
-            if local is not None:
-                if live is not None:
-                    operation = live
-                    local.readers[live] -= 1
-                elif method == "POST" and path.startswith(prefix):
-                    operation = "append"  # the hot path, without a call
-                else:
-                    operation = operation_of(method, path, query, prefix)
-                tally = tallies.get(operation)
-                if tally is None:
-                    tally = tallies[operation] = metrics.Tally(local, operation)
-                by_status = tally.by_status
-                by_status[status] = by_status.get(status, 0) + 1
-                tally.received += received
-                tally.sent += sent
-                # LocalHistogram.observe, inline
-                latency = tally.latency
-                latency.counts[bisect_left(latency.bounds, elapsed)] += 1
-                latency.total += elapsed
-            if log:
-                if query:
-                    query = redact_query(query)
-                if text:
-                    target = _quoted(path + "?" + query if query else path)
-                    lines.append(
-                        f"{stamp(end)} instance={instance} request_id={request_id} "
-                        f"method={method} path={target} status={status} "
-                        f"received_bytes={received} sent_bytes={sent} "
-                        f"duration_us={int(elapsed * 1e6)}\n"
-                    )
-                else:
-                    lines.append(
-                        orjson.dumps(
-                            {
-                                "time": stamp(end),
-                                "instance": instance,
-                                "request_id": request_id,
-                                "method": method,
-                                "path": path,
-                                "query": query,
-                                "status": status,
-                                "received_bytes": received,
-                                "sent_bytes": sent,
-                                "duration_us": int(elapsed * 1e6),
-                            },
-                            option=orjson.OPT_APPEND_NEWLINE,
-                        ).decode()
-                    )
-        if lines and self.fd is not None:
+        starts, ends, statuses, sents, declared, methods, paths, queries, ids, lives = zip(
+            *done, strict=True
+        )
+        if 0 in statuses:
+            statuses = tuple([status or CLIENT_CLOSED for status in statuses])
+        # Content-Length as declared: digits (the servers refuse others), or none.
+        received = [value if value is not None and value.isdigit() else "0" for value in declared]
+        elapsed = list(map(sub, ends, starts))
+        if self.local is not None:
+            self._count(
+                self.local, statuses, sents, received, elapsed, methods, paths, queries, lives
+            )
+        if self.fd is not None:
+            if self.json:
+                lines = self._json_lines(
+                    ends, ids, methods, paths, queries, statuses, received, sents, elapsed
+                )
+            else:
+                lines = self._text_lines(
+                    ends, ids, methods, paths, queries, statuses, received, sents, elapsed
+                )
             write_all(self.fd, "".join(lines).encode("utf-8", "backslashreplace"))
+
+    def _count(
+        self,
+        local: metrics.Metrics,
+        statuses: Sequence[int],
+        sents: Sequence[int],
+        received: Sequence[str],
+        elapsed: Sequence[float],
+        methods: Sequence[str],
+        paths: Sequence[str],
+        queries: Sequence[str],
+        lives: Sequence[str | None],
+    ) -> None:
+        prefix = self.prefix
+        operations = [
+            live
+            if live is not None
+            else "append"  # the hot path, without a call
+            if method == "POST" and path.startswith(prefix)
+            else operation_of(method, path, query, prefix)
+            for live, method, path, query in zip(lives, methods, paths, queries, strict=True)
+        ]
+        for live, count in Counter(lives).items():
+            if live is not None:
+                local.readers[live] -= count
+        kinds = set(operations)
+        for operation in kinds:
+            if len(kinds) == 1:
+                of_statuses, of_sents, of_received, of_elapsed = statuses, sents, received, elapsed
+            else:
+                mask = list(map(operation.__eq__, operations))
+                of_statuses = list(compress(statuses, mask))
+                of_sents = list(compress(sents, mask))
+                of_received = list(compress(received, mask))
+                of_elapsed = list(compress(elapsed, mask))
+            tally = self.tallies.get(operation)
+            if tally is None:
+                tally = self.tallies[operation] = metrics.Tally(local, operation)
+            by_status = tally.by_status
+            for status, count in Counter(of_statuses).items():
+                by_status[status] = by_status.get(status, 0) + count
+            tally.received += sum(map(int, of_received))
+            tally.sent += sum(of_sents)
+            latency = tally.latency
+            counts = latency.counts
+            for bucket, count in Counter(
+                map(bisect_left, repeat(latency.bounds), of_elapsed)
+            ).items():
+                counts[bucket] += count
+            latency.total += sum(of_elapsed)
+
+    def _stamps(self, ends: Sequence[float]) -> list[str]:
+        """The log time of each end: formatted once per millisecond."""
+        millis = list(map(int, map(mul, ends, repeat(1000.0))))
+        stamp = self._clock.stamp
+        table = {ms: stamp(ms) for ms in set(millis)}
+        return list(map(table.__getitem__, millis))
+
+    def _text_lines(
+        self,
+        ends: Sequence[float],
+        ids: Sequence[str | None],
+        methods: Sequence[str],
+        paths: Sequence[str],
+        queries: Sequence[str],
+        statuses: Sequence[int],
+        received: Sequence[str],
+        sents: Sequence[int],
+        elapsed: Sequence[float],
+    ) -> list[str]:
+        if any(queries):
+            targets = [
+                path + "?" + redact_query(query) if query else path
+                for path, query in zip(paths, queries, strict=True)
+            ]
+        else:
+            targets = list(paths)
+        quoted = list(map(_QUOTED.get, targets))
+        if None in quoted:
+            quoted = [
+                q if q is not None else _quoted(t) for q, t in zip(quoted, targets, strict=True)
+            ]
+        micros = map(int, map(mul, elapsed, repeat(1e6)))
+        fields = zip(
+            self._stamps(ends), ids, methods, quoted, statuses, received, sents, micros, strict=True
+        )
+        return list(map(self._text_format.__mod__, fields))
+
+    def _json_lines(
+        self,
+        ends: Sequence[float],
+        ids: Sequence[str | None],
+        methods: Sequence[str],
+        paths: Sequence[str],
+        queries: Sequence[str],
+        statuses: Sequence[int],
+        received: Sequence[str],
+        sents: Sequence[int],
+        elapsed: Sequence[float],
+    ) -> list[str]:
+        instance = self.instance
+        return [
+            orjson.dumps(
+                {
+                    "time": stamp,
+                    "instance": instance,
+                    "request_id": request_id,
+                    "method": method,
+                    "path": path,
+                    "query": redact_query(query) if query else query,
+                    "status": status,
+                    "received_bytes": int(declared),
+                    "sent_bytes": sent,
+                    "duration_us": int(seconds * 1e6),
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            ).decode()
+            for stamp, request_id, method, path, query, status, declared, sent, seconds in zip(
+                self._stamps(ends),
+                ids,
+                methods,
+                paths,
+                queries,
+                statuses,
+                received,
+                sents,
+                elapsed,
+                strict=True,
+            )
+        ]
 
 
 class Recorded(Response):

@@ -1,0 +1,199 @@
+"""Telemetry.drain against a plain per-request reading of the same batch.
+
+drain works column by column (see gateway/web/telemetry.py); these tests feed it
+mixed batches, every operation, status and query shape together, and compare
+its tallies and log lines with what each request, taken alone, must add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+from bisect import bisect_left
+from collections.abc import Iterator
+
+import pytest
+
+from gateway import metrics
+from gateway.config import Settings
+from gateway.web import telemetry as tm
+
+PREFIX = "/v1/stream/"
+REQUESTS = [
+    # method, path, query, live
+    ("POST", PREFIX + "a", "", None),
+    ("POST", PREFIX + "b/c", "", None),
+    ("GET", PREFIX + "a", "offset=-1", None),
+    ("GET", PREFIX + "a", "offset=-1&live=long-poll&token=secret", "long_poll"),
+    ("GET", PREFIX + "a", "offset=now&live=sse", "sse"),
+    ("PUT", PREFIX + 'q"uote\n', "", None),
+    ("HEAD", PREFIX + "a", "", None),
+    ("DELETE", PREFIX + "a", "", None),
+    ("GET", "/healthz", "", None),
+    ("GET", "/metrics", "", None),
+    ("GET", "/elsewhere", "sig=abc&x=1", None),
+]
+
+
+@pytest.fixture
+def log_file(tmp_path: object) -> Iterator[tuple[int, str]]:
+    path = os.path.join(str(tmp_path), "access.log")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        yield fd, path
+    finally:
+        os.close(fd)
+
+
+def make(log_format: str, fd: int) -> tm.Telemetry:
+    settings = dataclasses.replace(
+        Settings(), access_log=True, metrics_port=9999, log_format=log_format, instance_id="i-1"
+    )
+    return tm.Telemetry(settings, fd=fd)
+
+
+def batch(seed: int, size: int) -> list[tm.Finished]:
+    rng = random.Random(seed)
+    done: list[tm.Finished] = []
+    for number in range(size):
+        method, path, query, live = rng.choice(REQUESTS)
+        start = rng.uniform(1000.0, 2000.0)
+        elapsed = rng.choice([0.0, 1e-6, 0.0007, 0.004, 0.03, 0.2, 1.5, 7.0, 40.0, 100.0])
+        status = rng.choice([0, 200, 204, 400, 404, 409, 410, 429, 500])
+        declared = rng.choice([None, "0", "17", "100", "x"])
+        sent = rng.choice([0, 1, 5000])
+        done.append(
+            (
+                start,
+                start + elapsed,
+                status,
+                sent,
+                declared,
+                method,
+                path,
+                query,
+                f"id-{number}",
+                live,
+            )
+        )
+    return done
+
+
+def expected_operation(method: str, path: str, query: str, live: str | None) -> str:
+    if live is not None:
+        return live
+    if path.startswith(PREFIX):
+        if method == "GET":
+            return "read"
+        return {"POST": "append", "PUT": "create", "HEAD": "head", "DELETE": "delete"}[method]
+    return {"/healthz": "health", "/metrics": "metrics"}.get(path, "other")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tallies_match_each_request_counted_alone(seed: int, log_file: tuple[int, str]) -> None:
+    local = metrics.enable()
+    tel = make("text", log_file[0])
+    done = batch(seed, 700)
+    for *_, live in done:
+        if live is not None:
+            local.readers[live] += 1
+    readers_before = {mode: local.readers[mode] for mode in ("long_poll", "sse")}
+    live_counts = {"long_poll": 0, "sse": 0}
+    tel.done = list(done)
+    tel.drain()
+
+    want: dict[str, dict[str, object]] = {}
+    for start, end, status, sent, declared, method, path, query, _, live in done:
+        operation = expected_operation(method, path, query, live)
+        if live is not None:
+            live_counts[live] += 1
+        one = want.setdefault(
+            operation, {"by_status": {}, "received": 0, "sent": 0, "counts": {}, "total": 0.0}
+        )
+        by_status = one["by_status"]
+        assert isinstance(by_status, dict)
+        key = status or 499
+        by_status[key] = by_status.get(key, 0) + 1
+        one["received"] = int(one["received"]) + (
+            int(declared) if declared and declared.isdigit() else 0
+        )  # type: ignore[call-overload]
+        one["sent"] = int(one["sent"]) + sent  # type: ignore[call-overload]
+        counts = one["counts"]
+        assert isinstance(counts, dict)
+        bucket = bisect_left((*metrics.LATENCY_BUCKETS, float("inf")), end - start)
+        counts[bucket] = counts.get(bucket, 0) + 1
+        one["total"] = float(one["total"]) + (end - start)  # type: ignore[arg-type]
+
+    assert set(tel.tallies) == set(want)
+    for operation, one in want.items():
+        tally = tel.tallies[operation]
+        assert tally.by_status == one["by_status"], operation
+        assert tally.received == one["received"], operation
+        assert tally.sent == one["sent"], operation
+        counts = one["counts"]
+        assert isinstance(counts, dict)
+        assert tally.latency.counts == [counts.get(i, 0) for i in range(len(tally.latency.counts))]
+        assert tally.latency.total == pytest.approx(one["total"])
+    for mode in ("long_poll", "sse"):
+        assert local.readers[mode] == readers_before[mode] - live_counts[mode]
+    assert tel.done == []
+
+
+TEXT_LINE = re.compile(
+    r"(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) instance=i-1 request_id=(?P<id>\S+) "
+    r"method=(?P<method>[A-Z]+) path=(?P<path>\"(?:[^\"\\]|\\.)*\") status=(?P<status>\d+) "
+    r"received_bytes=(?P<received>\d+) sent_bytes=(?P<sent>\d+) duration_us=(?P<us>\d+)"
+)
+
+
+def redacted(query: str) -> str:
+    parts = []
+    for part in query.split("&"):
+        name = part.partition("=")[0]
+        parts.append(f"{name}=REDACTED" if name.lower() in tm.SECRET_PARAMS else part)
+    return "&".join(parts)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_one_line_per_request_in_order_with_its_own_fields(
+    log_format: str, log_file: tuple[int, str]
+) -> None:
+    fd, path = log_file
+    tel = make(log_format, fd)
+    done = batch(11, 600)
+    tel.done = list(done)
+    tel.drain()
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == len(done)
+    for line, (start, end, status, sent, declared, method, target, query, rid, _) in zip(
+        lines, done, strict=True
+    ):
+        if log_format == "text":
+            match = TEXT_LINE.fullmatch(line)
+            assert match, line
+            fields: dict[str, object] = dict(match.groupdict())
+            logged_target = json.loads(str(fields["path"]))
+            want_target = target + "?" + redacted(query) if query else target
+            assert logged_target == want_target
+        else:
+            fields = json.loads(line)
+            assert fields["instance"] == "i-1"
+            assert fields["path"] == target
+            assert fields["query"] == (redacted(query) if query else "")
+            fields["id"] = fields["request_id"]
+            fields["received"] = fields["received_bytes"]
+            fields["sent"] = fields["sent_bytes"]
+            fields["us"] = fields["duration_us"]
+        assert "secret" not in line and "abc" not in line
+        assert fields["id"] == rid
+        assert fields["method"] == method
+        assert int(str(fields["status"])) == (status or 499)
+        assert int(str(fields["received"])) == (
+            int(declared) if declared and declared.isdigit() else 0
+        )
+        assert int(str(fields["sent"])) == sent
+        assert int(str(fields["us"])) == int((end - start) * 1e6)
