@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import ipaddress
 import logging
+import math
 import os
 import shutil
 import signal
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--graceful-timeout",
         type=_positive_float,
         default=ServerOptions.graceful_timeout,
-        help="native: seconds requests in flight get to finish on SIGTERM "
+        help="seconds requests in flight get to finish on SIGTERM (native; granian: "
+        "then a worker still running is killed) "
         f"(default: {ServerOptions.graceful_timeout:g})",
     )
     parser.add_argument(
@@ -451,6 +453,10 @@ def _run_granian(args: argparse.Namespace) -> int:
         # taking any request, appends included, once 1024 readers wait on it.
         backpressure=args.max_connections,
         backlog=max(1024, min(args.max_connections, 65535)),
+        # Granian otherwise waits for each worker to stop, for ever; a worker
+        # that got SIGTERM while it was starting has been seen never to stop
+        # (under a CPU hog, tests/e2e/test_embedded_lifecycle.py).
+        workers_kill_timeout=max(1, math.ceil(args.graceful_timeout)),
     )
     os.register_at_fork(after_in_child=_granian_worker_after_fork)
     # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then

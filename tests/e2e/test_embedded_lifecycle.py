@@ -101,6 +101,9 @@ class Gateway:
         if command == "console-script":
             self.args = [CONSOLE_SCRIPT, "--host", "127.0.0.1", "--port", str(self.port)]
             self.args += ["--workers", str(workers), "--server", server]
+            # A worker that does not stop is killed after this (granian), well
+            # within EXIT_TIMEOUT_S.
+            self.args += ["--graceful-timeout", "5"]
         else:  # hypercorn: the app's lifespan starts the embedded Redis in its worker
             self.args = [sys.executable, "-m", "hypercorn", "gateway.main:app"]
             self.args += ["--bind", f"127.0.0.1:{self.port}"]
