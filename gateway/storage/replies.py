@@ -54,6 +54,22 @@ class ForkAcquireReply(NamedTuple):
         return cls(status, ct, mt, fork_offset, ttl, exp, registered == "1")
 
 
+class AppendRunReply(NamedTuple):
+    """append.lua, one run of a group commit: {replies, messages, trimmed}:
+    one reply per request (each an ``AppendReply``, or a plain append's entry
+    id alone), per stream its wake-up message or empty, and how many entries
+    retention trimmed in the run, over all its streams."""
+
+    replies: list[Any]
+    messages: list[bytes]
+    trimmed: int  # entries removed by retention
+
+    @classmethod
+    def parse(cls, reply: list[Any]) -> AppendRunReply:
+        replies, messages, trimmed = reply
+        return cls(replies, messages, int(trimmed))
+
+
 class AppendReply(NamedTuple):
     """One request's reply in append.lua's run (see its header): a plain
     append's is its entry id alone (bytes); the others a list
