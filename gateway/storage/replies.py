@@ -66,8 +66,9 @@ class AppendRunReply(NamedTuple):
 
     @classmethod
     def parse(cls, reply: list[Any]) -> AppendRunReply:
-        replies, messages, trimmed = reply
-        return cls(replies, messages, int(trimmed))
+        # Once per run on the append path, so kept to one call: the fields
+        # need no decoding (Redis sends the count as an integer).
+        return cls._make(reply)
 
 
 class AppendReply(NamedTuple):
