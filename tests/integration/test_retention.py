@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -44,25 +44,22 @@ async def store(redis_client: aioredis.Redis) -> Store:
     return s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def process_metrics() -> metrics.Metrics:
-    """The gateway's metric objects: one set per process, as their names are
-    registered in prometheus_client's global registry."""
-    return metrics.LOCAL or metrics.Metrics()
+    """Metrics on, as ``DS_METRICS`` turns them on. ``enable`` makes the metric
+    objects once per process (their names are registered in prometheus_client's
+    global registry), so they stay on for the rest of the session."""
+    return metrics.enable()
 
 
 @pytest.fixture
-def trimmed_total(
-    process_metrics: metrics.Metrics, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[], float]]:
-    """Metrics on for one test (as ``DS_METRICS`` turns them on); reads the
-    retention counter as a scrape would."""
-    monkeypatch.setattr(metrics, "LOCAL", process_metrics)
+def trimmed_total(process_metrics: metrics.Metrics) -> Callable[[], float]:
+    """Reads the retention counter as a scrape would; tests compare differences."""
 
     def value() -> float:
         return REGISTRY.get_sample_value(TRIMMED_TOTAL) or 0.0
 
-    yield value
+    return value
 
 
 TRIMMED_TOTAL = "durable_streams_retention_trimmed_entries_total"
