@@ -126,10 +126,9 @@ class Metrics:
             "by status and reason.",
             ["status", "reason"],
         )
-        # Entries removed from streams by retention. The retention code
-        # increments it where it learns how many entries a trim removed:
-        # ``if metrics.LOCAL is not None: metrics.LOCAL.retention_trimmed.inc(n)``
-        # (trims are rare enough to increment directly).
+        # Entries removed from streams by retention: append.lua reports what
+        # its trims removed in each run, and the group commit
+        # (gateway/storage/commit.py) increments this directly (trims are rare).
         self.retention_trimmed = Counter(
             PREFIX + "retention_trimmed_entries_total",
             "Stream entries removed by retention.",

@@ -22,6 +22,7 @@ from gateway import metrics
 from .client import RedisClient, ReplicaWait
 from .errors import storage_errors
 from .keys import StreamKeys
+from .replies import AppendRunReply
 from .scripts import Script
 
 # At most this many appends, and this many bytes of their data, in one script
@@ -171,13 +172,17 @@ class GroupCommit:
             for waiter in batch.waiters:
                 waiter.cancel()
             raise
-        replies, messages = reply
+        run = AppendRunReply.parse(reply)
         local = self.local_wakes
         if local is not None:
             # Readers first: they are woken (and answer) before the writers.
-            for channel, message in zip(batch.wakes[::2], messages, strict=True):
+            for channel, message in zip(batch.wakes[::2], run.messages, strict=True):
                 if message:
                     local.deliver(channel, message)
-        for waiter, one in zip(batch.waiters, replies, strict=True):
+        for waiter, one in zip(batch.waiters, run.replies, strict=True):
             if not waiter.done():
                 waiter.set_result(one)
+        # Trims are rare (a stream over its limit by a sixteenth, at most a
+        # batch per run): counted directly, after the waiters have their replies.
+        if run.trimmed and metrics.LOCAL is not None:
+            metrics.LOCAL.retention_trimmed.inc(run.trimmed)

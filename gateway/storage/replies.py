@@ -54,6 +54,23 @@ class ForkAcquireReply(NamedTuple):
         return cls(status, ct, mt, fork_offset, ttl, exp, registered == "1")
 
 
+class AppendRunReply(NamedTuple):
+    """append.lua, one run of a group commit: {replies, messages, trimmed}:
+    one reply per request (each an ``AppendReply``, or a plain append's entry
+    id alone), per stream its wake-up message or empty, and how many entries
+    retention trimmed in the run, over all its streams."""
+
+    replies: list[Any]
+    messages: list[bytes]
+    trimmed: int  # entries removed by retention
+
+    @classmethod
+    def parse(cls, reply: list[Any]) -> AppendRunReply:
+        # Once per run on the append path, so kept to one call: the fields
+        # need no decoding (Redis sends the count as an integer).
+        return cls._make(reply)
+
+
 class AppendReply(NamedTuple):
     """One request's reply in append.lua's run (see its header): a plain
     append's is its entry id alone (bytes); the others a list

@@ -3,7 +3,9 @@ earliest retained position, ``offset=-1``, and live readers (long-poll, SSE)
 that fall behind the retention window and restart from ``-1``.
 
 The module's gateway has a default max bytes (DS_RETENTION_MAX_BYTES) and short
-live timings; streams here set their own limits or take that default.
+live timings; streams here set their own limits or take that default. One test
+starts a gateway of its own, with two workers and metrics, to count what
+retention removes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from support.gateway_server import GatewayServer
+from support.procs import free_port
+
+from gateway.storage.keys import stream_keys
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -235,3 +242,70 @@ async def test_fork_offset_before_the_earliest_retained_entry_is_refused(
     assert r.status_code == 201
     r = await client.get(path + "-fork", params={"offset": "-1"})
     assert r.status_code == 200 and r.content.endswith(line(18))
+
+
+TRIMMED_TOTAL = "durable_streams_retention_trimmed_entries_total"
+
+
+def trimmed_total(metrics_url: str) -> float:
+    """The counter as a scrape of every worker shows it (0 before its first trim)."""
+    response = httpx.get(metrics_url, timeout=5)
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == TRIMMED_TOTAL:
+                return sample.value
+    return 0.0
+
+
+def test_the_trimmed_entries_counter_grows_by_exactly_the_entries_retention_removed(
+    redis_url: str,
+) -> None:
+    metrics_port = free_port()
+    with GatewayServer(
+        redis_url=redis_url,
+        server="console-script",
+        args=["--workers", "2", "--metrics-port", str(metrics_port)],
+        env={"DS_RETENTION_MAX_BYTES": "2000"},
+    ) as server:
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        before = trimmed_total(metrics_url)
+        run = uuid.uuid4().hex[:12]
+        # One stream with its own limit, one with the gateway's default; 30-byte
+        # entries, so one trim removes several.
+        own, default = f"count-own-{run}", f"count-default-{run}"
+        headers = {"Content-Type": "text/plain"}
+        base = f"{server.url}/v1/stream/"
+        limits = {own: {"Stream-Retention-Max-Bytes": "1000"}, default: {}}
+        for path, limit in limits.items():
+            assert httpx.put(base + path, headers={**headers, **limit}).status_code == 201
+        bodies = [f"entry {i:05d} ".encode().ljust(30, b".") for i in range(150)]
+        for body in bodies:
+            for path in limits:
+                # A connection per append: both workers append, and trim.
+                response = httpx.post(base + path, content=body, headers=headers)
+                assert response.status_code == 204, response.text
+
+        data = redis.Redis.from_url(redis_url)
+        try:
+            gone = 0
+            for path in limits:
+                kept = [fields[b"d"] for _, fields in data.xrange(stream_keys("ds", path).data)]
+                # The head went, the newest entries are all there.
+                assert 0 < len(kept) < len(bodies)
+                assert kept == bodies[-len(kept) :]
+                gone += len(bodies) - len(kept)
+        finally:
+            data.close()
+
+        # Counted where each trim ran (either worker); a scrape sums the workers.
+        deadline = time.monotonic() + 20
+        while trimmed_total(metrics_url) - before != gone:
+            assert time.monotonic() < deadline, (
+                f"counted {trimmed_total(metrics_url) - before}, retention removed {gone}"
+            )
+            time.sleep(0.1)
+        assert trimmed_total(metrics_url) - before == gone
+    with open(server.log_path, encoding="utf-8", errors="replace") as log:
+        text = log.read()
+    assert "Traceback" not in text and "ERROR" not in text, text[-4000:]

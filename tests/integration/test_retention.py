@@ -4,6 +4,8 @@
 entries, meta ``b``, ``trim`` and ``first``) is checked against what reads
 return: a trimmed stream is one contiguous range after ``trim``, reads before
 it are Gone, ``-1`` starts at it, and sources that forks read keep everything.
+What the trims remove is counted in ``durable_streams_retention_trimmed_entries_total``,
+checked against the entries gone from Redis.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from support.store_reads import read_all, store_client
 
+from gateway import metrics
 from gateway.protocol import jsonmode
 from gateway.protocol import offsets as off
 from gateway.protocol.errors import BadRequest, Conflict, Gone
@@ -37,6 +42,27 @@ async def store(redis_client: aioredis.Redis) -> Store:
     s = make_store(redis_client)
     await s.load_scripts()
     return s
+
+
+@pytest.fixture
+def process_metrics() -> metrics.Metrics:
+    """Metrics on, as ``DS_METRICS`` turns them on. ``enable`` makes the metric
+    objects once per process (their names are registered in prometheus_client's
+    global registry), so they stay on for the rest of the session."""
+    return metrics.enable()
+
+
+@pytest.fixture
+def trimmed_total(process_metrics: metrics.Metrics) -> Callable[[], float]:
+    """Reads the retention counter as a scrape would; tests compare differences."""
+
+    def value() -> float:
+        return REGISTRY.get_sample_value(TRIMMED_TOTAL) or 0.0
+
+    return value
+
+
+TRIMMED_TOTAL = "durable_streams_retention_trimmed_entries_total"
 
 
 def data(body: bytes) -> AppendRequest:
@@ -284,3 +310,78 @@ async def test_age_and_size_limits_apply_together(
     assert int(m["mx"]) >= max(len(d) for _, d in kept)
     everything, _ = await read_all(store, "both", off.BEGINNING)
     assert everything == b"".join(d for _, d in kept)
+
+
+async def test_every_entry_a_size_trim_removes_is_counted(
+    store: Store, redis_client: aioredis.Redis, trimmed_total: Callable[[], float]
+) -> None:
+    await store.create("counted", CreateRequest(OCTET, retention_max_bytes=1000))
+    before = trimmed_total()
+    # 30-byte entries: each trim (over 1000 + 62 bytes, back to 1000) removes
+    # several, so a count of trims would not pass for a count of entries.
+    await append_all(store, "counted", [body(i, 30) for i in range(100)])
+    left = await redis_client.xlen("ds:{counted}:data")
+    assert left < 100
+    assert trimmed_total() - before == 100 - left
+
+
+async def test_a_batch_trimmed_from_a_stream_far_over_its_limit_is_counted(
+    redis_client: aioredis.Redis, trimmed_total: Callable[[], float]
+) -> None:
+    unlimited = make_store(redis_client)
+    await unlimited.load_scripts()
+    await unlimited.create("far", CreateRequest(OCTET))
+    await append_all(unlimited, "far", [body(i, 10) for i in range(300)])
+    limited = make_store(redis_client, retention=(0, 100))
+    await limited.load_scripts()
+    before = trimmed_total()
+    await limited.append("far", data(body(300, 10)))
+    assert await redis_client.xlen("ds:{far}:data") == 301 - 128
+    assert trimmed_total() - before == 128
+
+
+async def test_one_run_reports_the_sum_of_its_streams_trims(
+    store: Store,
+    redis_client: aioredis.Redis,
+    process_metrics: metrics.Metrics,
+    trimmed_total: Callable[[], float],
+) -> None:
+    paths = ["sum-a", "sum-b", "sum-c"]
+    for path in paths:
+        await store.create(path, CreateRequest(OCTET, retention_max_bytes=1000))
+        # At the limit, not over it by the slack: nothing is trimmed yet.
+        await append_all(store, path, [body(i) for i in range(10)])
+    assert all([await redis_client.xlen(f"ds:{{{p}}}:data") == 10 for p in paths])
+    before = trimmed_total()
+    process_metrics.flush()
+    runs_before = REGISTRY.get_sample_value("durable_streams_group_commit_batch_appends_count")
+
+    # Three appends to each stream in one event-loop turn: one script run,
+    # after which each stream is over its limit and trimmed.
+    await asyncio.gather(
+        *(store.append(path, data(body(10 + i))) for path in paths for i in range(3))
+    )
+
+    process_metrics.flush()
+    runs = REGISTRY.get_sample_value("durable_streams_group_commit_batch_appends_count")
+    assert runs is not None and runs_before is not None and runs - runs_before == 1
+    gone = [13 - await redis_client.xlen(f"ds:{{{p}}}:data") for p in paths]
+    assert all(g > 0 for g in gone)
+    assert trimmed_total() - before == sum(gone)
+
+
+async def test_every_entry_an_age_trim_removes_is_counted(
+    store: Store, redis_client: aioredis.Redis, trimmed_total: Callable[[], float]
+) -> None:
+    await store.create("aged", CreateRequest(OCTET, retention_max_age=1))
+    before = trimmed_total()
+    await append_all(store, "aged", [body(i) for i in range(20)])
+    appended = 20
+    deadline = time.monotonic() + 15
+    while any(d.startswith(b"0000") for _, d in await entries(redis_client, "aged")):
+        assert time.monotonic() < deadline, "old entries were never trimmed by age"
+        await store.append("aged", data(b"fresh"))
+        appended += 1
+        await asyncio.sleep(0.05)
+    left = await redis_client.xlen("ds:{aged}:data")
+    assert trimmed_total() - before == appended - left >= 20

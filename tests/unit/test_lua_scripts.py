@@ -359,7 +359,7 @@ def test_script_load_rejects_invalid_lua(sync_redis: redis.Redis) -> None:
         (
             "append",
             ["1", "", "", "chan", "1", "1", "text/plain", "1", "", "", "", "", "", "x", ""],
-            [[[b"not_found"]], [b""]],
+            [[[b"not_found"]], [b""], 0],
         ),
         ("delete", ["chan"], [b"not_found"]),
         ("fork_acquire", ["", ""], [b"not_found"]),

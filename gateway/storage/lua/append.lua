@@ -25,9 +25,11 @@
 --             close, Stream-Seq or '', Producer-Id or '', Producer-Epoch,
 --             Producer-Seq, data, JSON message count
 --       (Every ARGV value costs Redis a Lua string: most requests need 5, not 11.)
--- Reply: {replies, messages}: messages holds, per stream, the wake-up message
--- published for it if it was asked for, else ''; replies holds one reply per
--- request, in order:
+-- Reply: {replies, messages, trimmed}: trimmed is how many entries retention
+-- removed in this run, summed over its streams (XTRIM's counts; 0 when none
+-- was trimmed); messages holds, per stream, the wake-up message published for
+-- it if it was asked for, else ''; replies holds one reply per request, in
+-- order:
 --   tail                                    a plain append (no producer, no
 --                                           close) appended: its id alone
 --   {'ok', tail, closed, epoch, seq}        appended and/or closed
@@ -189,6 +191,9 @@ end
 -- that forks read are not trimmed: every fork reads its source from the
 -- source's earliest entry up to its fork offset.
 local TRIM_BATCH = 128
+-- Entries the trims of this run removed, for the reply (the gateway counts
+-- them in its metrics).
+local trimmed_entries = 0
 
 local function trim_due(m, max_age_ms, max_bytes)
   if max_bytes > 0 and m.b and tonumber(m.b) > max_bytes + math.floor(max_bytes / 16) then
@@ -255,7 +260,8 @@ local function trim(s, st, m, max_age_ms, max_bytes)
   if not dropped then return false end
   local ms, seq = split_id(dropped)
   -- XTRIM MINID drops the entries before the threshold: up to `dropped`.
-  redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
+  trimmed_entries = trimmed_entries
+    + redis.call('XTRIM', KEYS[3 * s - 1], 'MINID', kept or string.format('%d-%d', ms, seq + 1))
   m.trim = dropped
   if bytes then m.b = bytes end
   -- mx must stay an upper bound of the retained entries' sizes without
@@ -366,4 +372,4 @@ for s = 1, nstreams do
     if ARGV[2 * s + 3] == '1' then messages[s] = message end
   end
 end
-return {replies, messages}
+return {replies, messages, trimmed_entries}
