@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="servers: gw-native-1w, gw-granian-1w, gw-hypercorn-1w, gw-native-2w, "
         "node-mem, node-file; not in 'all': gw-granian-1w-asgi, gw-granian-2w, "
-        "floor-granian, gw-granian-1w-bp; or the aliases gateway (= gw-native-1w), "
+        "floor-granian, gw-granian-1w-bp, gw-native-1w-jwt, gw-native-1w-quiet, "
+        "gw-native-1w-observed; or the aliases gateway (= gw-native-1w), "
         "gateways, floor, node, extra, all (default: all)",
     )
     p.add_argument("--rounds", type=int, help="rounds (full 3, quick 1)")

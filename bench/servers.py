@@ -195,6 +195,10 @@ class ServerConfig:
             VENV_BIN / "durable-streams-gateway", "--host", "127.0.0.1", "--port", str(port),
             "--workers", workers, "--log-level", "warning",
         ]  # fmt: skip
+        if self.key == "gw-native-1w-quiet":
+            return [*common, "--no-access-log"]
+        if self.key == "gw-native-1w-observed":
+            return [*common, "--metrics-port", str(free_port())]
         if self.key.startswith("gw-native"):
             return common
         interface = "asgi" if self.key == "gw-granian-1w-asgi" else "rsgi"
@@ -280,6 +284,18 @@ EXTRA_CONFIGS: list[ServerConfig] = [
     ServerConfig(
         "gw-native-1w-jwt", "gateway (1 worker, DS_AUTH=jwt)", "gateway",
         "DS_AUTH=jwt durable-streams-gateway --workers 1  (its own server)",
+    ),
+    # The two halves of the telemetry A/B (issue: metrics and the request log
+    # within 5% of both off): the primary configuration with both off, and with
+    # metrics (on a port of their own) and the request log (to the bench's log
+    # file) on.
+    ServerConfig(
+        "gw-native-1w-quiet", "gateway (1 worker, no metrics, no request log)", "gateway",
+        "durable-streams-gateway --workers 1 --no-access-log",
+    ),
+    ServerConfig(
+        "gw-native-1w-observed", "gateway (1 worker, metrics and request log)", "gateway",
+        "durable-streams-gateway --workers 1 --metrics-port P  (request log on)",
     ),
     # The primary configuration at another commit, for same-run A/B comparisons
     # of a change (bench/run --baseline REV adds it).
