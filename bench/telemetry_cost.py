@@ -1,13 +1,16 @@
 """What metrics and the request log cost an append.
 
-Two console-script gateways (one worker each) on one Redis (AOF everysec): one
-with metrics (``--metrics-port``) and the request log on (to a file), one with
-both off (``--no-access-log``). wrk POSTs 100-byte bodies to 1,000 streams
-(bench/lua/append.lua), alternating between the two, and each round prints
-appends/s and the gateway's CPU time per append (from /proc; steadier than
-appends/s on a shared machine)::
+Console-script gateways (one worker each) on one Redis (AOF everysec): one with
+both off (``--no-access-log``) and, beside it, each ``--on`` configuration
+(default: metrics on ``--metrics-port`` and the request log on, to a file). wrk
+POSTs 100-byte bodies to 1,000 streams (bench/lua/append.lua), alternating
+between them, and each round prints appends/s and the gateway's CPU time per
+append (from /proc; steadier than appends/s on a shared machine) as ratios to
+the gateway with both off::
 
-    python bench/telemetry_cost.py [--rounds 5] [--duration 10]
+    python bench/telemetry_cost.py [--rounds 5] [--duration 10] [--pin]
+    python bench/telemetry_cost.py --pin --on "--metrics-port 8833" \
+        --on "--no-access-log --metrics-port 8843" --on ""   # both, metrics, log
 
 Needs ``redis-server`` and ``wrk`` on PATH.
 """
@@ -95,8 +98,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--on",
-        default="--metrics-port 8833",
-        help="the measured gateway's options (default: %(default)s, request log on)",
+        action="append",
+        help="a measured gateway's options, repeatable: each is run beside the one with "
+        "both off in every round (default: --metrics-port 8833, request log on)",
     )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="ds-telemetry-bench-")
@@ -122,13 +126,18 @@ def main() -> None:
                 [*common, "--port", "8831", "--no-access-log"], env=env, stdout=off_log
             )
         procs.append(off)
-        with open(os.path.join(work, "on.log"), "wb") as on_log:
-            on = subprocess.Popen(
-                [*common, "--port", "8832", *args.on.split()], env=env, stdout=on_log
-            )
-        procs.append(on)
+        ons: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        for index, options in enumerate(args.on or ["--metrics-port 8833"]):
+            port = 8832 + 10 * index
+            with open(os.path.join(work, f"on{index}.log"), "wb") as on_log:
+                on = subprocess.Popen(
+                    [*common, "--port", str(port), *options.split()], env=env, stdout=on_log
+                )
+            procs.append(on)
+            ons.append((options, port, on))
         wait_ready(8831)
-        wait_ready(8832)
+        for _, port, _ in ons:
+            wait_ready(port)
         conn = http.client.HTTPConnection("127.0.0.1", 8831)
         for i in range(STREAMS):
             conn.request(
@@ -136,24 +145,27 @@ def main() -> None:
             )
             conn.getresponse().read()
         wrk(8831, off.pid, 3, body, pin_load)  # warm-up
-        wrk(8832, on.pid, 3, body, pin_load)
-        rates: list[float] = []
-        cpus: list[float] = []
+        for _, port, on in ons:
+            wrk(port, on.pid, 3, body, pin_load)
+        rates: dict[str, list[float]] = {options: [] for options, _, _ in ons}
+        cpus: dict[str, list[float]] = {options: [] for options, _, _ in ons}
         for number in range(1, args.rounds + 1):
             off_rate, off_cpu = wrk(8831, off.pid, args.duration, body, pin_load)
-            on_rate, on_cpu = wrk(8832, on.pid, args.duration, body, pin_load)
-            rates.append(on_rate / off_rate)
-            cpus.append(on_cpu / off_cpu)
+            line = f"round {number}: off {off_rate:7.0f}/s {off_cpu:5.1f} us CPU/append"
+            for options, port, on in ons:
+                on_rate, on_cpu = wrk(port, on.pid, args.duration, body, pin_load)
+                rates[options].append(on_rate / off_rate)
+                cpus[options].append(on_cpu / off_cpu)
+                line += (
+                    f" | [{options}] {on_rate:7.0f}/s {on_cpu:5.1f} us: "
+                    f"x{rates[options][-1]:.3f} appends/s, x{cpus[options][-1]:.3f} CPU"
+                )
+            print(line, flush=True)
+        for options, _, _ in ons:
             print(
-                f"round {number}: off {off_rate:7.0f}/s {off_cpu:5.1f} us CPU/append | "
-                f"on {on_rate:7.0f}/s {on_cpu:5.1f} us CPU/append | "
-                f"appends/s on/off {rates[-1]:.3f}, CPU/append on/off {cpus[-1]:.3f}",
-                flush=True,
+                f"median [{options}]: appends/s on/off {statistics.median(rates[options]):.3f}, "
+                f"CPU per append on/off {statistics.median(cpus[options]):.3f}"
             )
-        print(
-            f"median: appends/s on/off {statistics.median(rates):.3f}, "
-            f"CPU per append on/off {statistics.median(cpus):.3f}"
-        )
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
