@@ -132,6 +132,9 @@ class Settings:
     # stdout, "text" or "json". The console script turns it on (--no-access-log).
     access_log: bool = False
     log_format: str = "text"
+    # Request-log bytes held for a stdout that is not being read, before lines
+    # are dropped (gateway/web/log_writer.py).
+    access_log_buffer: int = 4 * 1024 * 1024
 
     @property
     def metrics_enabled(self) -> bool:
@@ -204,5 +207,6 @@ class Settings:
             metrics_path=_flag("DS_METRICS"),
             metrics_port=metrics_port,
             access_log=_flag("DS_ACCESS_LOG"),
+            access_log_buffer=_int("DS_ACCESS_LOG_BUFFER_BYTES", 4 * 1024 * 1024, 65536),
             log_format=log_format,
         )

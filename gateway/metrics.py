@@ -100,6 +100,11 @@ class Metrics:
             "Waiting live readers woken: by an append, a stream's deletion, or a "
             "re-check after a pub/sub reconnect.",
         )
+        self.request_log_dropped = Counter(
+            PREFIX + "request_log_dropped_lines_total",
+            "Request-log lines dropped because standard output was not being read "
+            "(more than 4 MiB of lines waiting).",
+        )
         self.pubsub_reconnects = Counter(
             PREFIX + "pubsub_reconnects_total",
             "Times the wake-up listener lost its Redis pub/sub connection and reconnected.",

@@ -19,15 +19,16 @@ bytes received and sent, and the duration. Credentials never reach them: the
 Authorization header is not read, and the values of ``token``,
 ``access_token``, ``signature`` and ``sig`` query parameters become
 ``REDACTED``. The path is written JSON-quoted, so no client can forge a line.
-Lines are written to stdout together, at most 50 ms late: a write per request
-would cost more than the rest of the line.
+Lines are written to stdout together, at most 50 ms late (a write per request
+would cost more than the rest of the line), by a thread of their own
+(gateway/web/log_writer.py): a stdout nobody reads drops lines, counted, and
+never stops the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import re
 import secrets
 import socket
@@ -45,6 +46,7 @@ import orjson
 from gateway import metrics
 from gateway.config import Settings
 
+from .log_writer import LogWriter
 from .request import Headers, Request, Response
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -101,17 +103,6 @@ def operation_of(method: str, path: str, query: str, prefix: str) -> str:
     if path == "/metrics":
         return "metrics"
     return "other"
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except BlockingIOError:
-        pass  # a non-blocking stdout that is full: drop rather than stall every client
-    except OSError:
-        pass  # stdout closed: nothing to tell anyone
 
 
 class _Clock:
@@ -177,8 +168,12 @@ class Telemetry:
     def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
         self.prefix = settings.stream_prefix + "/"
         self.fd: int | None = None
+        self.writer: LogWriter | None = None
         if settings.access_log:
             self.fd = sys.stdout.fileno() if fd is None else fd
+            self.writer = LogWriter(
+                self.fd, max_pending=settings.access_log_buffer, on_drop=self._dropped
+            )
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
         # The part of a text line that is the same on every line (one piece
@@ -205,6 +200,12 @@ class Telemetry:
 
     def close(self) -> None:
         self.drain()
+        if self.writer is not None:
+            self.writer.close()
+
+    def _dropped(self, lines: int) -> None:
+        if self.local is not None:
+            self.local.request_log_dropped.inc(lines)
 
     def begin(self, req: Request, res: Response) -> Recorded:
         request_id = None
@@ -279,7 +280,7 @@ class Telemetry:
             self._count(
                 self.local, statuses, sents, received, elapsed, methods, paths, queries, lives
             )
-        if self.fd is not None:
+        if self.writer is not None:
             if self.json:
                 lines = self._json_lines(
                     ends, ids, methods, paths, queries, statuses, received, sents, elapsed
@@ -288,7 +289,8 @@ class Telemetry:
                 lines = self._text_lines(
                     ends, ids, methods, paths, queries, statuses, received, sents, elapsed
                 )
-            write_all(self.fd, "".join(lines).encode("utf-8", "backslashreplace"))
+            data = "".join(lines).encode("utf-8", "backslashreplace")
+            self.writer.write(data, len(lines))
 
     def _count(
         self,

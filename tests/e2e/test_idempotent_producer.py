@@ -165,8 +165,11 @@ async def test_one_producer_batch_sent_to_both_replicas_is_appended_once(
         await _create(http, f"{replicas.lb}/v1/stream/{path}")
 
         async def send(url: str, seq: int) -> httpx.Response:
-            return await http.post(url, content=json.dumps(_batch(seq)).encode(),
-                                   headers={**JSON, **_producer("p-both", seq)})
+            return await http.post(
+                url,
+                content=json.dumps(_batch(seq)).encode(),
+                headers={**JSON, **_producer("p-both", seq)},
+            )
 
         for seq in range(30):
             order = orders[seq % len(orders)]
@@ -218,7 +221,8 @@ async def test_a_write_whose_response_was_lost_is_retried_once_on_either_replica
             writer.write(
                 f"POST /v1/stream/{path} HTTP/1.1\r\nHost: t\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"{head}\r\n".encode() + body
+                f"{head}\r\n".encode()
+                + body
             )
             await writer.drain()
 
@@ -232,8 +236,9 @@ async def test_a_write_whose_response_was_lost_is_retried_once_on_either_replica
             writer.transport.abort()
             del reader
             for retry_url in (other, same):
-                retried = await http.post(retry_url, content=body,
-                                          headers={**JSON, **_producer("p-cut", seq)})
+                retried = await http.post(
+                    retry_url, content=body, headers={**JSON, **_producer("p-cut", seq)}
+                )
                 assert retried.status_code == 204, (seq, retry_url, retried.text)
                 assert retried.headers["producer-seq"] == str(seq)
         read = await http.get(url_a, params={"offset": "-1"})

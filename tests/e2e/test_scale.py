@@ -226,9 +226,14 @@ async def test_killing_the_pubsub_connection_loses_no_wake_up(replicas) -> None:
                 )
                 assert created.status_code == 201
                 tail = created.headers["stream-next-offset"]
-                polls.append(asyncio.create_task(http.get(
-                    f"{b.url}/v1/stream/{path}", params={"offset": tail, "live": "long-poll"}
-                )))
+                polls.append(
+                    asyncio.create_task(
+                        http.get(
+                            f"{b.url}/v1/stream/{path}",
+                            params={"offset": tail, "live": "long-poll"},
+                        )
+                    )
+                )
             for path in paths:
                 await parked(clients, path)
             assert not any(poll.done() for poll in polls)
@@ -237,11 +242,16 @@ async def test_killing_the_pubsub_connection_loses_no_wake_up(replicas) -> None:
             )
             assert sum(int(k) for k in killed) >= 1
             # Appended while b's listener is (probably) still reconnecting.
-            posted = await asyncio.gather(*(
-                http.post(f"{a.url}/v1/stream/{path}", content=f"after-kill {path}",
-                          headers={"content-type": "text/plain"})
-                for path in paths
-            ))
+            posted = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{a.url}/v1/stream/{path}",
+                        content=f"after-kill {path}",
+                        headers={"content-type": "text/plain"},
+                    )
+                    for path in paths
+                )
+            )
             assert [p.status_code for p in posted] == [204] * 20
             responses = await asyncio.wait_for(asyncio.gather(*polls), 30)
             assert [r.status_code for r in responses] == [200] * 20

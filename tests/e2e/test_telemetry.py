@@ -5,7 +5,8 @@
   the main port has no /metrics unless DS_METRICS=1;
 - the request log: one line per request, text or JSON, with the request id taken
   in or made (and returned on every response), credentials never written, live
-  reads logged when they end.
+  reads logged when they end; a stdout nobody reads drops lines (counted, and
+  marked in the log) and never stops the gateway.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +27,7 @@ import pytest
 
 from gateway.servers.native.server import MIN_WORKER_LIFETIME_S
 from tests.support.gateway_server import GatewayServer
-from tests.support.procs import free_port
+from tests.support.procs import free_port, stop_process
 
 OCTET = {"Content-Type": "application/octet-stream"}
 WAIT_S = 20.0  # generous: metrics are flushed once a second, CI machines are slow
@@ -378,3 +381,77 @@ def test_redis_failures_are_counted_by_type(redis_url: str) -> None:
         assert (
             sample(samples, "durable_streams_requests_total", operation="read", status="503") == 3
         )
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_gateway(redis_url: str) -> None:
+    """The request log goes to a pipe whose reader never reads: the pipe fills
+    after a few hundred lines (before, the worker then stopped answering). The
+    gateway keeps answering, counts what it drops, and once the pipe is read the
+    log says where lines are missing."""
+    metrics_port = free_port()
+    port = free_port()
+    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
+    proc = subprocess.Popen(
+        [
+            *(script, "--host", "127.0.0.1", "--port", str(port)),
+            *("--metrics-port", str(metrics_port), "--log-level", "warning"),
+        ],
+        # 64 KiB of lines held (the least): ~400 KB of lines overflow it.
+        env={**os.environ, "REDIS_URL": redis_url, "DS_ACCESS_LOG_BUFFER_BYTES": "65536"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the gateway", lambda: _healthy(url))
+        stream = f"{url}/v1/stream/unread-log-{uuid.uuid4().hex}"
+        appends = 3000  # ~400 KB of log lines: six times what a pipe holds
+        with httpx.Client(timeout=10) as client:
+            assert client.put(stream, headers=OCTET).status_code == 201
+            for number in range(appends):
+                response = client.post(stream, content=b"%d," % number, headers=OCTET)
+                assert response.status_code == 204, (number, response.text)
+            assert client.get(stream + "?offset=-1").content.count(b",") == appends
+        dropped = wait_for(
+            "dropped lines counted",
+            lambda: sample(
+                scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
+                "durable_streams_request_log_dropped_lines_total",
+            ),
+        )
+        assert isinstance(dropped, float) and dropped > 0
+
+        # Now read: the lines that were kept, a notice at each gap, and what
+        # comes after (the requests above plus the scrapes and health checks).
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        httpx.get(url + "/healthz?after=1", timeout=10)
+        out = b""
+
+        def read_until_after() -> bool:
+            nonlocal out
+            chunk = proc.stdout.read() if proc.stdout is not None else None
+            out += chunk or b""
+            return b"after=1" in out
+
+        wait_for("the log to resume", read_until_after)
+        lines = out.decode().splitlines()
+        notices = [line for line in lines if line.startswith("request log: ")]
+        assert notices, lines[-5:]
+        assert sum(int(line.split()[2]) for line in notices) == dropped
+        appended = [line for line in lines if "method=POST" in line]
+        assert 0 < len(appended) < appends
+        assert len(appended) + dropped >= appends
+    finally:
+        code = stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -827,8 +827,9 @@ async def test_a_final_large_page_of_exactly_the_planned_entries_is_up_to_date(
     planned: list[int] = []
     xrange = store._xrange
 
-    async def recording_xrange(path: str, info: object, after: str, budget: int,
-                               wanted: int) -> object:
+    async def recording_xrange(
+        path: str, info: object, after: str, budget: int, wanted: int
+    ) -> object:
         planned.append(wanted)
         return await xrange(path, info, after, budget, wanted)  # type: ignore[arg-type]
 
@@ -1005,9 +1006,7 @@ async def test_a_batch_applies_each_request_as_if_alone(
         return_exceptions=True,
     )
     assert await _script_runs(redis_client) - before == 1
-    kinds = [
-        o.status if isinstance(o, AppendResult) else type(o).__name__ for o in outcomes
-    ]
+    kinds = [o.status if isinstance(o, AppendResult) else type(o).__name__ for o in outcomes]
     assert kinds == [
         "ok",
         "ok",

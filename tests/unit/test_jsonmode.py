@@ -270,8 +270,12 @@ def test_exact_path_keeps_true_false_and_null_beside_a_large_number() -> None:
     writes every other value itself, literals included."""
     body = b'[{"n": 123456789012345678901234567890, "t": true, "f": false, "z": null}]'
     (message,) = jsonmode.flatten(body, allow_empty=False)
-    assert json.loads(message) == {"n": 123456789012345678901234567890, "t": True,
-                                   "f": False, "z": None}
+    assert json.loads(message) == {
+        "n": 123456789012345678901234567890,
+        "t": True,
+        "f": False,
+        "z": None,
+    }
     assert b"123456789012345678901234567890" in message
 
 

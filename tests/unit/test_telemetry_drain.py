@@ -140,6 +140,7 @@ def test_tallies_match_each_request_counted_alone(seed: int, log_file: tuple[int
     for mode in ("long_poll", "sse"):
         assert local.readers[mode] == readers_before[mode] - live_counts[mode]
     assert tel.done == []
+    tel.close()
 
 
 TEXT_LINE = re.compile(
@@ -165,7 +166,7 @@ def test_one_line_per_request_in_order_with_its_own_fields(
     tel = make(log_format, fd)
     done = batch(11, 600)
     tel.done = list(done)
-    tel.drain()
+    tel.close()  # drains, and waits for the log's writer thread
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     assert len(lines) == len(done)
