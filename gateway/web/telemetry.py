@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Coroutine, Sequence
 from itertools import compress, repeat
 from operator import mul, sub
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -155,6 +155,20 @@ _now = time.perf_counter
 # bytes sent, Content-Length as declared, method, path, query, request id,
 # live operation.
 Finished = tuple[float, float, int, int, str | None, str, str, str, str | None, str | None]
+
+
+class _Columns(NamedTuple):
+    """A drained batch, column by column, as the log lines need it."""
+
+    ends: Sequence[float]
+    ids: Sequence[str | None]
+    methods: Sequence[str]
+    paths: Sequence[str]
+    queries: Sequence[str]
+    statuses: Sequence[int]
+    received: Sequence[str]
+    sents: Sequence[int]
+    elapsed: Sequence[float]
 
 
 class Telemetry:
@@ -281,14 +295,8 @@ class Telemetry:
                 self.local, statuses, sents, received, elapsed, methods, paths, queries, lives
             )
         if self.writer is not None:
-            if self.json:
-                lines = self._json_lines(
-                    ends, ids, methods, paths, queries, statuses, received, sents, elapsed
-                )
-            else:
-                lines = self._text_lines(
-                    ends, ids, methods, paths, queries, statuses, received, sents, elapsed
-                )
+            batch = _Columns(ends, ids, methods, paths, queries, statuses, received, sents, elapsed)
+            lines = self._json_lines(batch) if self.json else self._text_lines(batch)
             data = "".join(lines).encode("utf-8", "backslashreplace")
             self.writer.write(data, len(lines))
 
@@ -349,48 +357,34 @@ class Telemetry:
         table = {ms: stamp(ms) for ms in set(millis)}
         return list(map(table.__getitem__, millis))
 
-    def _text_lines(
-        self,
-        ends: Sequence[float],
-        ids: Sequence[str | None],
-        methods: Sequence[str],
-        paths: Sequence[str],
-        queries: Sequence[str],
-        statuses: Sequence[int],
-        received: Sequence[str],
-        sents: Sequence[int],
-        elapsed: Sequence[float],
-    ) -> list[str]:
-        if any(queries):
+    def _text_lines(self, batch: _Columns) -> list[str]:
+        if any(batch.queries):
             targets = [
                 path + "?" + redact_query(query) if query else path
-                for path, query in zip(paths, queries, strict=True)
+                for path, query in zip(batch.paths, batch.queries, strict=True)
             ]
         else:
-            targets = list(paths)
+            targets = list(batch.paths)
         quoted = list(map(_QUOTED.get, targets))
         if None in quoted:
             quoted = [
                 q if q is not None else _quoted(t) for q, t in zip(quoted, targets, strict=True)
             ]
-        micros = map(int, map(mul, elapsed, repeat(1e6)))
+        micros = map(int, map(mul, batch.elapsed, repeat(1e6)))
         fields = zip(
-            self._stamps(ends), ids, methods, quoted, statuses, received, sents, micros, strict=True
+            self._stamps(batch.ends),
+            batch.ids,
+            batch.methods,
+            quoted,
+            batch.statuses,
+            batch.received,
+            batch.sents,
+            micros,
+            strict=True,
         )
         return list(map(self._text_format.__mod__, fields))
 
-    def _json_lines(
-        self,
-        ends: Sequence[float],
-        ids: Sequence[str | None],
-        methods: Sequence[str],
-        paths: Sequence[str],
-        queries: Sequence[str],
-        statuses: Sequence[int],
-        received: Sequence[str],
-        sents: Sequence[int],
-        elapsed: Sequence[float],
-    ) -> list[str]:
+    def _json_lines(self, batch: _Columns) -> list[str]:
         instance = self.instance
         return [
             orjson.dumps(
@@ -409,16 +403,7 @@ class Telemetry:
                 option=orjson.OPT_APPEND_NEWLINE,
             ).decode()
             for stamp, request_id, method, path, query, status, declared, sent, seconds in zip(
-                self._stamps(ends),
-                ids,
-                methods,
-                paths,
-                queries,
-                statuses,
-                received,
-                sents,
-                elapsed,
-                strict=True,
+                self._stamps(batch.ends), *batch[1:], strict=True
             )
         ]
 
