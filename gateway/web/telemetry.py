@@ -226,7 +226,7 @@ class Telemetry:
         if self.fd is not None:  # the id is the log's: none without a log
             request_id = req._headers.get(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
-                request_id = f"{self._id_prefix}{next(self._ids):x}"
+                request_id = self._id_prefix + str(next(self._ids))  # (faster than hex)
         query = req.query_string
         rec = Recorded(res, request_id, query)
         if req.method == "GET" and self.local is not None and "live=" in query:
