@@ -248,6 +248,9 @@ class Telemetry:
         # Holding those until the drain cost more in collections than the
         # rest of the bookkeeping did. Bytes received are as declared (an SSE
         # request, whose headers are released by now, has no body).
+        path = req._path  # decoded when the request was routed, nearly always
+        if path is None:
+            path = req.loggable_path()
         done = self.done
         done.append(
             (
@@ -257,7 +260,7 @@ class Telemetry:
                 rec.sent,
                 req._headers.get("content-length"),
                 req.method,
-                req.loggable_path(),
+                path,
                 rec.query,
                 rec.request_id,
                 rec.live,
