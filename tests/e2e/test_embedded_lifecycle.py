@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.gateway_server import REPO_ROOT
-from support.procs import die_with_parent, free_port, stop_process, tail
+from support.procs import free_port, spawn, stop_process, tail
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,10 +80,18 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
+def _workers_of(pid: int) -> list[int]:
+    """The server's worker processes: children running its command line. (The
+    embedded-Redis watchdog is a child too, with another command line; with
+    setproctitle installed granian titles its workers "<its title> worker-N".)"""
+    main = _cmdline(pid)
+    return [child for child in _children_of(pid) if main and _cmdline(child).startswith(main)]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
+            return fh.read().rstrip(b"\0")  # (a retitled process pads it with NULs)
     except OSError:
         return b""
 
@@ -109,19 +117,7 @@ class Gateway:
             self.args += ["--bind", f"127.0.0.1:{self.port}"]
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_CLUSTER_URL")}
         env.update(DS_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-        with open(log_path, "ab") as log:
-            log.write(f"$ {' '.join(self.args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn(self.args, log_path, env=env, cwd=REPO_ROOT, append=True)
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -244,11 +240,9 @@ def test_a_killed_worker_is_replaced_and_redis_still_stops_with_the_gateway(
 ) -> None:
     gateway = lifecycle(workers=2)
     gateway.append("kept", "before the crash")
-    main_cmdline = _cmdline(gateway.proc.pid)
 
     def workers() -> list[int]:
-        # The watchdog is a child too, but runs another command line.
-        return [p for p in _children_of(gateway.proc.pid) if _cmdline(p) == main_cmdline]
+        return _workers_of(gateway.proc.pid)
 
     first = _wait_for(lambda: len(workers()) == 2 and workers(), 10, "two workers")
     # The supervisor treats a worker dying younger than this as a failed start.
@@ -331,10 +325,7 @@ def test_sigterm_during_start_up_stops_the_embedded_redis(
         starting = lifecycle(command="hypercorn", healthy=False)
     else:
         starting = lifecycle(healthy=False, server=server, workers=workers)
-    main_cmdline = _cmdline(starting.proc.pid)
-    reached["workers forked"] = lambda: (
-        workers == sum(_cmdline(pid) == main_cmdline for pid in _children_of(starting.proc.pid))
-    )
+    reached["workers forked"] = lambda: workers == len(_workers_of(starting.proc.pid))
     _wait_for(reached[moment], START_TIMEOUT_S, moment)
     starting.proc.send_signal(signal.SIGTERM)
     code = starting.wait_exit()

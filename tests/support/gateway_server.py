@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from .procs import die_with_parent, free_port, stop_process, tail
+from .procs import free_port, spawn, stop_process, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,19 +109,7 @@ class GatewayServer:
             **self.extra_env,
         }
         args = _command(self.server, self.app, self.port, self.args)
-        with open(self.log_path, "ab") as log:
-            log.write(f"$ {' '.join(args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                args,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn(args, self.log_path, env=env, cwd=REPO_ROOT, append=True)
         try:
             self._wait_healthy()
         except BaseException:

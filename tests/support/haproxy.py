@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from .procs import die_with_parent, free_port, stop_process, tail
+from .procs import free_port, spawn, stop_process, tail
 
 HAPROXY_INSTALL_HINT = (
     "HAProxy is needed for the multi-replica tests: run scripts/test (it installs it as "
@@ -163,18 +163,7 @@ class HAProxy:
         with open(self.config_path, "w") as fh:
             fh.write(render_config(port, self.backends, timeout_s=self.timeout_s))
         args = [self.binary, "-f", self.config_path, "-db"]
-        with open(self.log_path, "ab") as log:
-            log.write(f"$ {' '.join(args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                args,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn(args, self.log_path, cwd=self.dir, append=True)
         self._wait_proxying()
 
     def _wait_proxying(self) -> None:

@@ -25,6 +25,33 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def spawn(
+    args: list[str],
+    log_path: str | os.PathLike[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a server: its output (stdout and stderr) to ``log_path``, fresh or
+    (``append``) after a ``$ command`` line; its own process group; SIGTERM
+    when this process dies."""
+    with open(log_path, "ab" if append else "wb") as log:
+        if append:
+            log.write(f"$ {' '.join(map(str, args))}\n".encode())
+            log.flush()
+        return subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago.
 

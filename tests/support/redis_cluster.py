@@ -30,7 +30,7 @@ from pathlib import Path
 
 import redis
 
-from .procs import die_with_parent, stop_process, tail
+from .procs import spawn, stop_process, tail
 
 CLUSTER_SLOTS = 16384
 BUS_PORT_OFFSET = 10000
@@ -89,15 +89,7 @@ class _Node:
             "--dir", self.dir,
             "--daemonize", "no",
         ]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn(args, self.log_path)
 
     def client(self) -> redis.Redis:
         return redis.Redis(

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
 import redis
 
-from .procs import die_with_parent, free_port, stop_process, tail
+from .procs import free_port, spawn, stop_process, tail
 from .redis_server import RedisServer
 
 
@@ -49,15 +48,7 @@ class _Sentinel:
                 f"sentinel failover-timeout {name} 10000\n"
                 f"sentinel parallel-syncs {name} 2\n"
             )
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [binary, config, "--sentinel"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn([binary, config, "--sentinel"], self.log_path)
 
     def client(self) -> redis.Redis:
         return redis.Redis(

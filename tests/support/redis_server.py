@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from .procs import die_with_parent, free_port, stop_process, tail
+from .procs import free_port, spawn, stop_process, tail
 
 REDIS7_PATH = "/usr/bin/redis-server"
 REDIS7_INSTALL_HINT = (
@@ -132,15 +132,7 @@ class RedisServer:
             "--daemonize", "no",
             *self.extra_args,
         ]  # fmt: skip
-        with open(self.log_path, "wb") as log:  # fresh log per attempt
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn(args, self.log_path)  # a fresh log per attempt
         self.port = port
         deadline = time.monotonic() + self.start_timeout
         client = redis.Redis(

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from support.procs import die_with_parent, free_port, stop_process, tail
+from support.procs import free_port, spawn, stop_process, tail
 
 from gateway.cli import DEFAULT_PORT, build_parser
 from gateway.config import Settings
@@ -455,16 +455,7 @@ class RunningHAProxy:
         self.stats_url = f"http://127.0.0.1:{self.stats_port}"
         config = _local_haproxy_config(backends, self.port, self.stats_port, tmp)
         self.log_path = tmp / "haproxy.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [haproxy_binary(), "-f", str(config), "-db"],
-                cwd=tmp,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.proc = spawn([haproxy_binary(), "-f", str(config), "-db"], self.log_path, cwd=tmp)
 
     def wait_until(self, path: str, status: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
