@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.web.app import Gateway
 from gateway.web.request import (
+    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -23,6 +24,8 @@ from gateway.web.request import (
 )
 
 from .signals import drain_on_signals
+
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 log = logging.getLogger("gateway")
 
@@ -100,20 +103,28 @@ class AsgiResponse(Response):
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
     ) -> None:
         raw = _encoded(headers)
+        if self.request_id is not None:
+            raw.append((_REQUEST_ID, self.request_id.encode()))
         if bodiless(status, head):
             body = b""
         else:
             raw.append((b"content-length", str(len(body)).encode()))
         self.started = True
+        self.status = status
+        self.sent = len(body)
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
         await self._send({"type": "http.response.body", "body": body})
 
     async def start_stream(self, status: int, headers: Headers) -> None:
         raw = _encoded(headers)
+        if self.request_id is not None:
+            raw.append((_REQUEST_ID, self.request_id.encode()))
         self.started = True
+        self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def write(self, chunk: bytes) -> None:
+        self.sent += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def end_stream(self) -> None:

@@ -15,6 +15,7 @@ from gateway.protocol.errors import BadRequest
 from gateway.web.app import Gateway
 from gateway.web.request import (
     LIST_HEADERS,
+    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -63,6 +64,10 @@ class RsgiRequest(Request):
     def has_header(self, name: str) -> bool:
         return name in self._rsgi_headers
 
+    def logged_header(self, name: str) -> str | None:
+        value: str | None = self._rsgi_headers.get(name)
+        return value
+
     def authority(self) -> str:
         scope = self.rsgi_scope
         host: str = self._rsgi_headers.get("host") or scope.authority or scope.server
@@ -106,19 +111,27 @@ class RsgiResponse(Response):
     ) -> None:
         for name, value in headers:
             check_header_value(name, value)
+        if self.request_id is not None:
+            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
         self.started = True
+        self.status = status
         if bodiless(status, head):
             self._proto.response_empty(status, headers)
         else:
+            self.sent = len(body)
             self._proto.response_bytes(status, headers, body)
 
     async def start_stream(self, status: int, headers: Headers) -> None:
         for name, value in headers:
             check_header_value(name, value)
+        if self.request_id is not None:
+            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
         self.started = True
+        self.status = status
         self._transport = self._proto.response_stream(status, headers)
 
     async def write(self, chunk: bytes) -> None:
+        self.sent += len(chunk)
         try:
             await self._transport.send_bytes(chunk)
         except RuntimeError as exc:  # RSGIProtocolClosed: the client went away

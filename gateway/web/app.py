@@ -50,7 +50,7 @@ from .request import (
     UnsafeHeader,
     base_headers,
 )
-from .telemetry import Recorded, Telemetry
+from .telemetry import Telemetry, now
 
 log = logging.getLogger("gateway")
 
@@ -84,9 +84,9 @@ class Gateway:
 
     async def handle(self, req: Request, res: Response) -> None:
         telemetry = self.telemetry
-        recorded: Recorded | None = None
         if telemetry is not None:
-            res = recorded = telemetry.begin(req, res)
+            start, query = now(), req.query_string
+            live = telemetry.begin(req, res, query)
         try:
             await self.route(req, res)
         except ProtocolError as exc:
@@ -108,8 +108,8 @@ class Gateway:
             log.exception("unhandled error on %s %s", req.method, req.path)
             await self.send_internal_error(req, res)
         finally:
-            if telemetry is not None and recorded is not None:
-                telemetry.finish(req, recorded)
+            if telemetry is not None:
+                telemetry.finish(req, res, start, query, live)
 
     async def send_internal_error(self, req: Request, res: Response) -> None:
         if not res.started:

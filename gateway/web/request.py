@@ -196,6 +196,11 @@ class Request:
     def has_header(self, name: str) -> bool:
         return name in self._headers
 
+    def logged_header(self, name: str) -> str | None:
+        """The value of ``name`` as the request log and metrics report it: the
+        first one sent, never refused (None when absent or unreadable)."""
+        return self._headers.get(name)
+
     # -- interface-specific --------------------------------------------------------
 
     def authority(self) -> str:
@@ -372,13 +377,26 @@ INTERNAL_ERROR_REASON = "internal error"
 INTERNAL_ERROR_BODY = (INTERNAL_ERROR_REASON + "\n").encode()
 
 
-class Response:
-    """How handlers answer: one whole response, or a stream of chunks (SSE)."""
+# Added to every response when the request log is on (gateway/web/telemetry.py).
+REQUEST_ID_HEADER = "x-request-id"
 
-    __slots__ = ("started",)
+
+class Response:
+    """How handlers answer: one whole response, or a stream of chunks (SSE).
+
+    Adapters note on the way what the request metrics and log report: the
+    ``status`` sent (0 until then) and the body bytes ``sent``; and when
+    ``request_id`` is set, they add it as ``X-Request-Id`` to the response
+    (a token of safe characters: gateway/web/telemetry.py checks it).
+    """
+
+    __slots__ = ("request_id", "sent", "started", "status")
 
     def __init__(self) -> None:
         self.started = False  # once true, errors can no longer become responses
+        self.status = 0
+        self.sent = 0
+        self.request_id: str | None = None
 
     async def send(
         self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False

@@ -1,12 +1,14 @@
 """What each request leaves behind: its request metrics and its request-log line.
 
-``Gateway.handle`` wraps the server's response in a ``Recorded`` (when metrics
-or the request log are on; otherwise nothing here runs), which notes the status
-and the body bytes as they pass and, with the log on, adds ``X-Request-Id`` to
-every response. When the handler is done (for long-poll and SSE: when the
-response ends), ``Telemetry.finish`` queues its figures; every 50 ms ``Telemetry.drain``
-adds the queued requests to this process's tallies (gateway/metrics.py flushes
-them into Prometheus once a second) and writes their log lines.
+``Gateway.handle`` calls ``Telemetry.begin`` as a request starts (when metrics
+or the request log are on; otherwise nothing here runs): with the log on, the
+response gets its request id, which the server adds as ``X-Request-Id`` to it.
+The servers note the status and the body bytes of every response as they send
+it (gateway/web/request.py's ``Response``). When the handler is done (for
+long-poll and SSE: when the response ends), ``Telemetry.finish`` queues its
+figures; every 50 ms ``Telemetry.drain`` adds the queued requests to this
+process's tallies (gateway/metrics.py flushes them into Prometheus once a
+second) and writes their log lines.
 
 The request id is the client's ``X-Request-Id`` when it is a plain token of at
 most 128 characters (letters, digits and ``._:/+=@-``), else a new one: a
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 import secrets
 import socket
@@ -36,10 +39,10 @@ import sys
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from itertools import compress, repeat
-from operator import mul, sub
-from typing import Any, NamedTuple
+from operator import floordiv, sub
+from typing import NamedTuple
 
 import orjson
 
@@ -47,9 +50,8 @@ from gateway import metrics
 from gateway.config import Settings
 
 from .log_writer import LogWriter
-from .request import Headers, Request, Response
+from .request import REQUEST_ID_HEADER, Request, Response
 
-REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # Query parameters whose values are credentials (gateway/web/auth/: bearer
 # tokens for EventSource, pre-signed URLs' signatures).
@@ -106,33 +108,26 @@ def operation_of(method: str, path: str, query: str, prefix: str) -> str:
 
 
 class _Clock:
-    """Wall-clock timestamps for log lines from ``perf_counter`` readings; the
-    seconds part formatted once a second, the milliseconds from a table, the
-    whole once a millisecond."""
+    """Wall-clock timestamps for log lines from ``perf_counter_ns`` readings: the
+    seconds part formatted once a second, the milliseconds from a table."""
 
-    __slots__ = ("last", "last_text", "offset_millis", "second", "text")
+    __slots__ = ("offset_ns", "second", "text")
 
     _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
     def __init__(self) -> None:
-        self.offset_millis = round((time.time() - time.perf_counter()) * 1000)
+        self.offset_ns = time.time_ns() - time.perf_counter_ns()
         self.second = -1
         self.text = ""
-        self.last = -1
-        self.last_text = ""
 
     def stamp(self, counter_millis: int) -> str:
-        """The time of ``perf_counter`` reading ``counter_millis`` (in milliseconds)."""
-        millis = counter_millis + self.offset_millis
-        if millis == self.last:
-            return self.last_text
-        self.last = millis
+        """The time of ``perf_counter_ns`` reading ``counter_millis`` (in milliseconds)."""
+        millis = counter_millis + self.offset_ns // 1_000_000
         second = millis // 1000
         if second != self.second:
             self.second = second
             self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self.last_text = self.text + self._MILLIS[millis - second * 1000]
-        return self.last_text
+        return self.text + self._MILLIS[millis - second * 1000]
 
 
 def _quoted(target: str) -> str:
@@ -149,18 +144,18 @@ def _quoted(target: str) -> str:
 _QUOTED: dict[str, str] = {}
 _QUOTED_MAX = 4096
 
-_now = time.perf_counter
+now = time.perf_counter_ns  # the clock of a request's start and end
 
-# A finished request, as drain reads it: start and end (perf_counter), status,
-# bytes sent, Content-Length as declared, method, path, query, request id,
-# live operation.
-Finished = tuple[float, float, int, int, str | None, str, str, str, str | None, str | None]
+# A finished request, as drain reads it: start and end (perf_counter_ns; each
+# end no earlier than the one before), status, bytes sent, Content-Length as
+# declared, method, path, query, request id, live operation.
+Finished = tuple[int, int, int, int, str | None, str, str, str, str | None, str | None]
 
 
 class _Columns(NamedTuple):
     """A drained batch, column by column, as the log lines need it."""
 
-    ends: Sequence[float]
+    ends: Sequence[int]
     ids: Sequence[str | None]
     methods: Sequence[str]
     paths: Sequence[str]
@@ -168,7 +163,7 @@ class _Columns(NamedTuple):
     statuses: Sequence[int]
     received: Sequence[str]
     sents: Sequence[int]
-    elapsed: Sequence[float]
+    elapsed: Sequence[int]
 
 
 class Telemetry:
@@ -190,12 +185,8 @@ class Telemetry:
             )
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
-        # The part of a text line that is the same on every line (one piece
-        # fewer to join per line).
-        self._text_format = (
-            f"%s instance={self.instance.replace('%', '%%')} request_id=%s method=%s path=%s "
-            "status=%d received_bytes=%s sent_bytes=%d duration_us=%d\n"
-        )
+        # The latency buckets' bounds in nanoseconds, as durations are measured.
+        self._bounds_ns = (*(round(bound * 1e9) for bound in metrics.LATENCY_BUCKETS), math.inf)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6) + "-"
         self._clock = _Clock()
@@ -221,27 +212,31 @@ class Telemetry:
         if self.local is not None:
             self.local.request_log_dropped.inc(lines)
 
-    def begin(self, req: Request, res: Response) -> Recorded:
-        request_id = None
+    def begin(self, req: Request, res: Response, query: str) -> str | None:
+        """A request starts: the response gets its request id (with the log
+        on); the live operation when it is a live reader, counted as one."""
         if self.fd is not None:  # the id is the log's: none without a log
-            request_id = req._headers.get(REQUEST_ID_HEADER)
+            request_id = req.logged_header(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
                 request_id = self._id_prefix + str(next(self._ids))  # (faster than hex)
-        query = req.query_string
-        rec = Recorded(res, request_id, query)
+            res.request_id = request_id
         if req.method == "GET" and self.local is not None and "live=" in query:
             operation = operation_of("GET", req.loggable_path(), query, self.prefix)
             if operation in LIVE_OPERATIONS:
                 self.local.readers[operation] += 1
-                rec.live = operation
-        return rec
+                return operation
+        return None
 
     def refused(self, status: int, reason: str) -> None:
         """A request the trust boundary or a rate limit refused (401, 403, 429)."""
         if self.local is not None:
             self.local.refusals.labels(str(status), reason).inc()
 
-    def finish(self, req: Request, rec: Recorded) -> None:
+    def finish(
+        self, req: Request, res: Response, start: int, query: str, live: str | None
+    ) -> None:
+        """The request is done (a live one: its response has ended). ``query``
+        as it came: an SSE request releases its own once it has started."""
         # What drain needs, as a tuple of strings and numbers: the garbage
         # collector stops tracking it at its first pass, and nothing else of
         # the request (its object, headers, connection) outlives the request.
@@ -254,16 +249,16 @@ class Telemetry:
         done = self.done
         done.append(
             (
-                rec.start,
-                _now(),
-                rec.status,
-                rec.sent,
-                req._headers.get("content-length"),
+                start,
+                now(),
+                res.status,
+                res.sent,
+                req.logged_header("content-length"),
                 req.method,
                 path,
-                rec.query,
-                rec.request_id,
-                rec.live,
+                query,
+                res.request_id,
+                live,
             )
         )
         if self._timer is None:
@@ -275,8 +270,8 @@ class Telemetry:
         """Count and log the requests finished since the last drain.
 
         Column by column: the batch is transposed once and most of the work
-        runs in C (``map``, ``Counter``, ``%`` formatting), so that a request
-        costs little Python of its own.
+        runs in C (``map``, ``Counter``, ``count``), so that a request costs
+        little Python of its own.
         """
         if self._timer is not None:
             self._timer.cancel()
@@ -291,8 +286,12 @@ class Telemetry:
         if 0 in statuses:
             statuses = tuple([status or CLIENT_CLOSED for status in statuses])
         # Content-Length as declared: digits (the servers refuse others), or none.
-        received = [value if value is not None and value.isdigit() else "0" for value in declared]
-        elapsed = list(map(sub, ends, starts))
+        if None in declared or not all(map(str.isdigit, declared)):
+            declared = tuple(
+                [value if value is not None and value.isdigit() else "0" for value in declared]
+            )
+        received: Sequence[str] = declared
+        elapsed = list(map(sub, ends, starts))  # nanoseconds
         if self.local is not None:
             self._count(
                 self.local, statuses, sents, received, elapsed, methods, paths, queries, lives
@@ -309,29 +308,36 @@ class Telemetry:
         statuses: Sequence[int],
         sents: Sequence[int],
         received: Sequence[str],
-        elapsed: Sequence[float],
+        elapsed: Sequence[int],
         methods: Sequence[str],
         paths: Sequence[str],
         queries: Sequence[str],
         lives: Sequence[str | None],
     ) -> None:
         prefix = self.prefix
-        operations = [
-            live
-            if live is not None
-            else "append"  # the hot path, without a call
-            if method == "POST" and path.startswith(prefix)
-            else operation_of(method, path, query, prefix)
-            for live, method, path, query in zip(lives, methods, paths, queries, strict=True)
-        ]
-        for live, count in Counter(lives).items():
-            if live is not None:
-                local.readers[live] -= count
-        kinds = set(operations)
+        size = len(methods)
+        operations: list[str] | None = None
+        if not (  # all appends (the busy case): no per-request label needed
+            methods.count("POST") == size and all(map(str.startswith, paths, repeat(prefix)))
+        ):
+            operations = [
+                live
+                if live is not None
+                else "append"  # the hot path, without a call
+                if method == "POST" and path.startswith(prefix)
+                else operation_of(method, path, query, prefix)
+                for live, method, path, query in zip(lives, methods, paths, queries, strict=True)
+            ]
+            if lives.count(None) != size:
+                for live, count in Counter(lives).items():
+                    if live is not None:
+                        local.readers[live] -= count
+        kinds = {"append"} if operations is None else set(operations)
         for operation in kinds:
             if len(kinds) == 1:
                 of_statuses, of_sents, of_received, of_elapsed = statuses, sents, received, elapsed
             else:
+                assert operations is not None
                 mask = list(map(operation.__eq__, operations))
                 of_statuses = list(compress(statuses, mask))
                 of_sents = list(compress(sents, mask))
@@ -348,17 +354,24 @@ class Telemetry:
             latency = tally.latency
             counts = latency.counts
             for bucket, count in Counter(
-                map(bisect_left, repeat(latency.bounds), of_elapsed)
+                map(bisect_left, repeat(self._bounds_ns), of_elapsed)
             ).items():
                 counts[bucket] += count
-            latency.total += sum(of_elapsed)
+            latency.total += sum(of_elapsed) / 1e9
 
-    def _stamps(self, ends: Sequence[float]) -> list[str]:
-        """The log time of each end: formatted once per millisecond."""
-        millis = list(map(int, map(mul, ends, repeat(1000.0))))
+    def _stamps(self, ends: Sequence[int]) -> list[str]:
+        """The log time of each end (in the order they ended): formatted once
+        per millisecond, and found by bisection, a step per millisecond."""
         stamp = self._clock.stamp
-        table = {ms: stamp(ms) for ms in set(millis)}
-        return list(map(table.__getitem__, millis))
+        stamps: list[str] = []
+        size = len(ends)
+        at = 0
+        while at < size:
+            millis = ends[at] // 1_000_000
+            until = bisect_left(ends, (millis + 1) * 1_000_000, at)
+            stamps += repeat(stamp(millis), until - at)
+            at = until
+        return stamps
 
     def _text_lines(self, batch: _Columns) -> list[str]:
         if any(batch.queries):
@@ -373,19 +386,22 @@ class Telemetry:
             quoted = [
                 q if q is not None else _quoted(t) for q, t in zip(quoted, targets, strict=True)
             ]
-        micros = map(int, map(mul, batch.elapsed, repeat(1e6)))
-        fields = zip(
-            self._stamps(batch.ends),
-            batch.ids,
-            batch.methods,
-            quoted,
-            batch.statuses,
-            batch.received,
-            batch.sents,
-            micros,
-            strict=True,
-        )
-        return list(map(self._text_format.__mod__, fields))
+        instance = self.instance
+        return [
+            f"{stamp} instance={instance} request_id={request_id} method={method} path={target} "
+            f"status={status} received_bytes={received} sent_bytes={sent} duration_us={micros}\n"
+            for stamp, request_id, method, target, status, received, sent, micros in zip(
+                self._stamps(batch.ends),
+                batch.ids,
+                batch.methods,
+                quoted,
+                batch.statuses,
+                batch.received,
+                batch.sents,
+                map(floordiv, batch.elapsed, repeat(1000)),
+                strict=True,
+            )
+        ]
 
     def _json_lines(self, batch: _Columns) -> list[str]:
         instance = self.instance
@@ -401,61 +417,11 @@ class Telemetry:
                     "status": status,
                     "received_bytes": int(declared),
                     "sent_bytes": sent,
-                    "duration_us": int(seconds * 1e6),
+                    "duration_us": nanos // 1000,
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
             ).decode()
-            for stamp, request_id, method, path, query, status, declared, sent, seconds in zip(
+            for stamp, request_id, method, path, query, status, declared, sent, nanos in zip(
                 self._stamps(batch.ends), *batch[1:], strict=True
             )
         ]
-
-
-class Recorded(Response):
-    """The server's response as the handlers see it: notes status and body
-    bytes on their way, and adds ``X-Request-Id`` to every response."""
-
-    __slots__ = ("_inner", "live", "query", "request_id", "sent", "start", "status")
-
-    def __init__(self, inner: Response, request_id: str | None, query: str) -> None:
-        # Not Response.__init__: ``started`` is the inner response's.
-        self._inner = inner
-        self.request_id = request_id
-        # The query as it came (an SSE request releases it once it has started).
-        self.query = query
-        self.live: str | None = None  # "long_poll" or "sse": counted as a live reader
-        self.status = 0
-        self.sent = 0
-        self.start = _now()
-
-    @property
-    def started(self) -> bool:
-        """The inner response's: the server decides when a response has started."""
-        return self._inner.started
-
-    @started.setter
-    def started(self, value: bool) -> None:
-        self._inner.started = value
-
-    def send(
-        self, status: int, headers: Headers, body: bytes = b"", *, head: bool = False
-    ) -> Coroutine[Any, Any, None]:
-        self.status = status
-        if not head:
-            self.sent += len(body)
-        if self.request_id is not None:
-            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
-        return self._inner.send(status, headers, body, head=head)
-
-    def start_stream(self, status: int, headers: Headers) -> Coroutine[Any, Any, None]:
-        self.status = status
-        if self.request_id is not None:
-            headers = [*headers, (REQUEST_ID_HEADER, self.request_id)]
-        return self._inner.start_stream(status, headers)
-
-    def write(self, chunk: bytes) -> Coroutine[Any, Any, None]:
-        self.sent += len(chunk)
-        return self._inner.write(chunk)
-
-    def end_stream(self) -> Coroutine[Any, Any, None]:
-        return self._inner.end_stream()

@@ -249,6 +249,78 @@ def test_one_text_line_per_request_with_the_request_id_taken_in(text_log: Gatewa
     ), line[0]
 
 
+@pytest.mark.parametrize(
+    "server, http2",
+    [
+        ("hypercorn", False),
+        ("console-script", False),
+        ("console-script", True),
+        ("console-script-rsgi", False),
+        ("console-script-asgi", False),
+    ],
+    ids=["hypercorn", "native-http1", "native-http2", "granian-rsgi", "granian-asgi"],
+)
+def test_every_server_returns_the_request_id_and_logs_what_it_sent(
+    redis_url: str, server: str, http2: bool
+) -> None:
+    """Each server adds the request id to its responses and notes the status and
+    body bytes it sent (gateway/web/request.py's Response): a whole response, a
+    HEAD, and an SSE stream, whose bytes are counted chunk by chunk."""
+    with (
+        GatewayServer(redis_url=redis_url, server=server, env={"DS_ACCESS_LOG": "1"}) as gw,
+        httpx.Client(http1=not http2, http2=http2, timeout=10) as http,
+    ):
+        path = f"/v1/stream/log-{uuid.uuid4().hex}"
+        body = b"0123456789" * 7
+        tag = uuid.uuid4().hex[:8]
+        created = http.put(gw.url + path, headers={**OCTET, "X-Request-Id": f"{tag}-put"})
+        assert created.headers["x-request-id"] == f"{tag}-put"
+        appended = http.post(
+            gw.url + path, content=body, headers={**OCTET, "X-Request-Id": f"{tag}-post"}
+        )
+        assert appended.status_code == 204
+        http.post(gw.url + path, headers={**OCTET, "Stream-Closed": "true"})
+        read = http.get(f"{gw.url}{path}?offset=-1", headers={"X-Request-Id": f"{tag}-get"})
+        assert read.headers["x-request-id"] == f"{tag}-get" and read.content == body
+        head = http.head(gw.url + path, headers={"X-Request-Id": f"{tag}-head"})
+        assert head.headers["x-request-id"] == f"{tag}-head"
+        with http.stream(
+            "GET", f"{gw.url}{path}?offset=-1&live=sse", headers={"X-Request-Id": f"{tag}-sse"}
+        ) as sse:
+            assert sse.headers["x-request-id"] == f"{tag}-sse"
+            streamed = b"".join(sse.iter_raw())  # the stream is closed: the SSE ends
+        made = http.get(gw.url + "/healthz").headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{12}-\d+", made)
+
+        def line_of(request_id: str) -> str:
+            lines = wait_for(
+                f"the log line of {request_id}",
+                lambda: [line for line in request_lines(gw) if f"request_id={request_id} " in line],
+            )
+            assert isinstance(lines, list) and len(lines) == 1, lines
+            return str(lines[0])
+
+        def fields(line: str) -> dict[str, str]:
+            return dict(re.findall(r"(status|received_bytes|sent_bytes)=(\d+)", line))
+
+        assert fields(line_of(f"{tag}-put"))["status"] == "201"
+        assert fields(line_of(f"{tag}-post")) == {
+            "status": "204",
+            "received_bytes": str(len(body)),
+            "sent_bytes": "0",
+        }
+        assert fields(line_of(f"{tag}-get")) == {
+            "status": "200",
+            "received_bytes": "0",
+            "sent_bytes": str(len(body)),
+        }
+        assert fields(line_of(f"{tag}-head"))["sent_bytes"] == "0"
+        sse_line = fields(line_of(f"{tag}-sse"))
+        assert sse_line["status"] == "200"
+        assert int(sse_line["sent_bytes"]) == len(streamed) > len(body)
+        assert fields(line_of(made))["status"] == "200"
+
+
 def test_a_bad_request_id_is_replaced_and_errors_carry_one_too(text_log: GatewayServer) -> None:
     gw = text_log
     for bad in ("x" * 129, "two words", 'quote"d', "new\tline"):

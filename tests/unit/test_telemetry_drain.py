@@ -8,6 +8,7 @@ its tallies and log lines with what each request, taken alone, must add.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -55,20 +56,37 @@ def make(log_format: str, fd: int) -> tm.Telemetry:
     return tm.Telemetry(settings, fd=fd)
 
 
-def batch(seed: int, size: int) -> list[tm.Finished]:
+APPENDS = [request for request in REQUESTS if request[0] == "POST"]
+ON_STREAMS = [request for request in REQUESTS if request[1].startswith(PREFIX)]
+
+
+def batch(
+    seed: int, size: int, kinds: list[tuple[str, str, str, str | None]] = REQUESTS
+) -> list[tm.Finished]:
     rng = random.Random(seed)
     done: list[tm.Finished] = []
+    end = rng.randrange(10**12, 2 * 10**12)  # perf_counter_ns
     for number in range(size):
-        method, path, query, live = rng.choice(REQUESTS)
-        start = rng.uniform(1000.0, 2000.0)
-        elapsed = rng.choice([0.0, 1e-6, 0.0007, 0.004, 0.03, 0.2, 1.5, 7.0, 40.0, 100.0])
+        method, path, query, live = rng.choice(kinds)
+        # Requests end in order (finish appends them as they end), often
+        # within the same millisecond.
+        end += rng.choice([0, 0, 1, 999, 50_000, 400_000, 1_000_000, 2_500_000])
+        # Nanoseconds; some exactly on a latency bucket's bound.
+        elapsed = rng.choice(
+            [
+                *(0, 1_000, 700_000, 4_000_000, 5_000_000, 30_000_000, 200_000_000),
+                *(1_500_000_000, 7 * 10**9, 40 * 10**9, 100 * 10**9),
+                round(rng.choice(metrics.LATENCY_BUCKETS) * 1e9),
+            ]
+        )
+        start = end - elapsed
         status = rng.choice([0, 200, 204, 400, 404, 409, 410, 429, 500])
         declared = rng.choice([None, "0", "17", "100", "x"])
         sent = rng.choice([0, 1, 5000])
         done.append(
             (
                 start,
-                start + elapsed,
+                end,
                 status,
                 sent,
                 declared,
@@ -92,11 +110,17 @@ def expected_operation(method: str, path: str, query: str, live: str | None) -> 
     return {"/healthz": "health", "/metrics": "metrics"}.get(path, "other")
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_tallies_match_each_request_counted_alone(seed: int, log_file: tuple[int, str]) -> None:
+@pytest.mark.parametrize(
+    ("seed", "kinds"),
+    [*((seed, REQUESTS) for seed in range(6)), (6, APPENDS), (7, APPENDS), (8, ON_STREAMS)],
+    ids=[*(f"mixed-{seed}" for seed in range(6)), "appends-6", "appends-7", "streams-8"],
+)
+def test_tallies_match_each_request_counted_alone(
+    seed: int, kinds: list[tuple[str, str, str, str | None]], log_file: tuple[int, str]
+) -> None:
     local = metrics.enable()
     tel = make("text", log_file[0])
-    done = batch(seed, 700)
+    done = batch(seed, 700, kinds)  # appends only: drain's shortcut for the busy case
     for *_, live in done:
         if live is not None:
             local.readers[live] += 1
@@ -123,9 +147,9 @@ def test_tallies_match_each_request_counted_alone(seed: int, log_file: tuple[int
         one["sent"] = int(one["sent"]) + sent  # type: ignore[call-overload]
         counts = one["counts"]
         assert isinstance(counts, dict)
-        bucket = bisect_left((*metrics.LATENCY_BUCKETS, float("inf")), end - start)
+        bucket = bisect_left((*metrics.LATENCY_BUCKETS, float("inf")), (end - start) / 1e9)
         counts[bucket] = counts.get(bucket, 0) + 1
-        one["total"] = float(one["total"]) + (end - start)  # type: ignore[arg-type]
+        one["total"] = float(one["total"]) + (end - start) / 1e9  # type: ignore[arg-type]
 
     assert set(tel.tallies) == set(want)
     for operation, one in want.items():
@@ -148,6 +172,13 @@ TEXT_LINE = re.compile(
     r"method=(?P<method>[A-Z]+) path=(?P<path>\"(?:[^\"\\]|\\.)*\") status=(?P<status>\d+) "
     r"received_bytes=(?P<received>\d+) sent_bytes=(?P<sent>\d+) duration_us=(?P<us>\d+)"
 )
+
+
+def wall_time(tel: tm.Telemetry, end: int) -> str:
+    """What the log must say of the time a request ended, derived on its own."""
+    millis = end // 10**6 + tel._clock.offset_ns // 10**6  # the clock's millisecond
+    when = datetime.datetime.fromtimestamp(millis // 1000, datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{millis % 1000:03d}Z"
 
 
 def redacted(query: str) -> str:
@@ -197,4 +228,5 @@ def test_one_line_per_request_in_order_with_its_own_fields(
             int(declared) if declared and declared.isdigit() else 0
         )
         assert int(str(fields["sent"])) == sent
-        assert int(str(fields["us"])) == int((end - start) * 1e6)
+        assert int(str(fields["us"])) == (end - start) // 1000
+        assert fields["time"] == wall_time(tel, end)

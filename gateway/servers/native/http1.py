@@ -44,6 +44,7 @@ from gateway.web.request import (
     INTERNAL_ERROR_REASON,
     INTERNAL_ERROR_STATUS,
     LIST_HEADERS,
+    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -307,6 +308,9 @@ class Http1Response(Response):
         elif req.http_version == "1.0" and not self.close:
             parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes by default
         parts.append(conn.server.date)
+        request_id = self.request_id
+        if request_id is not None:  # (a token of safe characters: no check needed)
+            extra = f"{REQUEST_ID_HEADER}: {request_id}\r\n{extra}"
         parts.append(extra.encode())
         return b"".join(parts)
 
@@ -323,6 +327,8 @@ class Http1Response(Response):
             block = self._head(status, headers, f"content-length: {len(body)}\r\n\r\n")
         self.started = True
         self.ended = True
+        self.status = status
+        self.sent = len(body)
         if conn.closed:
             return
         if len(body) <= _COPY_LIMIT:
@@ -342,6 +348,7 @@ class Http1Response(Response):
             self.close = True  # (before _head, which would add a second close)
             block = self._head(status, headers, "connection: close\r\n\r\n")
         self.started = True
+        self.status = status
         if conn.closed:
             raise ClientGone()
         conn.transport.write(block)
@@ -352,6 +359,7 @@ class Http1Response(Response):
             raise ClientGone()
         if not chunk:
             return
+        self.sent += len(chunk)
         if self._chunked:
             conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:

@@ -81,6 +81,7 @@ from gateway.web.request import (
     INTERNAL_ERROR_BODY,
     INTERNAL_ERROR_HEADERS,
     INTERNAL_ERROR_STATUS,
+    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -93,6 +94,7 @@ from gateway.web.request import (
 
 log = logging.getLogger("gateway.http2")
 
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 Handler = Callable[[Request, Response], Awaitable[None]]
@@ -264,12 +266,16 @@ class H2Response(Response):
     ) -> None:
         out = _response_headers(status, headers)  # refused values: nothing started yet
         self.started = True
+        self.status = status
         stream = self._stream
         conn = stream.conn
+        if self.request_id is not None:
+            out.append((_REQUEST_ID, self.request_id.encode()))
         if bodiless(status, head):
             body = b""
         else:
             out.append((b"content-length", str(len(body)).encode()))
+            self.sent = len(body)
         await conn._send_headers(stream, out, end_stream=not body, body_size=len(body))
         if body:
             await conn._send_data(stream, body, end_stream=True)
@@ -277,10 +283,14 @@ class H2Response(Response):
     async def start_stream(self, status: int, headers: Headers) -> None:
         out = _response_headers(status, headers)
         self.started = True
+        self.status = status
+        if self.request_id is not None:
+            out.append((_REQUEST_ID, self.request_id.encode()))
         stream = self._stream
         await stream.conn._send_headers(stream, out, False)
 
     async def write(self, chunk: bytes) -> None:
+        self.sent += len(chunk)
         stream = self._stream
         await stream.conn._send_data(stream, chunk, end_stream=False)
 
