@@ -1,36 +1,58 @@
-"""The request log's writer: a thread of its own, so that a stdout nobody reads
-never stops the event loop.
+"""The request log's output: written from the event loop, never blocking it,
+and never tearing a line.
 
-Standard output is usually a pipe (a container runtime, systemd, ``| tee``). A
-pipe whose reader stalls fills in 64 KiB, and a blocking write to it then
-blocks the whole worker: every client waited on the log consumer. Here the
-event loop only queues each batch of lines (``write``); the thread writes them,
-blocking as long as it must, with the interpreter lock released meanwhile.
+Standard output is usually a pipe (a container runtime, ``| tee``), a socket
+(systemd's journal) or a file. A pipe whose reader stalls fills in 64 KiB, and
+a blocking write to it then blocks the whole worker. So lines are written
+without blocking, on a handle of our own:
 
-What the reader cannot take is dropped, never queued without bound: past
-``max_pending`` bytes waiting (``DS_ACCESS_LOG_BUFFER_BYTES``, 4 MiB), whole
-batches are dropped and counted (``dropped_lines``, and
-``durable_streams_request_log_dropped_lines_total`` when metrics are on), and
-once writing resumes the log itself says how many lines are missing, at the
-place of the gap.
+- a pipe, FIFO or terminal is opened anew through ``/proc/self/fd`` with
+  ``O_NONBLOCK``: a description of its own, so the flag touches nobody else
+  sharing the output (the other workers, the shell, a supervisor);
+- a socket is sent to with ``MSG_DONTWAIT``, a flag of the call alone;
+- a regular file takes every write at once (the page cache), as it is.
+
+What the reader cannot take yet waits, and is written as the output becomes
+writable again (``loop.add_writer``). Past ``max_pending`` bytes waiting
+(``DS_ACCESS_LOG_BUFFER_BYTES``, 4 MiB), whole batches are dropped and counted
+(``dropped_lines``, and ``durable_streams_request_log_dropped_lines_total``
+when metrics are on), and once writing resumes the log itself says how many
+lines are missing, at the place of the gap.
+
+Every worker writes to the same output. A pipe keeps a write of at most
+``PIPE_BUF`` (4 KiB) bytes whole, so lines go out in chunks of whole lines no
+bigger than that: the workers' lines never interleave inside a line.
+
+Writing from the event loop itself, rather than from a thread, also spares
+every batch the handing over of the interpreter lock, which on a busy machine
+cost more than the writes do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import select
-import threading
+import socket
+import stat
+import time
 from collections import deque
 from collections.abc import Callable
+
+log = logging.getLogger("gateway")
 
 # Lines waiting for a slow reader, at most (about 25,000 lines).
 MAX_PENDING_BYTES = 4 * 1024 * 1024
 # At shutdown, how long the last lines may take to leave.
 CLOSE_TIMEOUT_S = 2.0
+# The most a pipe writes whole (POSIX guarantees at least 512; Linux: 4096).
+ATOMIC_BYTES = select.PIPE_BUF
 
 
 class LogWriter:
-    """Writes batches of log lines to ``fd`` from a daemon thread."""
+    """Writes batches of whole lines to ``fd`` without blocking the caller."""
 
     def __init__(
         self,
@@ -43,71 +65,170 @@ class LogWriter:
         self.max_pending = max_pending
         self.dropped_lines = 0  # since the start, for tests and metrics
         self._on_drop = on_drop
-        # Batches to write, and where lines were dropped: the count of lines
-        # dropped at that point, written there as a notice.
+        # Bytes waiting for the reader, and where lines were dropped: the count
+        # of lines dropped at that point, written there as a notice.
         self._queue: deque[bytes | int] = deque()
-        self._pending = 0  # bytes queued, not yet taken by the thread
-        self._closing = False
-        self._ready = threading.Condition(threading.Lock())
-        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
-        self._thread.start()
+        self._pending = 0  # bytes queued
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._own_fd: int | None = None
+        self._chunked = True  # in whole-line chunks of ATOMIC_BYTES at most
+        self._send: Callable[[memoryview], int]
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            self._chunked = False  # a file's write is whole, and never waits long
+            self._send = self._write_file
+            self._watch_fd = fd
+        elif stat.S_ISSOCK(mode):
+            # A duplicate shares the description: MSG_DONTWAIT, not O_NONBLOCK.
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._send = self._send_socket
+            self._watch_fd = self._sock.fileno()
+        else:
+            try:
+                self._own_fd = os.open(
+                    f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                )
+            except OSError as exc:
+                # No /proc (not Linux): the shared handle, as it is. A reader
+                # that stops then stops this worker too.
+                log.warning("request log: writing to fd %d may block (%s)", fd, exc)
+                self._send = self._write_file
+                self._watch_fd = fd
+            else:
+                self._send = self._write_own
+                self._watch_fd = self._own_fd
+
+    # -- the three kinds of output ---------------------------------------------------
+
+    def _write_file(self, data: memoryview) -> int:
+        return os.write(self.fd, data)
+
+    def _write_own(self, data: memoryview) -> int:
+        assert self._own_fd is not None
+        return os.write(self._own_fd, data)
+
+    def _send_socket(self, data: memoryview) -> int:
+        assert self._sock is not None
+        return self._sock.send(data, socket.MSG_DONTWAIT)
+
+    # -- writing ---------------------------------------------------------------------
 
     def write(self, data: bytes, lines: int) -> None:
-        """Queue ``data`` (``lines`` whole lines); never blocks on the reader."""
-        with self._ready:
-            if self._pending + len(data) > self.max_pending:
-                self.dropped_lines += lines
-                queue = self._queue
-                if queue and isinstance(queue[-1], int):
-                    queue[-1] += lines
-                else:
-                    queue.append(lines)
-                dropped = True
-            else:
-                self._queue.append(data)
-                self._pending += len(data)
-                self._ready.notify()
-                dropped = False
-        if dropped and self._on_drop is not None:
+        """Write ``data`` (``lines`` whole lines) now, or queue it; never blocks."""
+        if self._queue and self._loop is None:
+            self._resume()  # nothing watches the output (no loop): try now
+        if not self._queue:
+            rest = self._write_some(data, lines)
+            if rest is None:
+                return
+            data = rest  # (written in part: the rest goes first, whatever the limit)
+        elif self._pending + len(data) > self.max_pending:
+            self._drop(lines)
+            return
+        self._queue.append(data)
+        self._pending += len(data)
+        self._watch()
+
+    def _drop(self, lines: int) -> None:
+        self.dropped_lines += lines
+        queue = self._queue
+        if queue and isinstance(queue[-1], int):
+            queue[-1] += lines
+        else:
+            queue.append(lines)
+        if self._on_drop is not None:
             self._on_drop(lines)
+
+    def _write_some(self, data: bytes, lines: int) -> bytes | None:
+        """Write as much of ``data`` as the output takes now: None when all of
+        it went (or the output is gone), else what is left."""
+        view = memoryview(data)
+        size = len(data)
+        start = 0
+        while start < size:
+            end = size
+            if self._chunked and size - start > ATOMIC_BYTES:
+                # The last whole line within ATOMIC_BYTES (a longer line: whole).
+                end = data.rfind(b"\n", start, start + ATOMIC_BYTES) + 1
+                if end <= start:
+                    end = data.find(b"\n", start) + 1 or size
+            try:
+                start += self._send(view[start:end])
+            except BlockingIOError:
+                return data[start:]
+            except OSError:
+                # The output is gone (EPIPE) or failing (ENOSPC): these lines
+                # are lost, and counted.
+                self._drop_lost(data.count(b"\n", start), lines)
+                return None
+        return None
+
+    def _drop_lost(self, unwritten: int, lines: int) -> None:
+        self.dropped_lines += min(unwritten, lines)
+        if self._on_drop is not None and unwritten:
+            self._on_drop(min(unwritten, lines))
+
+    def _watch(self) -> None:
+        if self._loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (a tool, a test): written at close
+            try:
+                loop.add_writer(self._watch_fd, self._resume)
+            except (OSError, ValueError, NotImplementedError):
+                # Not pollable (a regular file never needs it): retried with
+                # the next batch, and at close.
+                return
+            self._loop = loop
+
+    def _unwatch(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._watch_fd)
+            self._loop = None
+
+    def _resume(self) -> None:
+        """The output takes bytes again: write what waits, in order."""
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            if isinstance(item, int):
+                item = queue[0] = _notice(item)
+                self._pending += len(item)
+            rest = self._write_some(item, item.count(b"\n"))
+            if rest is not None:
+                queue[0] = rest
+                self._pending -= len(item) - len(rest)
+                return
+            queue.popleft()
+            self._pending -= len(item)
+        self._unwatch()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued, waiting at most ``timeout`` for the reader."""
-        with self._ready:
-            self._closing = True
-            self._ready.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._closing:
-                    self._ready.wait()
-                if not self._queue:
-                    return  # closing, and everything is written
-                items = list(self._queue)
-                self._queue.clear()
-                self._pending = 0
-            data = b"".join([_notice(item) if isinstance(item, int) else item for item in items])
-            if not _write_all(self.fd, data):
-                return  # the output is gone (closed): nobody to write to
+        self._unwatch()
+        deadline = time.monotonic() + timeout
+        while self._queue:
+            pending = self._pending
+            self._resume()
+            self._unwatch()
+            if not self._queue:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if self._pending == pending:
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([], [self._watch_fd], [], min(left, 0.1))
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+            self._own_fd = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _notice(dropped: int) -> bytes:
     return f"request log: {dropped} lines dropped here (standard output was not read)\n".encode()
-
-
-def _write_all(fd: int, data: bytes) -> bool:
-    """Write all of ``data``, waiting for a slow reader (even on a non-blocking
-    fd); False once the output is closed."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [], 1.0)
-        except InterruptedError:
-            continue
-        except OSError:
-            return False
-    return True
