@@ -3,7 +3,7 @@
 Console-script gateways (one worker each) on one Redis (AOF everysec): one with
 both off (``--no-access-log``) and, beside it, each ``--on`` configuration
 (default: metrics on ``--metrics-port`` and the request log on, to a file). wrk
-POSTs 100-byte bodies to 1,000 streams (bench/lua/append.lua), alternating
+POSTs 100-byte bodies to 1,000 streams (``--streams``; bench/lua/append.lua), alternating
 between them, and each round prints appends/s and the gateway's CPU time per
 append (from /proc; steadier than appends/s on a shared machine) as ratios to
 the gateway with both off::
@@ -12,7 +12,24 @@ the gateway with both off::
     python bench/telemetry_cost.py --pin --on "--metrics-port 8833" \
         --on "--no-access-log --metrics-port 8843" --on ""   # both, metrics, log
 
-Needs ``redis-server`` and ``wrk`` on PATH.
+``--side-by-side`` loads the gateway with both off and a measured one at the
+same time, both on CPU 1, Redis and wrk on CPU 0, so that whatever else the
+machine does slows both alike: on a shared machine whose rounds vary by +-20 %
+one after the other, this A/B varies by 1-2 %. With ``--connections 64`` each
+neither gateway ever waits, Linux splits the CPU evenly between them, and
+appends/s on/off is the inverse of their CPU cost per append; with fewer, the
+cheaper one idles at times and the other gets the rest (closer to what one
+gateway alone under bench/run's 32 connections sees)::
+
+    python bench/telemetry_cost.py --side-by-side --connections 64 --rounds 10 --duration 4
+    python bench/telemetry_cost.py --side-by-side --connections 16 --streams 1 ...
+
+Options starting with ``NAME=value`` set the environment of that gateway
+alone: ``--on "PYTHONPATH=/path/to/other/checkout --metrics-port 8833"`` runs
+another commit's code (``--off`` likewise sets the reference gateway).
+
+Needs ``redis-server`` and ``wrk`` on PATH (``taskset`` for ``--pin`` and
+``--side-by-side``).
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,22 +70,30 @@ def wait_ready(port: int) -> None:
     raise RuntimeError(f"gateway on {port} did not start")
 
 
-def wrk(port: int, pid: int, duration: int, body: str, pin: list[str]) -> tuple[float, float]:
+def wrk(
+    port: int,
+    pid: int,
+    duration: int,
+    body: str,
+    pin: list[str],
+    connections: int = 32,
+    streams: int = STREAMS,
+) -> tuple[float, float]:
     """(appends/s, gateway CPU microseconds per append)"""
     before = cpu_seconds(pid)
     out = subprocess.run(
         [
             *pin,
             "wrk",
-            "-t2",
-            "-c32",
+            f"-t{min(2, connections // 16)}",
+            f"-c{connections}",
             f"-d{duration}s",
             "-s",
             str(ROOT / "bench/lua/append.lua"),
             f"http://127.0.0.1:{port}",
             "--",
             "/v1/stream/b",
-            str(STREAMS),
+            str(streams),
             "application/octet-stream",
             body,
         ],
@@ -102,7 +128,34 @@ def main() -> None:
         help="a measured gateway's options, repeatable: each is run beside the one with "
         "both off in every round (default: --metrics-port 8833, request log on)",
     )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="load the reference and each measured gateway at the same time, sharing "
+        "CPU 1: host noise hits both alike",
+    )
+    parser.add_argument(
+        "--off",
+        default="--no-access-log",
+        help="the reference gateway's options (default: --no-access-log, metrics off)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=32,
+        help="wrk's connections to each gateway (default 32; side by side, 64 keeps both "
+        "gateways busy all the time, so that they split the CPU evenly)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=STREAMS,
+        help="appends spread over this many streams (default 1,000; 1: all to one stream, "
+        "as bench/run's a_one)",
+    )
     args = parser.parse_args()
+    if args.side_by_side:
+        args.pin = True
     work = tempfile.mkdtemp(prefix="ds-telemetry-bench-")
     body = os.path.join(work, "body")
     Path(body).write_bytes(b"x" * 100)
@@ -121,39 +174,69 @@ def main() -> None:
         procs.append(redis)
         env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:6397/0", "DS_INSTANCE_ID": "bench"}
         common = [*pin_gateway, str(SCRIPT), "--host", "127.0.0.1", "--log-level", "warning"]
-        with open(os.path.join(work, "off.log"), "wb") as off_log:
-            off = subprocess.Popen(
-                [*common, "--port", "8831", "--no-access-log"], env=env, stdout=off_log
-            )
-        procs.append(off)
+
+        def start(options: str, port: int, log_name: str) -> subprocess.Popen[bytes]:
+            words = options.split()
+            own_env = dict(env)
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                name, _, value = words.pop(0).partition("=")
+                own_env[name] = value
+            # Each its own keys: side by side, they share the Redis.
+            own_env["DS_KEY_PREFIX"] = f"bench{port}:"
+            with open(os.path.join(work, log_name), "wb") as log:
+                proc = subprocess.Popen(
+                    [*common, "--port", str(port), *words], env=own_env, stdout=log
+                )
+            procs.append(proc)
+            return proc
+
+        off = start(args.off, 8831, "off.log")
         ons: list[tuple[str, int, subprocess.Popen[bytes]]] = []
         for index, options in enumerate(args.on or ["--metrics-port 8833"]):
             port = 8832 + 10 * index
-            with open(os.path.join(work, f"on{index}.log"), "wb") as on_log:
-                on = subprocess.Popen(
-                    [*common, "--port", str(port), *options.split()], env=env, stdout=on_log
-                )
-            procs.append(on)
-            ons.append((options, port, on))
+            ons.append((options, port, start(options, port, f"on{index}.log")))
         wait_ready(8831)
         for _, port, _ in ons:
             wait_ready(port)
-        conn = http.client.HTTPConnection("127.0.0.1", 8831)
-        for i in range(STREAMS):
-            conn.request(
-                "PUT", f"/v1/stream/b{i}", headers={"Content-Type": "application/octet-stream"}
-            )
-            conn.getresponse().read()
-        wrk(8831, off.pid, 3, body, pin_load)  # warm-up
+        for port in (8831, *(port for _, port, _ in ons)):
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            names = ["b"] if args.streams == 1 else [f"b{i}" for i in range(args.streams)]
+            for name in names:
+                conn.request(
+                    "PUT",
+                    f"/v1/stream/{name}",
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+                conn.getresponse().read()
+        wrk(8831, off.pid, 3, body, pin_load, streams=args.streams)  # warm-up
         for _, port, on in ons:
-            wrk(port, on.pid, 3, body, pin_load)
+            wrk(port, on.pid, 3, body, pin_load, streams=args.streams)
         rates: dict[str, list[float]] = {options: [] for options, _, _ in ons}
         cpus: dict[str, list[float]] = {options: [] for options, _, _ in ons}
         for number in range(1, args.rounds + 1):
-            off_rate, off_cpu = wrk(8831, off.pid, args.duration, body, pin_load)
-            line = f"round {number}: off {off_rate:7.0f}/s {off_cpu:5.1f} us CPU/append"
+            line = f"round {number}:"
+            if not args.side_by_side:
+                off_rate, off_cpu = wrk(
+                    8831, off.pid, args.duration, body, pin_load, args.connections, args.streams
+                )
+                line += f" off {off_rate:7.0f}/s {off_cpu:5.1f} us CPU/append"
             for options, port, on in ons:
-                on_rate, on_cpu = wrk(port, on.pid, args.duration, body, pin_load)
+                if args.side_by_side:
+                    with ThreadPoolExecutor(2) as pool:
+                        both = [
+                            pool.submit(
+                                wrk,
+                                *(p, pid, args.duration, body, pin_load),
+                                *(args.connections, args.streams),
+                            )
+                            for p, pid in ((8831, off.pid), (port, on.pid))
+                        ]
+                        (off_rate, off_cpu), (on_rate, on_cpu) = (f.result() for f in both)
+                    line += f" off {off_rate:7.0f}/s {off_cpu:5.1f} us"
+                else:
+                    on_rate, on_cpu = wrk(
+                        port, on.pid, args.duration, body, pin_load, args.connections
+                    )
                 rates[options].append(on_rate / off_rate)
                 cpus[options].append(on_cpu / off_cpu)
                 line += (
