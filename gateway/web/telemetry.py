@@ -22,9 +22,9 @@ Authorization header is not read, and the values of ``token``,
 ``access_token``, ``signature`` and ``sig`` query parameters become
 ``REDACTED``. The path is written JSON-quoted, so no client can forge a line.
 Lines are written to stdout together, at most 50 ms late (a write per request
-would cost more than the rest of the line), by a thread of their own
+would cost more than the rest of the line), without ever blocking the event loop
 (gateway/web/log_writer.py): a stdout nobody reads drops lines, counted, and
-never stops the event loop.
+workers sharing a pipe never tear each other's lines.
 """
 
 from __future__ import annotations
