@@ -11,7 +11,10 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import pytest
 
 from gateway.web.log_writer import ATOMIC_BYTES, LogWriter
 
@@ -20,7 +23,7 @@ LINE = b"x" * 99 + b"\n"
 
 def read_all(fd: int) -> bytes:
     os.set_blocking(fd, False)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 1 << 16)
@@ -55,74 +58,72 @@ def check_gap_accounting(got: bytes, writer: LogWriter, written: int) -> None:
     assert len(kept) + missing == written
 
 
-def test_a_pipe_reader_that_stops_costs_dropped_lines_never_a_blocked_loop() -> None:
-    read_end, write_end = os.pipe()
+class Output(NamedTuple):
+    """A standard output whose reader stops: where to write, how to read what
+    arrived, and whether the shared handle is still blocking for the others."""
+
+    fd: int
+    read: Callable[[], bytes]
+    still_blocking: Callable[[], bool]
+
+
+@pytest.fixture(params=["pipe", "socket"])
+def stalled_output(request: pytest.FixtureRequest) -> Iterator[Output]:
+    if request.param == "pipe":  # a container runtime, | tee
+        read_end, write_end = os.pipe()
+        yield Output(write_end, lambda: read_all(read_end), lambda: os.get_blocking(write_end))
+        os.close(read_end)
+        os.close(write_end)
+    else:  # systemd hands services a socket as standard output
+        ours, journal = socket.socketpair()
+        journal.setblocking(False)
+
+        def read() -> bytes:
+            chunks: list[bytes] = []
+            while True:
+                try:
+                    chunk = journal.recv(1 << 16)
+                except BlockingIOError:
+                    return b"".join(chunks)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+        yield Output(ours.fileno(), read, ours.getblocking)
+        ours.close()
+        journal.close()
+
+
+def test_a_reader_that_stops_costs_dropped_lines_never_a_blocked_loop(
+    stalled_output: Output,
+) -> None:
     drops: list[int] = []
 
     async def scenario() -> None:
-        writer = LogWriter(write_end, max_pending=64 * 1024, on_drop=drops.append)
+        writer = LogWriter(stalled_output.fd, max_pending=64 * 1024, on_drop=drops.append)
         try:
-            # 10 MB into a 64 KiB pipe nobody reads plus a 64 KiB queue: every
-            # call returns at once, and what does not fit is dropped and counted.
-            started = time.monotonic()
-            for _ in range(1000):
-                writer.write(LINE * 100, 100)
-            assert time.monotonic() - started < 5.0
-            assert writer.dropped_lines > 90_000
-            assert sum(drops) == writer.dropped_lines
-            # The output was never made non-blocking for the others sharing it.
-            assert os.get_blocking(write_end)
-
-            # The reader comes back: the queued lines arrive as the loop runs,
-            # then a notice where lines are missing, then what came afterwards.
-            writer.write(b"after\n", 1)
-            got = await read_until(lambda: read_all(read_end), b"after\n")
-            check_gap_accounting(got, writer, 100_000)
-        finally:
-            writer.close(timeout=5)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-
-
-def test_a_socket_reader_that_stops_costs_dropped_lines_never_a_blocked_loop() -> None:
-    """systemd hands services a socket as standard output."""
-    ours, journal = socket.socketpair()
-    journal.setblocking(False)
-
-    def read() -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunk = journal.recv(1 << 16)
-            except BlockingIOError:
-                return b"".join(chunks)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-    async def scenario() -> None:
-        writer = LogWriter(ours.fileno(), max_pending=64 * 1024)
-        try:
+            # 10 MB into an output nobody reads (a pipe holds 64 KiB) plus a
+            # 64 KiB queue: every call returns at once, and what does not fit is
+            # dropped and counted.
             started = time.monotonic()
             for _ in range(1000):
                 writer.write(LINE * 100, 100)
             assert time.monotonic() - started < 5.0
             assert writer.dropped_lines > 50_000
-            assert ours.getblocking()  # MSG_DONTWAIT: the socket's own mode is untouched
+            assert sum(drops) == writer.dropped_lines
+            # The output was never made non-blocking for the others sharing it
+            # (a pipe: a handle of our own; a socket: MSG_DONTWAIT).
+            assert stalled_output.still_blocking()
+
+            # The reader comes back: the queued lines arrive as the loop runs,
+            # then a notice where lines are missing, then what came afterwards.
             writer.write(b"after\n", 1)
-            check_gap_accounting(await read_until(read, b"after\n"), writer, 100_000)
+            got = await read_until(stalled_output.read, b"after\n")
+            check_gap_accounting(got, writer, 100_000)
         finally:
             writer.close(timeout=5)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        ours.close()
-        journal.close()
+    asyncio.run(scenario())
 
 
 def test_close_writes_what_is_queued() -> None:
