@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -61,7 +62,6 @@ class LogWriter:
         max_pending: int = MAX_PENDING_BYTES,
         on_drop: Callable[[int], None] | None = None,
     ) -> None:
-        self.fd = fd
         self.max_pending = max_pending
         self.dropped_lines = 0  # since the start, for tests and metrics
         self._on_drop = on_drop
@@ -70,47 +70,32 @@ class LogWriter:
         self._queue: deque[bytes | int] = deque()
         self._pending = 0  # bytes queued
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: socket.socket | None = None
-        self._own_fd: int | None = None
         self._chunked = True  # in whole-line chunks of ATOMIC_BYTES at most
-        self._send: Callable[[memoryview], int]
+        # Where bytes go (and whose writability the loop watches), and how:
+        # os.write, or a socket's send without waiting. ``_own``: what close
+        # releases (a handle or a socket of this writer's own).
+        self._fd = fd
+        self._send: Callable[[memoryview], int] = functools.partial(os.write, fd)
+        self._own: socket.socket | int | None = None
         mode = os.fstat(fd).st_mode
         if stat.S_ISREG(mode):
             self._chunked = False  # a file's write is whole, and never waits long
-            self._send = self._write_file
-            self._watch_fd = fd
         elif stat.S_ISSOCK(mode):
             # A duplicate shares the description: MSG_DONTWAIT, not O_NONBLOCK.
-            self._sock = socket.socket(fileno=os.dup(fd))
-            self._send = self._send_socket
-            self._watch_fd = self._sock.fileno()
+            sock = self._own = socket.socket(fileno=os.dup(fd))
+            self._fd = sock.fileno()
+            self._send = functools.partial(_send_now, sock)
         else:
             try:
-                self._own_fd = os.open(
+                self._fd = self._own = os.open(
                     f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
                 )
             except OSError as exc:
                 # No /proc (not Linux): the shared handle, as it is. A reader
                 # that stops then stops this worker too.
                 log.warning("request log: writing to fd %d may block (%s)", fd, exc)
-                self._send = self._write_file
-                self._watch_fd = fd
             else:
-                self._send = self._write_own
-                self._watch_fd = self._own_fd
-
-    # -- the three kinds of output ---------------------------------------------------
-
-    def _write_file(self, data: memoryview) -> int:
-        return os.write(self.fd, data)
-
-    def _write_own(self, data: memoryview) -> int:
-        assert self._own_fd is not None
-        return os.write(self._own_fd, data)
-
-    def _send_socket(self, data: memoryview) -> int:
-        assert self._sock is not None
-        return self._sock.send(data, socket.MSG_DONTWAIT)
+                self._send = functools.partial(os.write, self._fd)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -119,7 +104,7 @@ class LogWriter:
         if self._queue and self._loop is None:
             self._resume()  # nothing watches the output (no loop): try now
         if not self._queue:
-            rest = self._write_some(data, lines)
+            rest = self._write_some(data)
             if rest is None:
                 return
             data = rest  # (written in part: the rest goes first, whatever the limit)
@@ -131,16 +116,20 @@ class LogWriter:
         self._watch()
 
     def _drop(self, lines: int) -> None:
-        self.dropped_lines += lines
+        """Lines the reader had no room for: counted, and a notice at the gap."""
         queue = self._queue
         if queue and isinstance(queue[-1], int):
             queue[-1] += lines
         else:
             queue.append(lines)
-        if self._on_drop is not None:
+        self._count_lost(lines)
+
+    def _count_lost(self, lines: int) -> None:
+        self.dropped_lines += lines
+        if self._on_drop is not None and lines:
             self._on_drop(lines)
 
-    def _write_some(self, data: bytes, lines: int) -> bytes | None:
+    def _write_some(self, data: bytes) -> bytes | None:
         """Write as much of ``data`` as the output takes now: None when all of
         it went (or the output is gone), else what is left."""
         view = memoryview(data)
@@ -160,14 +149,9 @@ class LogWriter:
             except OSError:
                 # The output is gone (EPIPE) or failing (ENOSPC): these lines
                 # are lost, and counted.
-                self._drop_lost(data.count(b"\n", start), lines)
+                self._count_lost(data.count(b"\n", start))
                 return None
         return None
-
-    def _drop_lost(self, unwritten: int, lines: int) -> None:
-        self.dropped_lines += min(unwritten, lines)
-        if self._on_drop is not None and unwritten:
-            self._on_drop(min(unwritten, lines))
 
     def _watch(self) -> None:
         if self._loop is None:
@@ -176,7 +160,7 @@ class LogWriter:
             except RuntimeError:
                 return  # no loop (a tool, a test): written at close
             try:
-                loop.add_writer(self._watch_fd, self._resume)
+                loop.add_writer(self._fd, self._resume)
             except (OSError, ValueError, NotImplementedError):
                 # Not pollable (a regular file never needs it): retried with
                 # the next batch, and at close.
@@ -186,7 +170,7 @@ class LogWriter:
     def _unwatch(self) -> None:
         if self._loop is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._watch_fd)
+                self._loop.remove_writer(self._fd)
             self._loop = None
 
     def _resume(self) -> None:
@@ -197,7 +181,7 @@ class LogWriter:
             if isinstance(item, int):
                 item = queue[0] = _notice(item)
                 self._pending += len(item)
-            rest = self._write_some(item, item.count(b"\n"))
+            rest = self._write_some(item)
             if rest is not None:
                 queue[0] = rest
                 self._pending -= len(item) - len(rest)
@@ -221,13 +205,16 @@ class LogWriter:
                 break
             if self._pending == pending:
                 with contextlib.suppress(OSError, ValueError):
-                    select.select([], [self._watch_fd], [], min(left, 0.1))
-        if self._own_fd is not None:
-            os.close(self._own_fd)
-            self._own_fd = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+                    select.select([], [self._fd], [], min(left, 0.1))
+        own, self._own = self._own, None
+        if isinstance(own, socket.socket):
+            own.close()
+        elif own is not None:
+            os.close(own)
+
+
+def _send_now(sock: socket.socket, data: memoryview) -> int:
+    return sock.send(data, socket.MSG_DONTWAIT)
 
 
 def _notice(dropped: int) -> bytes:

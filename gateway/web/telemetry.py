@@ -176,12 +176,12 @@ class Telemetry:
 
     def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
         self.prefix = settings.stream_prefix + "/"
-        self.fd: int | None = None
         self.writer: LogWriter | None = None
         if settings.access_log:
-            self.fd = sys.stdout.fileno() if fd is None else fd
             self.writer = LogWriter(
-                self.fd, max_pending=settings.access_log_buffer, on_drop=self._dropped
+                sys.stdout.fileno() if fd is None else fd,
+                max_pending=settings.access_log_buffer,
+                on_drop=self._dropped,
             )
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
@@ -215,7 +215,7 @@ class Telemetry:
     def begin(self, req: Request, res: Response, query: str) -> str | None:
         """A request starts: the response gets its request id (with the log
         on); the live operation when it is a live reader, counted as one."""
-        if self.fd is not None:  # the id is the log's: none without a log
+        if self.writer is not None:  # the id is the log's: none without a log
             request_id = req.logged_header(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
                 request_id = self._id_prefix + str(next(self._ids))  # (faster than hex)
@@ -232,9 +232,7 @@ class Telemetry:
         if self.local is not None:
             self.local.refusals.labels(str(status), reason).inc()
 
-    def finish(
-        self, req: Request, res: Response, start: int, query: str, live: str | None
-    ) -> None:
+    def finish(self, req: Request, res: Response, start: int, query: str, live: str | None) -> None:
         """The request is done (a live one: its response has ended). ``query``
         as it came: an SSE request releases its own once it has started."""
         # What drain needs, as a tuple of strings and numbers: the garbage
