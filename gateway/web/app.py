@@ -38,6 +38,7 @@ from .auth import OPERATION_OF_METHOD, Authorizer, Operation, build_authorizer
 from .auth.limits import LiveReaderQuota, RateLimited, parse_rates, with_limits
 from .forwarded import TrustedProxies
 from .handlers import Context
+from .recorder import CRecorder
 from .request import (
     ALLOWED_METHODS,
     INTERNAL_ERROR_BODY,
@@ -281,6 +282,11 @@ class Gateway:
         await self.hub.start()
         if settings.metrics_enabled or settings.access_log:
             self.telemetry = Telemetry(settings)
+            if CRecorder is None:
+                log.warning(
+                    "the C request recorder is not built (no C compiler when the package was "
+                    "installed): the request log and metrics cost about twice as much per request"
+                )
         if settings.metrics_enabled:
             metrics.start_flushing(asyncio.get_running_loop())
         # What exists now (modules, scripts, settings) lives as long as the

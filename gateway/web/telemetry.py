@@ -5,8 +5,9 @@ or the request log are on; otherwise nothing here runs): with the log on, the
 response gets its request id, which the server adds as ``X-Request-Id`` to it.
 The servers note the status and the body bytes of every response as they send
 it (gateway/web/request.py's ``Response``). When the handler is done (for
-long-poll and SSE: when the response ends), ``Telemetry.finish`` queues its
-figures; every 50 ms ``Telemetry.drain`` adds the queued requests to this
+long-poll and SSE: when the response ends), ``Telemetry.finish`` hands its
+figures to the recorder (gateway/web/recorder.py: in C when built, else in
+Python); every 50 ms ``Telemetry.drain`` adds the recorded requests to this
 process's tallies (gateway/metrics.py flushes them into Prometheus once a
 second) and writes their log lines.
 
@@ -30,35 +31,29 @@ workers sharing a pipe never tear each other's lines.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import re
 import secrets
 import socket
 import sys
-import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
 from itertools import compress, repeat
-from operator import floordiv, sub
-from typing import NamedTuple
+from operator import sub
 
 import orjson
 
 from gateway import metrics
 from gateway.config import Settings
 
+from . import recorder as recorders
 from .log_writer import LogWriter
+from .recorder import CLIENT_CLOSED, Clock, Columns, Tallied, declared_digits, redact_query
 from .request import REQUEST_ID_HEADER, Request, Response
 
+now = recorders.now  # the clock of a request's start and end
+
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-# Query parameters whose values are credentials (gateway/web/auth/: bearer
-# tokens for EventSource, pre-signed URLs' signatures).
-SECRET_PARAMS = frozenset({"token", "access_token", "signature", "sig"})
-REDACTED = "REDACTED"
-# A client that never got a response (it went away first), as nginx logs it.
-CLIENT_CLOSED = 499
 
 # Finished requests are counted and logged in batches, at most this late.
 BATCH_DELAY_S = 0.05
@@ -73,18 +68,6 @@ _STREAM_OPERATIONS = {
     "OPTIONS": "options",
 }
 LIVE_OPERATIONS = ("long_poll", "sse")
-
-
-def redact_query(query: str) -> str:
-    """``query`` with the values of credential parameters replaced."""
-    if "=" not in query:
-        return query
-    parts = query.split("&")
-    for index, part in enumerate(parts):
-        name, equals, _ = part.partition("=")
-        if equals and name.lower() in SECRET_PARAMS:
-            parts[index] = f"{name}={REDACTED}"
-    return "&".join(parts)
 
 
 def operation_of(method: str, path: str, query: str, prefix: str) -> str:
@@ -107,74 +90,21 @@ def operation_of(method: str, path: str, query: str, prefix: str) -> str:
     return "other"
 
 
-class _Clock:
-    """Wall-clock timestamps for log lines from ``perf_counter_ns`` readings: the
-    seconds part formatted once a second, the milliseconds from a table."""
-
-    __slots__ = ("offset_ns", "second", "text")
-
-    _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
-
-    def __init__(self) -> None:
-        self.offset_ns = time.time_ns() - time.perf_counter_ns()
-        self.second = -1
-        self.text = ""
-
-    def stamp(self, counter_millis: int) -> str:
-        """The time of ``perf_counter_ns`` reading ``counter_millis`` (in milliseconds)."""
-        millis = counter_millis + self.offset_ns // 1_000_000
-        second = millis // 1000
-        if second != self.second:
-            self.second = second
-            self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self.text + self._MILLIS[millis - second * 1000]
-
-
-def _quoted(target: str) -> str:
-    """``target`` as a JSON string: a path cannot break the line or forge a field."""
-    quoted = _QUOTED.get(target)
-    if quoted is None:
-        quoted = orjson.dumps(target).decode()
-        if len(_QUOTED) < _QUOTED_MAX:
-            _QUOTED[target] = quoted
-    return quoted
-
-
-# The quoted paths of busy streams (their appends repeat them), bounded.
-_QUOTED: dict[str, str] = {}
-_QUOTED_MAX = 4096
-
-now = time.perf_counter_ns  # the clock of a request's start and end
-
-# A finished request, as drain reads it: start and end (perf_counter_ns; each
-# end no earlier than the one before), status, bytes sent, Content-Length as
-# declared, method, path, query, request id, live operation.
-Finished = tuple[int, int, int, int, str | None, str, str, str, str | None, str | None]
-
-
-class _Columns(NamedTuple):
-    """A drained batch, column by column, as the log lines need it."""
-
-    ends: Sequence[int]
-    ids: Sequence[str | None]
-    methods: Sequence[str]
-    paths: Sequence[str]
-    queries: Sequence[str]
-    statuses: Sequence[int]
-    received: Sequence[str]
-    sents: Sequence[int]
-    elapsed: Sequence[int]
-
-
 class Telemetry:
     """Per process: the tallies behind the request metrics, and the request log.
 
-    A finished request costs the request path one list append: every
-    ``BATCH_DELAY_S`` (or ``BATCH_REQUESTS`` requests) ``drain`` adds the
-    batch to the tallies and writes its log lines.
+    A finished request costs the request path one call to the recorder
+    (gateway/web/recorder.py): every ``BATCH_DELAY_S`` (or ``BATCH_REQUESTS``
+    requests) ``drain`` adds the batch to the tallies and writes its log lines.
     """
 
-    def __init__(self, settings: Settings, *, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        fd: int | None = None,
+        recorder: recorders.RecorderType | None = None,
+    ) -> None:
         self.prefix = settings.stream_prefix + "/"
         self.writer: LogWriter | None = None
         if settings.access_log:
@@ -186,16 +116,20 @@ class Telemetry:
         self.json = settings.log_format == "json"
         self.instance = settings.instance_id or socket.gethostname()
         # The latency buckets' bounds in nanoseconds, as durations are measured.
-        self._bounds_ns = (*(round(bound * 1e9) for bound in metrics.LATENCY_BUCKETS), math.inf)
-        self._ids = itertools.count(1)
-        self._id_prefix = secrets.token_hex(6) + "-"
-        self._clock = _Clock()
+        self._bounds_ns = tuple(round(bound * 1e9) for bound in metrics.LATENCY_BUCKETS)
+        self._clock = Clock()
+        self.recorder = (recorder or recorders.Recorder)(
+            BATCH_REQUESTS,
+            secrets.token_hex(6) + "-",  # request ids: unique across replicas, and short
+            recorders.QUOTED,
+            recorders.quoted_target,
+            self._clock.offset_ns,
+        )
         self.tallies: dict[str, metrics.Tally] = {}
         self.local: metrics.Metrics | None = None
         if settings.metrics_enabled:
             self.local = metrics.enable()
             metrics.add_flusher(self.flush)
-        self.done: list[Finished] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def flush(self) -> None:
@@ -218,7 +152,7 @@ class Telemetry:
         if self.writer is not None:  # the id is the log's: none without a log
             request_id = req.logged_header(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
-                request_id = self._id_prefix + str(next(self._ids))  # (faster than hex)
+                request_id = self.recorder.new_id()
             res.request_id = request_id
         if req.method == "GET" and self.local is not None and "live=" in query:
             operation = operation_of("GET", req.loggable_path(), query, self.prefix)
@@ -234,176 +168,124 @@ class Telemetry:
 
     def finish(self, req: Request, res: Response, start: int, query: str, live: str | None) -> None:
         """The request is done (a live one: its response has ended). ``query``
-        as it came: an SSE request releases its own once it has started."""
-        # What drain needs, as a tuple of strings and numbers: the garbage
-        # collector stops tracking it at its first pass, and nothing else of
-        # the request (its object, headers, connection) outlives the request.
-        # Holding those until the drain cost more in collections than the
-        # rest of the bookkeeping did. Bytes received are as declared (an SSE
-        # request, whose headers are released by now, has no body).
+        as it came: an SSE request releases its own once it has started.
+        Bytes received are as declared (an SSE request, whose headers are
+        released by now, has no body)."""
         path = req._path  # decoded when the request was routed, nearly always
         if path is None:
             path = req.loggable_path()
-        done = self.done
-        done.append(
-            (
-                start,
-                now(),
-                res.status,
-                res.sent,
-                req.logged_header("content-length"),
-                req.method,
-                path,
-                query,
-                res.request_id,
-                live,
-            )
-        )
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
-        elif len(done) >= BATCH_REQUESTS:
+        if self.recorder.add(
+            start,
+            res.status,
+            res.sent,
+            req.logged_header("content-length"),
+            req.method,
+            path,
+            query,
+            res.request_id,
+            live,
+        ):
             self.drain()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
 
     def drain(self) -> None:
         """Count and log the requests finished since the last drain.
 
-        Column by column: the batch is transposed once and most of the work
-        runs in C (``map``, ``Counter``, ``count``), so that a request costs
-        little Python of its own.
+        A batch of appends (the busy case) is counted by the recorder in one
+        pass, and text lines come from the recorder whole; other batches are
+        read column by column, most of the work in C builtins (``map``,
+        ``Counter``, ``compress``).
         """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        done = self.done
-        if not done:
+        recorder = self.recorder
+        size = len(recorder)
+        if not size:
             return
-        self.done = []
-        starts, ends, statuses, sents, declared, methods, paths, queries, ids, lives = zip(
-            *done, strict=True
-        )
-        if 0 in statuses:
-            statuses = tuple([status or CLIENT_CLOSED for status in statuses])
-        # Content-Length as declared: digits (the servers refuse others), or none.
-        if None in declared or not all(map(str.isdigit, declared)):
-            declared = tuple(
-                [value if value is not None and value.isdigit() else "0" for value in declared]
-            )
-        received: Sequence[str] = declared
-        elapsed = list(map(sub, ends, starts))  # nanoseconds
-        if self.local is not None:
-            self._count(
-                self.local, statuses, sents, received, elapsed, methods, paths, queries, lives
-            )
-        if self.writer is not None:
-            batch = _Columns(ends, ids, methods, paths, queries, statuses, received, sents, elapsed)
-            lines = self._json_lines(batch) if self.json else self._text_lines(batch)
-            data = "".join(lines).encode("utf-8", "backslashreplace")
-            self.writer.write(data, len(lines))
+        try:
+            columns: Columns | None = None
+            if self.local is not None:
+                appends = recorder.tally(self.prefix, self._bounds_ns)
+                if appends is not None:
+                    self._count_appends(self.local, appends)
+                else:
+                    columns = recorder.columns()
+                    self._count(self.local, columns)
+            if self.writer is not None:
+                if self.json:
+                    data = self._json_lines(columns or recorder.columns())
+                else:
+                    data = recorder.text(self.instance)
+                self.writer.write(data, size)
+        finally:
+            recorder.clear()
 
-    def _count(
-        self,
-        local: metrics.Metrics,
-        statuses: Sequence[int],
-        sents: Sequence[int],
-        received: Sequence[str],
-        elapsed: Sequence[int],
-        methods: Sequence[str],
-        paths: Sequence[str],
-        queries: Sequence[str],
-        lives: Sequence[str | None],
-    ) -> None:
+    def _tally(self, local: metrics.Metrics, operation: str) -> metrics.Tally:
+        tally = self.tallies.get(operation)
+        if tally is None:
+            tally = self.tallies[operation] = metrics.Tally(local, operation)
+        return tally
+
+    def _count_appends(self, local: metrics.Metrics, appends: Tallied) -> None:
+        by_status, received, sent, buckets, total_ns = appends
+        tally = self._tally(local, "append")
+        counts = tally.by_status
+        for status, count in by_status.items():
+            counts[status] = counts.get(status, 0) + count
+        tally.received += received
+        tally.sent += sent
+        latency = tally.latency
+        latency.counts[:] = map(sum, zip(latency.counts, buckets, strict=True))
+        latency.total += total_ns / 1e9
+
+    def _count(self, local: metrics.Metrics, columns: Columns) -> None:
+        starts, ends, statuses, sents, declared, methods, paths, queries, _, lives = columns
         prefix = self.prefix
         size = len(methods)
-        operations: list[str] | None = None
-        if not (  # all appends (the busy case): no per-request label needed
-            methods.count("POST") == size and all(map(str.startswith, paths, repeat(prefix)))
-        ):
-            operations = [
-                live
-                if live is not None
-                else "append"  # the hot path, without a call
-                if method == "POST" and path.startswith(prefix)
-                else operation_of(method, path, query, prefix)
-                for live, method, path, query in zip(lives, methods, paths, queries, strict=True)
-            ]
-            if lives.count(None) != size:
-                for live, count in Counter(lives).items():
-                    if live is not None:
-                        local.readers[live] -= count
-        kinds = {"append"} if operations is None else set(operations)
+        if 0 in statuses:
+            statuses = tuple([status or CLIENT_CLOSED for status in statuses])
+        received = list(map(int, map(declared_digits, declared)))
+        elapsed = list(map(sub, ends, starts))  # nanoseconds
+        operations = [
+            live
+            if live is not None
+            else "append"  # the hot path, without a call
+            if method == "POST" and path.startswith(prefix)
+            else operation_of(method, path, query, prefix)
+            for live, method, path, query in zip(lives, methods, paths, queries, strict=True)
+        ]
+        if lives.count(None) != size:
+            for live, count in Counter(lives).items():
+                if live is not None:
+                    local.readers[live] -= count
+        bounds = (*self._bounds_ns, math.inf)
+        kinds = set(operations)
         for operation in kinds:
             if len(kinds) == 1:
                 of_statuses, of_sents, of_received, of_elapsed = statuses, sents, received, elapsed
             else:
-                assert operations is not None
                 mask = list(map(operation.__eq__, operations))
                 of_statuses = list(compress(statuses, mask))
                 of_sents = list(compress(sents, mask))
                 of_received = list(compress(received, mask))
                 of_elapsed = list(compress(elapsed, mask))
-            tally = self.tallies.get(operation)
-            if tally is None:
-                tally = self.tallies[operation] = metrics.Tally(local, operation)
+            tally = self._tally(local, operation)
             by_status = tally.by_status
             for status, count in Counter(of_statuses).items():
                 by_status[status] = by_status.get(status, 0) + count
-            tally.received += sum(map(int, of_received))
+            tally.received += sum(of_received)
             tally.sent += sum(of_sents)
-            latency = tally.latency
-            counts = latency.counts
-            for bucket, count in Counter(
-                map(bisect_left, repeat(self._bounds_ns), of_elapsed)
-            ).items():
+            counts = tally.latency.counts
+            for bucket, count in Counter(map(bisect_left, repeat(bounds), of_elapsed)).items():
                 counts[bucket] += count
-            latency.total += sum(of_elapsed) / 1e9
+            tally.latency.total += sum(of_elapsed) / 1e9
 
-    def _stamps(self, ends: Sequence[int]) -> list[str]:
-        """The log time of each end (in the order they ended): formatted once
-        per millisecond, and found by bisection, a step per millisecond."""
-        stamp = self._clock.stamp
-        stamps: list[str] = []
-        size = len(ends)
-        at = 0
-        while at < size:
-            millis = ends[at] // 1_000_000
-            until = bisect_left(ends, (millis + 1) * 1_000_000, at)
-            stamps += repeat(stamp(millis), until - at)
-            at = until
-        return stamps
-
-    def _text_lines(self, batch: _Columns) -> list[str]:
-        if any(batch.queries):
-            targets = [
-                path + "?" + redact_query(query) if query else path
-                for path, query in zip(batch.paths, batch.queries, strict=True)
-            ]
-        else:
-            targets = list(batch.paths)
-        quoted = list(map(_QUOTED.get, targets))
-        if None in quoted:
-            quoted = [
-                q if q is not None else _quoted(t) for q, t in zip(quoted, targets, strict=True)
-            ]
+    def _json_lines(self, columns: Columns) -> bytes:
+        starts, ends, statuses, sents, declared, methods, paths, queries, ids, _ = columns
         instance = self.instance
-        return [
-            f"{stamp} instance={instance} request_id={request_id} method={method} path={target} "
-            f"status={status} received_bytes={received} sent_bytes={sent} duration_us={micros}\n"
-            for stamp, request_id, method, target, status, received, sent, micros in zip(
-                self._stamps(batch.ends),
-                batch.ids,
-                batch.methods,
-                quoted,
-                batch.statuses,
-                batch.received,
-                batch.sents,
-                map(floordiv, batch.elapsed, repeat(1000)),
-                strict=True,
-            )
-        ]
-
-    def _json_lines(self, batch: _Columns) -> list[str]:
-        instance = self.instance
-        return [
+        lines = [
             orjson.dumps(
                 {
                     "time": stamp,
@@ -412,14 +294,25 @@ class Telemetry:
                     "method": method,
                     "path": path,
                     "query": redact_query(query) if query else query,
-                    "status": status,
-                    "received_bytes": int(declared),
+                    "status": status or CLIENT_CLOSED,
+                    "received_bytes": int(declared_digits(received)),
                     "sent_bytes": sent,
-                    "duration_us": nanos // 1000,
+                    "duration_us": (end - start) // 1000,
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
-            ).decode()
-            for stamp, request_id, method, path, query, status, declared, sent, nanos in zip(
-                self._stamps(batch.ends), *batch[1:], strict=True
+            )
+            for stamp, request_id, method, path, query, status, received, sent, start, end in zip(
+                self._clock.stamps(ends),
+                ids,
+                methods,
+                paths,
+                queries,
+                statuses,
+                declared,
+                sents,
+                starts,
+                ends,
+                strict=True,
             )
         ]
+        return b"".join(lines)

@@ -366,9 +366,9 @@ def test_dockerfile_copies_what_the_wheel_is_built_from() -> None:
         for src in args.split()[:-1]
     }
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
-    needed = {"pyproject.toml", project["project"]["readme"], *wheel["packages"]}
-    needed |= set(wheel.get("force-include", {}))
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"]}
+    needed |= {package.rstrip("*") for package in packages}
     assert needed <= copied, f"missing from COPY: {needed - copied}"
 
 

@@ -1,8 +1,10 @@
 """Telemetry.drain against a plain per-request reading of the same batch.
 
-drain works column by column (see gateway/web/telemetry.py); these tests feed it
+drain works column by column, or has the recorder count and format a batch
+whole (see gateway/web/telemetry.py and recorder.py); these tests feed it
 mixed batches, every operation, status and query shape together, and compare
-its tallies and log lines with what each request, taken alone, must add.
+its tallies and log lines with what each request, taken alone, must add. Each
+runs with both recorders: the Python one and the C one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from gateway import metrics
 from gateway.config import Settings
+from gateway.web import recorder as recorders
 from gateway.web import telemetry as tm
 
 PREFIX = "/v1/stream/"
@@ -49,12 +52,29 @@ def log_file(tmp_path: object) -> Iterator[tuple[int, str]]:
         os.close(fd)
 
 
-def make(log_format: str, fd: int) -> tm.Telemetry:
+@pytest.fixture(params=["python", "c"])
+def recorder(request: pytest.FixtureRequest) -> recorders.RecorderType:
+    if request.param == "python":
+        return recorders.PyRecorder
+    assert recorders.CRecorder is not None, "the C recorder was not built (setup.py)"
+    return recorders.CRecorder  # type: ignore[return-value]
+
+
+def make(log_format: str, fd: int, recorder: recorders.RecorderType) -> tm.Telemetry:
     settings = dataclasses.replace(
         Settings(), access_log=True, metrics_port=9999, log_format=log_format, instance_id="i-1"
     )
-    return tm.Telemetry(settings, fd=fd)
+    return tm.Telemetry(settings, fd=fd, recorder=recorder)
 
+
+def record(tel: tm.Telemetry, done: list[Finished]) -> None:
+    for request in done:
+        tel.recorder.put(*request)
+
+
+# A finished request as the recorder's put takes it: start, end, status, bytes
+# sent, declared length, method, path, query, request id, live operation.
+Finished = tuple[int, int, int, int, str | None, str, str, str, str | None, str | None]
 
 APPENDS = [request for request in REQUESTS if request[0] == "POST"]
 ON_STREAMS = [request for request in REQUESTS if request[1].startswith(PREFIX)]
@@ -62,9 +82,9 @@ ON_STREAMS = [request for request in REQUESTS if request[1].startswith(PREFIX)]
 
 def batch(
     seed: int, size: int, kinds: list[tuple[str, str, str, str | None]] = REQUESTS
-) -> list[tm.Finished]:
+) -> list[Finished]:
     rng = random.Random(seed)
-    done: list[tm.Finished] = []
+    done: list[Finished] = []
     end = rng.randrange(10**12, 2 * 10**12)  # perf_counter_ns
     for number in range(size):
         method, path, query, live = rng.choice(kinds)
@@ -116,17 +136,20 @@ def expected_operation(method: str, path: str, query: str, live: str | None) -> 
     ids=[*(f"mixed-{seed}" for seed in range(6)), "appends-6", "appends-7", "streams-8"],
 )
 def test_tallies_match_each_request_counted_alone(
-    seed: int, kinds: list[tuple[str, str, str, str | None]], log_file: tuple[int, str]
+    seed: int,
+    kinds: list[tuple[str, str, str, str | None]],
+    log_file: tuple[int, str],
+    recorder: recorders.RecorderType,
 ) -> None:
     local = metrics.enable()
-    tel = make("text", log_file[0])
+    tel = make("text", log_file[0], recorder)
     done = batch(seed, 700, kinds)  # appends only: drain's shortcut for the busy case
     for *_, live in done:
         if live is not None:
             local.readers[live] += 1
     readers_before = {mode: local.readers[mode] for mode in ("long_poll", "sse")}
     live_counts = {"long_poll": 0, "sse": 0}
-    tel.done = list(done)
+    record(tel, done)
     tel.drain()
 
     want: dict[str, dict[str, object]] = {}
@@ -163,7 +186,7 @@ def test_tallies_match_each_request_counted_alone(
         assert tally.latency.total == pytest.approx(one["total"])
     for mode in ("long_poll", "sse"):
         assert local.readers[mode] == readers_before[mode] - live_counts[mode]
-    assert tel.done == []
+    assert len(tel.recorder) == 0
     tel.close()
 
 
@@ -185,18 +208,18 @@ def redacted(query: str) -> str:
     parts = []
     for part in query.split("&"):
         name = part.partition("=")[0]
-        parts.append(f"{name}=REDACTED" if name.lower() in tm.SECRET_PARAMS else part)
+        parts.append(f"{name}=REDACTED" if name.lower() in recorders.SECRET_PARAMS else part)
     return "&".join(parts)
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_one_line_per_request_in_order_with_its_own_fields(
-    log_format: str, log_file: tuple[int, str]
+    log_format: str, log_file: tuple[int, str], recorder: recorders.RecorderType
 ) -> None:
     fd, path = log_file
-    tel = make(log_format, fd)
+    tel = make(log_format, fd, recorder)
     done = batch(11, 600)
-    tel.done = list(done)
+    record(tel, done)
     tel.close()  # drains, and waits for the log's writer thread
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()

@@ -1,0 +1,763 @@
+/* The request log's and request metrics' recorder, in C: what a finished
+ * request leaves behind, kept as numbers, short copies and shared strings
+ * until the next drain, and the drain's two busy parts: the text log lines,
+ * and the tallies of a batch of appends.
+ *
+ * gateway/web/recorder.py is the same recorder in Python, and the reference:
+ * Telemetry uses this one when it is built (an optional extension: without a
+ * compiler the gateway runs the Python one), and tests/unit/test_recorder.py
+ * checks that both give the same lines, tallies and columns for the same
+ * requests.
+ *
+ * Times are CLOCK_MONOTONIC nanoseconds, the clock of time.perf_counter_ns
+ * on Linux; ``now()`` reads it here.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define CLIENT_CLOSED 499
+
+/* A short ASCII str kept as a copy, so that the request's own object is freed
+ * with the request (a batch holding thousands of them costs the request path
+ * more than copying their few bytes), or a reference when it does not fit. */
+#define ID_SIZE 48
+#define DECLARED_SIZE 20
+
+typedef struct {
+    PyObject *object;  /* the str itself, when not copied; else NULL */
+    int length;        /* -1: None; else the copy's length */
+} Text;
+
+typedef struct {
+    int64_t start;
+    int64_t end;
+    int64_t sent;
+    PyObject *method;  /* str (a shared one, see canonical()) */
+    PyObject *path;    /* str (likewise) */
+    PyObject *query;   /* str, or NULL for none (the usual case) */
+    PyObject *live;    /* str, or NULL for none */
+    Text request_id;
+    Text declared;     /* Content-Length as sent */
+    int status;
+    char request_id_text[ID_SIZE];
+    char declared_text[DECLARED_SIZE];
+} Record;
+
+/* Strings the records share: method and path objects seen before stand in
+ * for each request's equal copy. Bounded; emptied when full. */
+#define SHARED_MAX 4096
+
+#define ID_PREFIX_MAX 32
+
+typedef struct {
+    PyObject_HEAD
+    Record *records;
+    Py_ssize_t size;
+    Py_ssize_t capacity;
+    Py_ssize_t full;      /* add() says "drain now" at this many */
+    PyObject *shared;     /* dict: str -> the equal str records keep */
+    PyObject *id_prefix;  /* str: new_id()'s prefix (ASCII, at most ID_PREFIX_MAX) */
+    uint64_t ids;         /* new_id()'s counter */
+    int id_prefix_length;
+    char id_text[ID_PREFIX_MAX + 24]; /* the prefix, then the counter's digits */
+    PyObject *quoted;     /* dict: target -> its JSON-quoted form */
+    PyObject *target_of;  /* callable (path, query) -> the quoted target */
+    int64_t offset_ms;    /* wall clock minus monotonic clock, milliseconds */
+    int64_t second;       /* the second whose text is in stamp */
+    char stamp[32];       /* "YYYY-MM-DDTHH:MM:SS" of that second */
+} Recorder;
+
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static PyObject *
+now(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromLongLong(monotonic_ns());
+}
+
+static int64_t
+floordiv(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+    return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
+}
+
+/* -- recording ---------------------------------------------------------------- */
+
+static void
+record_clear(Record *r)
+{
+    Py_CLEAR(r->method);
+    Py_CLEAR(r->path);
+    Py_CLEAR(r->query);
+    Py_CLEAR(r->live);
+    Py_CLEAR(r->request_id.object);
+    Py_CLEAR(r->declared.object);
+}
+
+/* value (str or None) into text: copied when short ASCII, else referenced. */
+static void
+keep_text(Text *text, char *copy, int size, PyObject *value)
+{
+    text->object = NULL;
+    if (value == Py_None) {
+        text->length = -1;
+    }
+    else if (PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= size) {
+        text->length = (int)PyUnicode_GET_LENGTH(value);
+        memcpy(copy, PyUnicode_DATA(value), text->length);
+    }
+    else {
+        text->length = 0;
+        text->object = Py_NewRef(value);
+    }
+}
+
+/* The str to keep for value: the shared equal one, when there is one. */
+static PyObject *
+canonical(Recorder *self, PyObject *value)
+{
+    PyObject *shared = PyDict_GetItemWithError(self->shared, value);
+    if (shared != NULL)
+        return Py_NewRef(shared);
+    if (PyErr_Occurred())
+        PyErr_Clear(); /* (a str always hashes) */
+    else if (PyDict_GET_SIZE(self->shared) < SHARED_MAX &&
+             PyDict_SetItem(self->shared, value, value) < 0)
+        PyErr_Clear(); /* not shared: kept as it is */
+    return Py_NewRef(value);
+}
+
+static int
+check_str(PyObject *value, const char *what)
+{
+    if (!PyUnicode_CheckExact(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be str", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* put(start, end, status, sent, declared, method, path, query, request_id, live) */
+static int
+put(Recorder *self, int64_t end, PyObject *const *args)
+{
+    int64_t start = PyLong_AsLongLong(args[0]);
+    if (start == -1 && PyErr_Occurred())
+        return -1;
+    long status = PyLong_AsLong(args[1]);
+    if (status == -1 && PyErr_Occurred())
+        return -1;
+    int64_t sent = PyLong_AsLongLong(args[2]);
+    if (sent == -1 && PyErr_Occurred())
+        return -1;
+    if (check_str(args[4], "method") || check_str(args[5], "path") ||
+        check_str(args[6], "query"))
+        return -1;
+    if ((args[3] != Py_None && check_str(args[3], "declared")) ||
+        (args[7] != Py_None && check_str(args[7], "request_id")) ||
+        (args[8] != Py_None && check_str(args[8], "live")))
+        return -1;
+    if (self->size == self->capacity) {
+        Py_ssize_t capacity = self->capacity ? self->capacity * 2 : 256;
+        Record *grown = PyMem_Realloc(self->records, capacity * sizeof(Record));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->records = grown;
+        self->capacity = capacity;
+    }
+    Record *r = &self->records[self->size++];
+    r->start = start;
+    r->end = end;
+    r->status = (int)status;
+    r->sent = sent;
+    keep_text(&r->declared, r->declared_text, DECLARED_SIZE, args[3]);
+    r->method = canonical(self, args[4]);
+    r->path = canonical(self, args[5]);
+    r->query = PyUnicode_GET_LENGTH(args[6]) ? Py_NewRef(args[6]) : NULL;
+    keep_text(&r->request_id, r->request_id_text, ID_SIZE, args[7]);
+    r->live = args[8] != Py_None ? Py_NewRef(args[8]) : NULL;
+    return 0;
+}
+
+static PyObject *
+Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "add() takes 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *shifted[10];
+    shifted[0] = args[0];
+    memcpy(&shifted[1], &args[1], 8 * sizeof(PyObject *));
+    if (put(self, monotonic_ns(), shifted) < 0)
+        return NULL;
+    return PyBool_FromLong(self->size >= self->full);
+}
+
+static PyObject *
+Recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "put() takes 10 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int64_t end = PyLong_AsLongLong(args[1]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *rest[10];
+    rest[0] = args[0];
+    memcpy(&rest[1], &args[2], 8 * sizeof(PyObject *));
+    if (put(self, end, rest) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Recorder_clear(Recorder *self, PyObject *unused)
+{
+    /* Strings only: releasing them runs no Python code. */
+    for (Py_ssize_t i = 0; i < self->size; i++)
+        record_clear(&self->records[i]);
+    self->size = 0;
+    if (self->capacity > 4 * self->full) { /* after a burst, give the memory back */
+        PyMem_Free(self->records);
+        self->records = NULL;
+        self->capacity = 0;
+    }
+    if (PyDict_GET_SIZE(self->shared) >= SHARED_MAX)
+        PyDict_Clear(self->shared);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+Recorder_len(Recorder *self)
+{
+    return self->size;
+}
+
+/* -- columns: the batch as the Python drain reads it ----------------------------- */
+
+static PyObject *
+or_none(PyObject *value)
+{
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+static PyObject *
+empty_str(void)
+{
+    return PyUnicode_FromStringAndSize(NULL, 0); /* the shared empty str */
+}
+
+static PyObject *
+text_object(const Text *text, const char *copy)
+{
+    if (text->object != NULL)
+        return Py_NewRef(text->object);
+    if (text->length < 0)
+        Py_RETURN_NONE;
+    return PyUnicode_FromStringAndSize(copy, text->length);
+}
+
+static PyObject *
+Recorder_columns(Recorder *self, PyObject *unused)
+{
+    Py_ssize_t n = self->size;
+    PyObject *columns[10];
+    PyObject *result = NULL;
+    int made = 0;
+    for (; made < 10; made++) {
+        columns[made] = PyTuple_New(n);
+        if (columns[made] == NULL)
+            goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Record *r = &self->records[i];
+        PyObject *start = PyLong_FromLongLong(r->start);
+        PyObject *end = PyLong_FromLongLong(r->end);
+        PyObject *status = PyLong_FromLong(r->status);
+        PyObject *sent = PyLong_FromLongLong(r->sent);
+        PyObject *declared = text_object(&r->declared, r->declared_text);
+        PyObject *request_id = text_object(&r->request_id, r->request_id_text);
+        if (start == NULL || end == NULL || status == NULL || sent == NULL || declared == NULL ||
+            request_id == NULL) {
+            Py_XDECREF(start);
+            Py_XDECREF(end);
+            Py_XDECREF(status);
+            Py_XDECREF(sent);
+            Py_XDECREF(declared);
+            Py_XDECREF(request_id);
+            goto done;
+        }
+        PyTuple_SET_ITEM(columns[0], i, start);
+        PyTuple_SET_ITEM(columns[1], i, end);
+        PyTuple_SET_ITEM(columns[2], i, status);
+        PyTuple_SET_ITEM(columns[3], i, sent);
+        PyTuple_SET_ITEM(columns[4], i, declared);
+        PyTuple_SET_ITEM(columns[5], i, Py_NewRef(r->method));
+        PyTuple_SET_ITEM(columns[6], i, Py_NewRef(r->path));
+        PyTuple_SET_ITEM(columns[7], i, r->query != NULL ? Py_NewRef(r->query) : empty_str());
+        PyTuple_SET_ITEM(columns[8], i, request_id);
+        PyTuple_SET_ITEM(columns[9], i, or_none(r->live));
+    }
+    result = PyTuple_New(10);
+    if (result == NULL)
+        goto done;
+    for (int c = 0; c < 10; c++) {
+        PyTuple_SET_ITEM(result, c, columns[c]);
+        columns[c] = NULL;
+    }
+done:
+    for (int c = 0; c < made; c++)
+        Py_XDECREF(columns[c]);
+    return result;
+}
+
+/* -- declared Content-Length --------------------------------------------------- */
+
+/* The declared length as logged: its digits when it is all ASCII digits,
+ * else "0". Sets *digits and *length; returns the value, or -1 when the
+ * digits are more than an int64 holds. */
+static int64_t
+declared_length(const Record *r, const char **digits, Py_ssize_t *length)
+{
+    const char *text = NULL;
+    Py_ssize_t len = 0;
+    if (r->declared.object != NULL) {
+        if (PyUnicode_IS_ASCII(r->declared.object)) {
+            text = (const char *)PyUnicode_DATA(r->declared.object);
+            len = PyUnicode_GET_LENGTH(r->declared.object);
+        }
+    }
+    else if (r->declared.length > 0) {
+        text = r->declared_text;
+        len = r->declared.length;
+    }
+    int64_t value = 0;
+    Py_ssize_t i = 0;
+    for (; i < len && text[i] >= '0' && text[i] <= '9'; i++)
+        value = i < 18 ? value * 10 + (text[i] - '0') : -1;
+    if (len > 0 && i == len) {
+        *digits = text;
+        *length = len;
+        return value;
+    }
+    *digits = "0";
+    *length = 1;
+    return 0;
+}
+
+/* -- tallies: a batch of appends, counted in one pass -------------------------- */
+
+/* tally(prefix, bounds) -> None, or (statuses, received, sent, buckets, total_ns)
+ * when every request is a POST under prefix: counts by status (0 counted as
+ * 499), bytes received (as declared) and sent, latency bucket counts (the
+ * first bound >= the duration; bounds in nanoseconds, ascending, the last
+ * bucket for longer ones) and the durations' sum in nanoseconds. */
+static PyObject *
+Recorder_tally(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "tally(prefix: str, bounds: tuple[int, ...])");
+        return NULL;
+    }
+    PyObject *prefix = args[0];
+    Py_ssize_t nbounds = PyTuple_GET_SIZE(args[1]);
+    if (nbounds > 64) {
+        PyErr_SetString(PyExc_ValueError, "at most 64 bounds");
+        return NULL;
+    }
+    int64_t bounds[64];
+    for (Py_ssize_t b = 0; b < nbounds; b++) {
+        bounds[b] = PyLong_AsLongLong(PyTuple_GET_ITEM(args[1], b));
+        if (bounds[b] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->size; i++) {
+        Record *r = &self->records[i];
+        if (PyUnicode_CompareWithASCIIString(r->method, "POST") != 0)
+            Py_RETURN_NONE;
+        Py_ssize_t match = PyUnicode_Tailmatch(r->path, prefix, 0, PY_SSIZE_T_MAX, -1);
+        if (match < 0)
+            return NULL;
+        if (match == 0 || r->live != NULL)
+            Py_RETURN_NONE;
+    }
+    int64_t counts[65] = {0};
+    int64_t received = 0, sent = 0, total = 0;
+    int statuses[16], status_counts[16];
+    int nstatuses = 0;
+    for (Py_ssize_t i = 0; i < self->size; i++) {
+        Record *r = &self->records[i];
+        const char *digits;
+        Py_ssize_t length;
+        int64_t declared = declared_length(r, &digits, &length);
+        int64_t elapsed = r->end - r->start;
+        if (declared < 0 || __builtin_add_overflow(received, declared, &received) ||
+            __builtin_add_overflow(sent, r->sent, &sent) ||
+            __builtin_add_overflow(total, elapsed, &total))
+            Py_RETURN_NONE; /* past int64: the Python drain counts it */
+        Py_ssize_t bucket = 0;
+        while (bucket < nbounds && bounds[bucket] < elapsed)
+            bucket++;
+        counts[bucket]++;
+        int status = r->status ? r->status : CLIENT_CLOSED;
+        int s = 0;
+        while (s < nstatuses && statuses[s] != status)
+            s++;
+        if (s == nstatuses) {
+            if (nstatuses == 16)
+                Py_RETURN_NONE; /* more kinds of status than appends have */
+            statuses[nstatuses] = status;
+            status_counts[nstatuses++] = 0;
+        }
+        status_counts[s]++;
+    }
+    PyObject *by_status = PyDict_New();
+    if (by_status == NULL)
+        return NULL;
+    for (int s = 0; s < nstatuses; s++) {
+        PyObject *key = PyLong_FromLong(statuses[s]);
+        PyObject *value = PyLong_FromLong(status_counts[s]);
+        int failed = key == NULL || value == NULL || PyDict_SetItem(by_status, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed) {
+            Py_DECREF(by_status);
+            return NULL;
+        }
+    }
+    PyObject *buckets = PyList_New(nbounds + 1);
+    if (buckets == NULL) {
+        Py_DECREF(by_status);
+        return NULL;
+    }
+    for (Py_ssize_t b = 0; b <= nbounds; b++) {
+        PyObject *count = PyLong_FromLongLong(counts[b]);
+        if (count == NULL) {
+            Py_DECREF(by_status);
+            Py_DECREF(buckets);
+            return NULL;
+        }
+        PyList_SET_ITEM(buckets, b, count);
+    }
+    return Py_BuildValue("(NLLNL)", by_status, (long long)received, (long long)sent, buckets,
+                         (long long)total);
+}
+
+/* -- text lines ------------------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t size;
+    Py_ssize_t capacity;
+} Buffer;
+
+static int
+reserve(Buffer *b, Py_ssize_t more)
+{
+    if (b->size + more <= b->capacity)
+        return 0;
+    Py_ssize_t capacity = b->capacity ? b->capacity : 4096;
+    while (capacity < b->size + more)
+        capacity *= 2;
+    char *grown = PyMem_Realloc(b->data, capacity);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = grown;
+    b->capacity = capacity;
+    return 0;
+}
+
+static int
+append(Buffer *b, const char *text, Py_ssize_t length)
+{
+    if (reserve(b, length) < 0)
+        return -1;
+    memcpy(b->data + b->size, text, length);
+    b->size += length;
+    return 0;
+}
+
+#define APPEND_LITERAL(b, s) append((b), (s), (Py_ssize_t)sizeof(s) - 1)
+
+/* A str as UTF-8; characters UTF-8 cannot hold (lone surrogates) as
+ * backslash escapes, as the Python recorder's encode("utf-8",
+ * "backslashreplace") writes them. */
+static int
+append_str(Buffer *b, PyObject *text)
+{
+    if (PyUnicode_IS_ASCII(text))
+        return append(b, (const char *)PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text));
+    Py_ssize_t length;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &length);
+    if (utf8 != NULL)
+        return append(b, utf8, length);
+    PyErr_Clear();
+    PyObject *encoded = PyUnicode_AsEncodedString(text, "utf-8", "backslashreplace");
+    if (encoded == NULL)
+        return -1;
+    int result = append(b, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+    Py_DECREF(encoded);
+    return result;
+}
+
+static int
+append_text(Buffer *b, const Text *text, const char *copy)
+{
+    if (text->object != NULL)
+        return append_str(b, text->object);
+    if (text->length < 0)
+        return APPEND_LITERAL(b, "None");
+    return append(b, copy, text->length);
+}
+
+static int
+append_int(Buffer *b, int64_t value)
+{
+    char digits[24];
+    int length = snprintf(digits, sizeof digits, "%lld", (long long)value);
+    return append(b, digits, length);
+}
+
+static int
+append_stamp(Recorder *self, Buffer *b, int64_t end)
+{
+    int64_t millis = floordiv(end, 1000000) + self->offset_ms;
+    int64_t second = floordiv(millis, 1000);
+    if (second != self->second) {
+        time_t t = (time_t)second;
+        struct tm tm;
+        if (gmtime_r(&t, &tm) == NULL ||
+            strftime(self->stamp, sizeof self->stamp, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+            PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
+            return -1;
+        }
+        self->second = second;
+    }
+    if (append(b, self->stamp, (Py_ssize_t)strlen(self->stamp)) < 0)
+        return -1;
+    int ms = (int)(millis - second * 1000);
+    char tail[6] = {'.', (char)('0' + ms / 100), (char)('0' + ms / 10 % 10),
+                    (char)('0' + ms % 10), 'Z', 0};
+    return append(b, tail, 5);
+}
+
+/* The JSON-quoted target: from the cache when the path is a busy one and
+ * there is no query, else from target_of (which caches what it quotes). */
+static PyObject *
+quoted_target(Recorder *self, Record *r)
+{
+    if (r->query == NULL) {
+        PyObject *quoted = PyDict_GetItemWithError(self->quoted, r->path);
+        if (quoted != NULL)
+            return Py_NewRef(quoted);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *query = r->query != NULL ? Py_NewRef(r->query) : empty_str();
+    if (query == NULL)
+        return NULL;
+    PyObject *quoted = PyObject_CallFunctionObjArgs(self->target_of, r->path, query, NULL);
+    Py_DECREF(query);
+    if (quoted != NULL && !PyUnicode_Check(quoted)) {
+        Py_DECREF(quoted);
+        PyErr_SetString(PyExc_TypeError, "target_of must return str");
+        return NULL;
+    }
+    return quoted;
+}
+
+/* text(instance) -> bytes: the batch's text log lines, as PyRecorder.text
+ * writes them. */
+static PyObject *
+Recorder_text(Recorder *self, PyObject *instance)
+{
+    if (!PyUnicode_Check(instance)) {
+        PyErr_SetString(PyExc_TypeError, "instance must be str");
+        return NULL;
+    }
+    Buffer b = {NULL, 0, 0};
+    for (Py_ssize_t i = 0; i < self->size; i++) {
+        Record *r = &self->records[i];
+        PyObject *target = quoted_target(self, r);
+        if (target == NULL)
+            goto error;
+        const char *digits;
+        Py_ssize_t length;
+        declared_length(r, &digits, &length);
+        int failed =
+            append_stamp(self, &b, r->end) < 0 || APPEND_LITERAL(&b, " instance=") < 0 ||
+            append_str(&b, instance) < 0 || APPEND_LITERAL(&b, " request_id=") < 0 ||
+            append_text(&b, &r->request_id, r->request_id_text) < 0 ||
+            APPEND_LITERAL(&b, " method=") < 0 || append_str(&b, r->method) < 0 ||
+            APPEND_LITERAL(&b, " path=") < 0 || append_str(&b, target) < 0 ||
+            APPEND_LITERAL(&b, " status=") < 0 ||
+            append_int(&b, r->status ? r->status : CLIENT_CLOSED) < 0 ||
+            APPEND_LITERAL(&b, " received_bytes=") < 0 || append(&b, digits, length) < 0 ||
+            APPEND_LITERAL(&b, " sent_bytes=") < 0 || append_int(&b, r->sent) < 0 ||
+            APPEND_LITERAL(&b, " duration_us=") < 0 ||
+            append_int(&b, floordiv(r->end - r->start, 1000)) < 0 ||
+            APPEND_LITERAL(&b, "\n") < 0;
+        Py_DECREF(target);
+        if (failed)
+            goto error;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.size);
+    PyMem_Free(b.data);
+    return result;
+error:
+    PyMem_Free(b.data);
+    return NULL;
+}
+
+/* -- the type ------------------------------------------------------------------ */
+
+static PyObject *
+Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"full", "id_prefix", "quoted", "target_of", "offset_ns", NULL};
+    Py_ssize_t full;
+    PyObject *id_prefix, *quoted, *target_of;
+    long long offset_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nUO!OL", keywords, &full, &id_prefix,
+                                     &PyDict_Type, &quoted, &target_of, &offset_ns))
+        return NULL;
+    if (!PyCallable_Check(target_of)) {
+        PyErr_SetString(PyExc_TypeError, "target_of must be callable");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(id_prefix) || PyUnicode_GET_LENGTH(id_prefix) > ID_PREFIX_MAX) {
+        PyErr_SetString(PyExc_ValueError, "id_prefix must be ASCII, at most 32 characters");
+        return NULL;
+    }
+    Recorder *self = (Recorder *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->shared = PyDict_New();
+    if (self->shared == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->full = full;
+    self->id_prefix = Py_NewRef(id_prefix);
+    self->id_prefix_length = (int)PyUnicode_GET_LENGTH(id_prefix);
+    memcpy(self->id_text, PyUnicode_DATA(id_prefix), self->id_prefix_length);
+    self->quoted = Py_NewRef(quoted);
+    self->target_of = Py_NewRef(target_of);
+    self->offset_ms = floordiv(offset_ns, 1000000);
+    self->second = INT64_MIN;
+    return (PyObject *)self;
+}
+
+static int
+Recorder_traverse(Recorder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->shared);
+    Py_VISIT(self->id_prefix);
+    Py_VISIT(self->quoted);
+    Py_VISIT(self->target_of);
+    return 0;
+}
+
+static int
+Recorder_clear_refs(Recorder *self)
+{
+    Py_CLEAR(self->shared);
+    Py_CLEAR(self->id_prefix);
+    Py_CLEAR(self->quoted);
+    Py_CLEAR(self->target_of);
+    return 0;
+}
+
+static void
+Recorder_dealloc(Recorder *self)
+{
+    PyObject_GC_UnTrack(self);
+    for (Py_ssize_t i = 0; i < self->size; i++)
+        record_clear(&self->records[i]);
+    PyMem_Free(self->records);
+    Recorder_clear_refs(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* new_id() -> str: the prefix and the next number, a request id unique to
+ * this recorder (the prefix makes it unique across processes). */
+static PyObject *
+Recorder_new_id(Recorder *self, PyObject *unused)
+{
+    char *id = self->id_text + self->id_prefix_length;
+    int length = snprintf(id, 24, "%llu", (unsigned long long)++self->ids);
+    return PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, self->id_text,
+                                     self->id_prefix_length + length);
+}
+
+static PyMethodDef Recorder_methods[] = {
+    {"new_id", (PyCFunction)Recorder_new_id, METH_NOARGS, "a new request id"},
+    {"add", (PyCFunction)(void (*)(void))Recorder_add, METH_FASTCALL,
+     "add(start, status, sent, declared, method, path, query, request_id, live) -> bool: "
+     "record a request that ends now; True when the batch is full"},
+    {"put", (PyCFunction)(void (*)(void))Recorder_put, METH_FASTCALL,
+     "put(start, end, status, sent, declared, method, path, query, request_id, live)"},
+    {"columns", (PyCFunction)Recorder_columns, METH_NOARGS,
+     "the batch as 10 tuples: starts, ends, statuses, sents, declared, methods, paths, "
+     "queries, request ids, live operations"},
+    {"tally", (PyCFunction)(void (*)(void))Recorder_tally, METH_FASTCALL,
+     "tally(prefix, bounds): a batch of appends counted, or None"},
+    {"text", (PyCFunction)Recorder_text, METH_O, "text(instance: str) -> bytes: the text log lines"},
+    {"clear", (PyCFunction)Recorder_clear, METH_NOARGS, "forget the batch"},
+    {NULL}};
+
+static PySequenceMethods Recorder_as_sequence = {.sq_length = (lenfunc)Recorder_len};
+
+static PyTypeObject RecorderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gateway.web._recorder.Recorder",
+    .tp_basicsize = sizeof(Recorder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Finished requests, kept until the next drain.",
+    .tp_new = Recorder_new,
+    .tp_dealloc = (destructor)Recorder_dealloc,
+    .tp_traverse = (traverseproc)Recorder_traverse,
+    .tp_clear = (inquiry)Recorder_clear_refs,
+    .tp_methods = Recorder_methods,
+    .tp_as_sequence = &Recorder_as_sequence,
+};
+
+static PyMethodDef module_methods[] = {
+    {"now", now, METH_NOARGS, "CLOCK_MONOTONIC in nanoseconds (time.perf_counter_ns's clock)"},
+    {NULL}};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_recorder", .m_doc = "The request recorder, in C.",
+    .m_size = -1, .m_methods = module_methods};
+
+PyMODINIT_FUNC
+PyInit__recorder(void)
+{
+    if (PyType_Ready(&RecorderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&RecorderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

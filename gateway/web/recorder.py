@@ -1,0 +1,264 @@
+"""What a finished request leaves behind until the next drain: the recorder.
+
+Telemetry (gateway/web/telemetry.py) hands every finished request to a
+recorder: ``add(start, status, sent, declared, method, path, query,
+request_id, live)``, the request's end read then. A drain reads the batch
+back and empties it (``clear``):
+
+- ``columns()``: the batch as ten tuples (starts, ends, statuses, bytes
+  sent, Content-Length as declared, methods, paths, queries, request ids,
+  live operations), for the metrics of a mixed batch and for JSON lines;
+- ``tally(prefix, bounds)``: a batch of appends only (every request a POST
+  under ``prefix``) counted in one pass, or None for any other batch;
+- ``text(instance)``: the batch's text log lines, as bytes.
+
+Two implementations behave alike: ``PyRecorder`` below, the reference, and
+``gateway/web/_recorder.c``, the same in C, built with the package when a C
+compiler is at hand. ``Recorder`` is the C one when it was built: it keeps
+short strings as copies, so that a request's objects are freed with it, and
+formats lines without a Python object per field, which halves what the
+request log and metrics cost an append. tests/unit/test_recorder.py holds
+the two to the same output.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import floordiv, sub
+from typing import Any
+
+import orjson
+
+# Query parameters whose values are credentials (gateway/web/auth/: bearer
+# tokens for EventSource, pre-signed URLs' signatures).
+SECRET_PARAMS = frozenset({"token", "access_token", "signature", "sig"})
+REDACTED = "REDACTED"
+# A client that never got a response (it went away first), as nginx logs it.
+CLIENT_CLOSED = 499
+
+# The JSON-quoted log targets of busy paths (their appends repeat them),
+# bounded: emptied when full.
+QUOTED: dict[str, str] = {}
+QUOTED_MAX = 4096
+
+# A batch's columns: starts, ends, statuses, bytes sent, declared lengths,
+# methods, paths, queries, request ids, live operations.
+Columns = tuple[
+    Sequence[int],
+    Sequence[int],
+    Sequence[int],
+    Sequence[int],
+    Sequence[str | None],
+    Sequence[str],
+    Sequence[str],
+    Sequence[str],
+    Sequence[str | None],
+    Sequence[str | None],
+]
+# tally(): counts by status, bytes received and sent, latency bucket counts,
+# the durations' sum in nanoseconds.
+Tallied = tuple[dict[int, int], int, int, list[int], int]
+
+
+def redact_query(query: str) -> str:
+    """``query`` with the values of credential parameters replaced."""
+    if "=" not in query:
+        return query
+    parts = query.split("&")
+    for index, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if equals and name.lower() in SECRET_PARAMS:
+            parts[index] = f"{name}={REDACTED}"
+    return "&".join(parts)
+
+
+def quoted_target(path: str, query: str) -> str:
+    """The log's ``path=`` value: path and redacted query as a JSON string,
+    so that no client can break the line or forge a field."""
+    target = path + "?" + redact_query(query) if query else path
+    quoted = QUOTED.get(target)
+    if quoted is None:
+        quoted = orjson.dumps(target).decode()
+        if len(QUOTED) >= QUOTED_MAX:
+            QUOTED.clear()
+        QUOTED[target] = quoted
+    return quoted
+
+
+def declared_digits(value: str | None) -> str:
+    """Content-Length as logged: as sent when it is ASCII digits, else 0."""
+    return value if value is not None and value.isascii() and value.isdigit() else "0"
+
+
+class Clock:
+    """Wall-clock timestamps for log lines from ``perf_counter_ns`` readings: the
+    seconds part formatted once a second, the milliseconds from a table."""
+
+    __slots__ = ("offset_ns", "second", "text")
+
+    _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+    def __init__(self, offset_ns: int | None = None) -> None:
+        if offset_ns is None:
+            offset_ns = time.time_ns() - time.perf_counter_ns()
+        self.offset_ns = offset_ns
+        self.second = -1
+        self.text = ""
+
+    def stamp(self, counter_millis: int) -> str:
+        """The time of ``perf_counter_ns`` reading ``counter_millis`` (in milliseconds)."""
+        millis = counter_millis + self.offset_ns // 1_000_000
+        second = millis // 1000
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self.text + self._MILLIS[millis - second * 1000]
+
+    def stamps(self, ends: Sequence[int]) -> list[str]:
+        """The log time of each end (in the order they ended): formatted once
+        per millisecond, and found by bisection, a step per millisecond."""
+        stamp = self.stamp
+        stamps: list[str] = []
+        size = len(ends)
+        at = 0
+        while at < size:
+            millis = ends[at] // 1_000_000
+            until = bisect_left(ends, (millis + 1) * 1_000_000, at)
+            stamps += repeat(stamp(millis), until - at)
+            at = until
+        return stamps
+
+
+# A recorded request: start, end, status, sent, declared, method, path, query,
+# request id, live operation.
+_Record = tuple[int, int, int, int, str | None, str, str, str, str | None, str | None]
+_EMPTY: Columns = ((), (), (), (), (), (), (), (), (), ())
+
+
+class PyRecorder:
+    """The recorder in Python: the batch as a list of tuples, read column by
+    column, most of the work in C builtins (``map``, ``Counter``, ``zip``)."""
+
+    __slots__ = ("_clock", "_done", "_full", "_id_prefix", "_ids")
+
+    def __init__(
+        self,
+        full: int,
+        id_prefix: str,
+        quoted: dict[str, str],
+        target_of: Callable[[str, str], str],
+        offset_ns: int,
+    ) -> None:
+        # (quoted and target_of are quoted_target's cache and quoted_target: the
+        # C recorder looks in the cache itself before calling out.)
+        self._full = full
+        self._id_prefix = id_prefix
+        self._ids = 0
+        self._clock = Clock(offset_ns)
+        self._done: list[_Record] = []
+
+    def new_id(self) -> str:
+        self._ids += 1
+        return self._id_prefix + str(self._ids)
+
+    def add(
+        self,
+        start: int,
+        status: int,
+        sent: int,
+        declared: str | None,
+        method: str,
+        path: str,
+        query: str,
+        request_id: str | None,
+        live: str | None,
+    ) -> bool:
+        done = self._done
+        done.append((start, now(), status, sent, declared, method, path, query, request_id, live))
+        return len(done) >= self._full
+
+    def put(self, *request: Any) -> None:
+        """put(start, end, status, sent, declared, method, path, query,
+        request_id, live): a request whose end is given (tests, replays)."""
+        self._done.append(request)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def clear(self) -> None:
+        self._done = []
+
+    def columns(self) -> Columns:
+        if not self._done:
+            return _EMPTY
+        return tuple(zip(*self._done, strict=True))  # type: ignore[return-value]
+
+    def tally(self, prefix: str, bounds: tuple[int, ...]) -> Tallied | None:
+        starts, ends, statuses, sents, declared, methods, paths, _, _, lives = self.columns()
+        size = len(methods)
+        if not (
+            methods.count("POST") == size
+            and lives.count(None) == size
+            and all(map(str.startswith, paths, repeat(prefix)))
+        ):
+            return None
+        elapsed = list(map(sub, ends, starts))
+        by_status = Counter(statuses)
+        if 0 in by_status:
+            by_status[CLIENT_CLOSED] = by_status.get(CLIENT_CLOSED, 0) + by_status.pop(0)
+        buckets = [0] * (len(bounds) + 1)
+        for bucket, count in Counter(map(bisect_left, repeat(bounds), elapsed)).items():
+            buckets[bucket] = count
+        received = sum(map(int, map(declared_digits, declared)))
+        return dict(by_status), received, sum(sents), buckets, sum(elapsed)
+
+    def text(self, instance: str) -> bytes:
+        starts, ends, statuses, sents, declared, methods, paths, queries, ids, _ = self.columns()
+        quoted: list[str | None]
+        if any(queries):
+            quoted = list(map(quoted_target, paths, queries))
+        else:
+            quoted = list(map(QUOTED.get, paths))
+            if None in quoted:
+                quoted = [
+                    q if q is not None else quoted_target(p, "")
+                    for q, p in zip(quoted, paths, strict=True)
+                ]
+        if 0 in statuses:
+            statuses = tuple([status or CLIENT_CLOSED for status in statuses])
+        lines = [
+            f"{stamp} instance={instance} request_id={request_id} method={method} path={target} "
+            f"status={status} received_bytes={received} sent_bytes={sent} duration_us={micros}\n"
+            for stamp, request_id, method, target, status, received, sent, micros in zip(
+                self._clock.stamps(ends),
+                ids,
+                methods,
+                quoted,
+                statuses,
+                map(declared_digits, declared),
+                sents,
+                map(floordiv, map(sub, ends, starts), repeat(1000)),
+                strict=True,
+            )
+        ]
+        return "".join(lines).encode("utf-8", "backslashreplace")
+
+
+RecorderType = type[PyRecorder]
+CRecorder: RecorderType | None
+now: Callable[[], int]  # the clock of a request's start and end
+try:
+    from . import _recorder  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the Python recorder serves
+    CRecorder = None
+    now = time.perf_counter_ns
+else:
+    CRecorder = _recorder.Recorder
+    now = _recorder.now
+
+# The recorder Telemetry uses.
+Recorder: RecorderType = CRecorder if CRecorder is not None else PyRecorder

@@ -1,0 +1,207 @@
+"""The C recorder against the Python one: the same requests in, the same log
+lines, columns and tallies out (gateway/web/recorder.py, _recorder.c).
+
+The batches mix what the request path can hand over: repeated and unique
+paths (quoted from the cache, or not yet), queries with credentials,
+client ids too long to copy, missing and odd Content-Length values, lengths
+past what 64 bits hold, a client that went away (status 0), non-ASCII text,
+and an instance name holding an undecodable byte (os.environ keeps it as a
+lone surrogate).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import pytest
+
+from gateway import metrics
+from gateway.web import recorder as recorders
+
+PREFIX = "/v1/stream/"
+BOUNDS = tuple(round(bound * 1e9) for bound in metrics.LATENCY_BUCKETS)
+OFFSET_NS = 1_765_000_000 * 10**9 + 123_456_789  # wall clock minus the monotonic one
+
+Finished = tuple[int, int, int, int, str | None, str, str, str, str | None, str | None]
+
+
+def c_recorder_class() -> recorders.RecorderType:
+    assert recorders.CRecorder is not None, "the C recorder was not built (setup.py)"
+    return recorders.CRecorder  # type: ignore[return-value]
+
+
+def make(kind: recorders.RecorderType, full: int = 512) -> recorders.PyRecorder:
+    return kind(full, "0123456789ab-", recorders.QUOTED, recorders.quoted_target, OFFSET_NS)
+
+
+def both() -> tuple[recorders.PyRecorder, recorders.PyRecorder]:
+    return make(recorders.PyRecorder), make(c_recorder_class())
+
+
+def requests(seed: int, size: int, *, appends_only: bool = False) -> list[Finished]:
+    rng = random.Random(seed)
+    end = rng.randrange(10**12, 2 * 10**12)
+    paths = [PREFIX + "a", PREFIX + "b/c", PREFIX + 'q"uote\n\t\\', PREFIX + "é/ü/😀"]
+    done: list[Finished] = []
+    for number in range(size):
+        end += rng.choice([0, 1, 999_999, 1_000_000, 400_000_000, 1_000_000_000])
+        elapsed = rng.choice([0, 1, 999, 1_000, 500_000, 500_001, *BOUNDS, 10**11])
+        method = "POST" if appends_only else rng.choice(["POST", "GET", "PUT", "HEAD", "DELETE"])
+        if appends_only or rng.random() < 0.7:
+            path = rng.choice(paths)
+        else:
+            path = rng.choice(["/healthz", "/metrics", f"/x/{rng.random()}", PREFIX + str(number)])
+        query = "" if appends_only else rng.choice(["", "", "offset=-1", "token=s3cret&x=1"])
+        live = None if appends_only else rng.choice([None, None, "sse", "long_poll"])
+        declared = rng.choice(
+            # ("\uff11\uff12": digits, but not ASCII ones)
+            [None, "", "0", "007", "100", "x", "\uff11\uff12", "9" * 15]
+            + ([] if appends_only else ["9" * 18, "9" * 19, "1" * 40])
+        )
+        request_id = rng.choice(
+            [None, f"0123456789ab-{number}", "c" * 48, "d" * 49, "x" * 128, "é-1"]
+        )
+        status = rng.choice([0, 200, 201, 204, 400, 404, 409, 410, 413, 429, 500, 503])
+        sent = rng.choice([0, 5, 2**40])
+        done.append(
+            (end - elapsed, end, status, sent, declared, method, path, query, request_id, live)
+        )
+    return done
+
+
+def fill(recorder: recorders.PyRecorder, done: list[Finished]) -> None:
+    for request in done:
+        recorder.put(*request)
+
+
+def test_the_c_recorder_is_built_and_used() -> None:
+    assert recorders.Recorder is c_recorder_class()
+    assert recorders.now is not time.perf_counter_ns
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("instance", ["i-1", "pod-é", "bad-\udcff"])
+def test_same_lines_and_columns(seed: int, instance: str) -> None:
+    python, c = both()
+    done = requests(seed, 700)
+    fill(python, done)
+    fill(c, done)
+    assert len(c) == len(python) == 700
+    assert c.columns() == python.columns() == tuple(zip(*done, strict=True))
+    text = c.text(instance)
+    assert text == python.text(instance)
+    lines = text.decode("utf-8").splitlines()
+    assert len(lines) == 700
+    assert all("s3cret" not in line for line in lines)
+    # A second call (a drain that failed half way and runs again) gives the same.
+    assert c.text(instance) == text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_same_tallies(seed: int) -> None:
+    python, c = both()
+    done = requests(seed, 600, appends_only=True)
+    fill(python, done)
+    fill(c, done)
+    tallied = c.tally(PREFIX, BOUNDS)
+    assert tallied is not None
+    assert tallied == python.tally(PREFIX, BOUNDS)
+    by_status, received, sent, buckets, total = tallied
+    assert sum(by_status.values()) == sum(buckets) == 600
+    assert 0 not in by_status
+    assert received == sum(
+        int(d) for *_, d, _, _, _, _, _ in done if d and d.isascii() and d.isdigit()
+    )
+    assert received > 0
+    assert sent == sum(sent for _, _, _, sent, *_ in done)
+    assert total == sum(end - start for start, end, *_ in done)
+
+
+def test_only_appends_are_tallied_in_one_pass() -> None:
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        for request in (
+            ("GET", PREFIX + "a", "", None),
+            ("POST", "/elsewhere", "", None),
+            ("POST", PREFIX + "a", "", "sse"),
+        ):
+            recorder = make(kind)
+            fill(recorder, requests(1, 10, appends_only=True))
+            method, path, query, live = request
+            recorder.put(1, 2, 204, 0, "5", method, path, query, "id", live)
+            assert recorder.tally(PREFIX, BOUNDS) is None, (kind, request)
+    # Lengths past 64 bits, or sums of them: the C recorder leaves them to Python.
+    for lengths in (["9" * 19], ["9" * 18] * 10):
+        c = make(c_recorder_class())
+        for length in lengths:
+            c.put(1, 2, 204, 0, length, "POST", PREFIX + "a", "", "id", None)
+        assert c.tally(PREFIX, BOUNDS) is None
+
+
+def test_add_reads_the_clock_and_says_when_the_batch_is_full() -> None:
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        recorder = make(kind, full=3)
+        before = time.perf_counter_ns()
+        start = recorders.now()
+        answers = [
+            recorder.add(start, 204, 0, "3", "POST", PREFIX + "a", "", f"id-{n}", None)
+            for n in range(4)
+        ]
+        after = time.perf_counter_ns()
+        assert answers == [False, False, True, True]
+        ends = recorder.columns()[1]
+        assert all(before <= start <= end <= after for end in ends), kind
+        assert list(ends) == sorted(ends)
+
+
+def test_new_ids_are_the_prefix_and_a_counter() -> None:
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        recorder = make(kind)
+        ids = [recorder.new_id() for _ in range(1000)]
+        assert ids[:3] == ["0123456789ab-1", "0123456789ab-2", "0123456789ab-3"]
+        assert len(set(ids)) == 1000
+
+
+def test_clear_forgets_the_batch_and_releases_its_strings() -> None:
+    c = make(c_recorder_class(), full=4)
+    # Strings nothing else holds: the recorder must give them back.
+    path = "".join([PREFIX, "unique-", str(random.random())])
+    query = "".join(["token=", str(random.random())])
+    long_id = "".join(["r" * 60, str(random.random())])
+
+    def refs() -> list[int]:
+        return [sys.getrefcount(value) for value in (path, query, long_id)]
+
+    held = refs()
+    for _ in range(5000):  # past the batch size: grows, then gives the memory back
+        c.put(1, 2, 200, 0, None, "GET", path, query, long_id, None)
+    c.clear()
+    assert len(c) == 0
+    assert c.columns() == ((),) * 10
+    assert c.text("i") == b""
+    # The path stays shared (see canonical() in _recorder.c) until the table fills.
+    assert refs()[1:] == held[1:]
+    for number in range(5000):
+        c.put(1, 2, 200, 0, None, "GET", f"{PREFIX}{number}", "", None, None)
+    c.clear()
+    assert refs() == held
+    c.put(1, 2, 204, 0, "1", "POST", PREFIX + "a", "", "id", None)
+    assert c.columns()[6] == (PREFIX + "a",)
+
+
+def test_bad_arguments_are_refused_and_record_nothing() -> None:
+    c = make(c_recorder_class())
+    good = [1, 2, 204, 0, "5", "POST", PREFIX + "a", "", "id", None]
+    for index, bad in [(0, "1"), (2, None), (4, 5), (5, None), (6, b"/v1"), (7, None), (8, 1)]:
+        args = list(good)
+        args[index] = bad
+        with pytest.raises(TypeError):
+            c.put(*args)
+    with pytest.raises(TypeError):
+        c.put(*good[:-1])
+    with pytest.raises(TypeError):
+        c.add(*good)  # add takes no end
+    assert len(c) == 0
+    with pytest.raises(ValueError):
+        c_recorder_class()(512, "é", {}, recorders.quoted_target, 0)
