@@ -54,6 +54,8 @@ typedef struct {
 
 #define ID_PREFIX_MAX 32
 
+#define STAMP_LENGTH 24 /* 2026-12-07T07:17:28.492Z */
+
 typedef struct {
     PyObject_HEAD
     Record *records;
@@ -68,8 +70,8 @@ typedef struct {
     PyObject *quoted;     /* dict: target -> its JSON-quoted form */
     PyObject *target_of;  /* callable (path, query) -> the quoted target */
     int64_t offset_ms;    /* wall clock minus monotonic clock, milliseconds */
-    int64_t second;       /* the second whose text is in stamp */
-    char stamp[32];       /* "YYYY-MM-DDTHH:MM:SS" of that second */
+    int64_t millis;       /* the wall-clock millisecond whose text is in stamp */
+    char stamp[32];       /* "YYYY-MM-DDTHH:MM:SS.mmmZ" */
 } Recorder;
 
 static int64_t
@@ -124,10 +126,21 @@ keep_text(Text *text, char *copy, int size, PyObject *value)
     }
 }
 
-/* The str to keep for value: the shared equal one, when there is one. */
-static PyObject *
-canonical(Recorder *self, PyObject *value)
+static int
+same_str(PyObject *a, PyObject *b)
 {
+    Py_ssize_t length = PyUnicode_GET_LENGTH(a);
+    return a == b || (length == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+                      memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), length * PyUnicode_KIND(a)) == 0);
+}
+
+/* The str to keep for value: the previous record's when equal (a busy
+ * stream's appends follow each other), else the shared equal one. */
+static PyObject *
+canonical(Recorder *self, PyObject *value, PyObject *previous)
+{
+    if (previous != NULL && same_str(previous, value))
+        return Py_NewRef(previous);
     PyObject *shared = PyDict_GetItemWithError(self->shared, value);
     if (shared != NULL)
         return Py_NewRef(shared);
@@ -179,14 +192,15 @@ put(Recorder *self, int64_t end, PyObject *const *args)
         self->records = grown;
         self->capacity = capacity;
     }
+    Record *previous = self->size ? &self->records[self->size - 1] : NULL;
     Record *r = &self->records[self->size++];
     r->start = start;
     r->end = end;
     r->status = (int)status;
     r->sent = sent;
     keep_text(&r->declared, r->declared_text, DECLARED_SIZE, args[3]);
-    r->method = canonical(self, args[4]);
-    r->path = canonical(self, args[5]);
+    r->method = canonical(self, args[4], previous ? previous->method : NULL);
+    r->path = canonical(self, args[5], previous ? previous->path : NULL);
     r->query = PyUnicode_GET_LENGTH(args[6]) ? Py_NewRef(args[6]) : NULL;
     keep_text(&r->request_id, r->request_id_text, ID_SIZE, args[7]);
     r->live = args[8] != Py_None ? Py_NewRef(args[8]) : NULL;
@@ -528,35 +542,47 @@ append_text(Buffer *b, const Text *text, const char *copy)
     return append(b, copy, text->length);
 }
 
+/* value in decimal (snprintf costs more than the rest of a line). */
 static int
 append_int(Buffer *b, int64_t value)
 {
     char digits[24];
-    int length = snprintf(digits, sizeof digits, "%lld", (long long)value);
-    return append(b, digits, length);
+    char *end = digits + sizeof digits, *at = end;
+    uint64_t magnitude = value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value;
+    do {
+        *--at = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude);
+    if (value < 0)
+        *--at = '-';
+    return append(b, at, end - at);
 }
 
+/* The wall-clock time of a monotonic reading, to the millisecond: the text
+ * is made again only when the millisecond changes (requests end in order). */
 static int
 append_stamp(Recorder *self, Buffer *b, int64_t end)
 {
     int64_t millis = floordiv(end, 1000000) + self->offset_ms;
-    int64_t second = floordiv(millis, 1000);
-    if (second != self->second) {
+    if (millis != self->millis) {
+        int64_t second = floordiv(millis, 1000);
         time_t t = (time_t)second;
         struct tm tm;
         if (gmtime_r(&t, &tm) == NULL ||
-            strftime(self->stamp, sizeof self->stamp, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+            strftime(self->stamp, sizeof self->stamp, "%Y-%m-%dT%H:%M:%S", &tm) != 19) {
             PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
             return -1;
         }
-        self->second = second;
+        int ms = (int)(millis - second * 1000);
+        char *tail = self->stamp + 19;
+        tail[0] = '.';
+        tail[1] = (char)('0' + ms / 100);
+        tail[2] = (char)('0' + ms / 10 % 10);
+        tail[3] = (char)('0' + ms % 10);
+        tail[4] = 'Z';
+        self->millis = millis;
     }
-    if (append(b, self->stamp, (Py_ssize_t)strlen(self->stamp)) < 0)
-        return -1;
-    int ms = (int)(millis - second * 1000);
-    char tail[6] = {'.', (char)('0' + ms / 100), (char)('0' + ms / 10 % 10),
-                    (char)('0' + ms % 10), 'Z', 0};
-    return append(b, tail, 5);
+    return append(b, self->stamp, STAMP_LENGTH);
 }
 
 /* The JSON-quoted target: from the cache when the path is a busy one and
@@ -594,11 +620,17 @@ Recorder_text(Recorder *self, PyObject *instance)
         return NULL;
     }
     Buffer b = {NULL, 0, 0};
+    if (reserve(&b, self->size * 256) < 0)
+        return NULL;
+    PyObject *target = NULL; /* the last record's, for the next with the same path */
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
-        PyObject *target = quoted_target(self, r);
-        if (target == NULL)
-            goto error;
+        if (target == NULL || r->query != NULL || r->path != r[-1].path || r[-1].query != NULL) {
+            Py_XDECREF(target);
+            target = quoted_target(self, r);
+            if (target == NULL)
+                goto error;
+        }
         const char *digits;
         Py_ssize_t length;
         declared_length(r, &digits, &length);
@@ -615,14 +647,15 @@ Recorder_text(Recorder *self, PyObject *instance)
             APPEND_LITERAL(&b, " duration_us=") < 0 ||
             append_int(&b, floordiv(r->end - r->start, 1000)) < 0 ||
             APPEND_LITERAL(&b, "\n") < 0;
-        Py_DECREF(target);
         if (failed)
             goto error;
     }
-    PyObject *result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.size);
+    Py_XDECREF(target);
+    PyObject *result = PyBytes_FromStringAndSize(b.data, b.size);
     PyMem_Free(b.data);
     return result;
 error:
+    Py_XDECREF(target);
     PyMem_Free(b.data);
     return NULL;
 }
@@ -662,7 +695,7 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->quoted = Py_NewRef(quoted);
     self->target_of = Py_NewRef(target_of);
     self->offset_ms = floordiv(offset_ns, 1000000);
-    self->second = INT64_MIN;
+    self->millis = INT64_MIN;
     return (PyObject *)self;
 }
 
