@@ -30,7 +30,7 @@ from .signals import drain_on_signals
 
 
 class RsgiRequest(Request):
-    __slots__ = ("_rsgi_headers", "proto", "rsgi_scope")
+    __slots__ = ("proto", "rsgi_scope")
 
     def __init__(self, scope: Any, proto: Any) -> None:
         super().__init__()
@@ -41,11 +41,12 @@ class RsgiRequest(Request):
         self.scheme = scope.scheme
         self.peer = scope.client.rsplit(":", 1)[0].strip("[]") if scope.client else None
         self.query_string = scope.query_string
-        # granian's own header map (names lower case), read on demand.
-        self._rsgi_headers = scope.headers
+        # granian's own header map (names lower case), read on demand: get()
+        # gives the first value, as the base class's dict does.
+        self._headers = scope.headers
 
     def header(self, name: str) -> str | None:
-        headers = self._rsgi_headers
+        headers: Any = self._headers
         values = headers.get_all(name)
         if not values:
             if name in headers:
@@ -61,21 +62,10 @@ class RsgiRequest(Request):
         value: str = values[0]
         return value
 
-    def has_header(self, name: str) -> bool:
-        return name in self._rsgi_headers
-
-    def logged_header(self, name: str) -> str | None:
-        value: str | None = self._rsgi_headers.get(name)
-        return value
-
     def authority(self) -> str:
         scope = self.rsgi_scope
-        host: str = self._rsgi_headers.get("host") or scope.authority or scope.server
+        host: str = self._headers.get("host") or scope.authority or scope.server
         return host
-
-    def release(self) -> None:
-        super().release()
-        self._rsgi_headers = {}
 
     def _decode_path(self) -> str:
         # granian hands over the path already percent-decoded (invalid UTF-8 as

@@ -154,6 +154,9 @@ class Request:
     (the client's address, or None), ``root_path`` (ASGI mounts), ``_headers``
     and ``_repeated`` (see ``collect_headers``), and supply ``_decode_path``,
     ``authority``, ``_chunks`` and optionally ``_whole_body``/``_body_at_hand``.
+    ``_headers.get(name)`` is what the request log reads (gateway/web/
+    telemetry.py): the first value sent, never refused; an adapter with a
+    header map of its own (RSGI) may set that instead of a dict.
     """
 
     __slots__ = (
@@ -195,11 +198,6 @@ class Request:
 
     def has_header(self, name: str) -> bool:
         return name in self._headers
-
-    def logged_header(self, name: str) -> str | None:
-        """The value of ``name`` as the request log and metrics report it: the
-        first one sent, never refused (None when absent or unreadable)."""
-        return self._headers.get(name)
 
     # -- interface-specific --------------------------------------------------------
 

@@ -150,7 +150,8 @@ class Telemetry:
         """A request starts: the response gets its request id (with the log
         on); the live operation when it is a live reader, counted as one."""
         if self.writer is not None:  # the id is the log's: none without a log
-            request_id = req.logged_header(REQUEST_ID_HEADER)
+            # (the first value sent, never refused: the log must not fail)
+            request_id = req._headers.get(REQUEST_ID_HEADER)
             if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
                 request_id = self.recorder.new_id()
             res.request_id = request_id
@@ -178,7 +179,7 @@ class Telemetry:
             start,
             res.status,
             res.sent,
-            req.logged_header("content-length"),
+            req._headers.get("content-length"),
             req.method,
             path,
             query,
