@@ -42,6 +42,7 @@ from gateway.servers.native.tls import TLSConfigError, server_context
 from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 from gateway.web.auth import build_authorizer
 from gateway.web.forwarded import TrustedProxies
+from gateway.web.log_writer import NonBlockingLogHandler
 
 APP = "gateway.main:app"
 DEFAULT_PORT = 4437  # IANA-registered port of the Durable Streams protocol
@@ -376,7 +377,12 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="[%(levelname)s] %(name)s: %(message)s")
+    # To stderr without ever blocking the event loop (gateway/web/log_writer.py).
+    logging.basicConfig(
+        level=level.upper(),
+        format="[%(levelname)s] %(name)s: %(message)s",
+        handlers=[NonBlockingLogHandler()],
+    )
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:

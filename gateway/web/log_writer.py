@@ -26,6 +26,11 @@ bigger than that: the workers' lines never interleave inside a line.
 Writing from the event loop itself, rather than from a thread, also spares
 every batch the handing over of the interpreter lock, which on a busy machine
 cost more than the writes do.
+
+The gateway's own messages (stderr) go the same way, through
+``NonBlockingLogHandler``: a warning logged while stdout and stderr share a
+pipe that nobody reads (``2>&1``, a stalled log shipper) must not stop the
+worker either.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,15 +67,19 @@ class LogWriter:
         *,
         max_pending: int = MAX_PENDING_BYTES,
         on_drop: Callable[[int], None] | None = None,
+        name: str = "request log",
     ) -> None:
         self.max_pending = max_pending
+        self.name = name  # in the notice of dropped lines
         self.dropped_lines = 0  # since the start, for tests and metrics
         self._on_drop = on_drop
         # Bytes waiting for the reader, and where lines were dropped: the count
         # of lines dropped at that point, written there as a notice.
         self._queue: deque[bytes | int] = deque()
         self._pending = 0  # bytes queued
+        # The loop watching the output while bytes wait, and its thread.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
         self._chunked = True  # in whole-line chunks of ATOMIC_BYTES at most
         # Where bytes go (and whose writability the loop watches), and how:
         # os.write, or a socket's send without waiting. ``_own``: what close
@@ -166,6 +176,12 @@ class LogWriter:
                 # the next batch, and at close.
                 return
             self._loop = loop
+            self._thread = threading.get_ident()
+
+    @property
+    def watching(self) -> tuple[asyncio.AbstractEventLoop, int] | None:
+        """The loop that writes what waits (and its thread), while bytes wait."""
+        return None if self._loop is None else (self._loop, self._thread)
 
     def _unwatch(self) -> None:
         if self._loop is not None:
@@ -179,7 +195,7 @@ class LogWriter:
         while queue:
             item = queue[0]
             if isinstance(item, int):
-                item = queue[0] = _notice(item)
+                item = queue[0] = _notice(self.name, item)
                 self._pending += len(item)
             rest = self._write_some(item)
             if rest is not None:
@@ -191,6 +207,16 @@ class LogWriter:
         self._unwatch()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Write what is queued, waiting at most ``timeout`` for the reader,
+        and release the output."""
+        self.flush(timeout)
+        own, self._own = self._own, None
+        if isinstance(own, socket.socket):
+            own.close()
+        elif own is not None:
+            os.close(own)
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued, waiting at most ``timeout`` for the reader."""
         self._unwatch()
         deadline = time.monotonic() + timeout
@@ -206,16 +232,63 @@ class LogWriter:
             if self._pending == pending:
                 with contextlib.suppress(OSError, ValueError):
                     select.select([], [self._fd], [], min(left, 0.1))
-        own, self._own = self._own, None
-        if isinstance(own, socket.socket):
-            own.close()
-        elif own is not None:
-            os.close(own)
 
 
 def _send_now(sock: socket.socket, data: memoryview) -> int:
     return sock.send(data, socket.MSG_DONTWAIT)
 
 
-def _notice(dropped: int) -> bytes:
-    return f"request log: {dropped} lines dropped here (standard output was not read)\n".encode()
+def _notice(name: str, dropped: int) -> bytes:
+    return f"{name}: {dropped} lines dropped here (the output was not read)\n".encode()
+
+
+class NonBlockingLogHandler(logging.Handler):
+    """A logging handler that writes to ``fd`` (stderr) through a LogWriter:
+    a reader that stops costs dropped lines, noted where they are missing,
+    never a blocked event loop.
+
+    Records logged on the thread of the loop that watches the output are
+    written there and then; from any other thread they are handed to that
+    loop, so that one thread at a time touches the writer. A forked worker
+    gets a writer of its own. ``flush`` (at a worker's exit, and at
+    ``logging.shutdown``) waits up to ``CLOSE_TIMEOUT_S`` for what is queued.
+    """
+
+    def __init__(self, fd: int = 2, *, max_pending: int = 1024 * 1024) -> None:
+        super().__init__()
+        self._fd = fd
+        self._max_pending = max_pending
+        self._writer: LogWriter | None = None
+        self._pid = 0
+
+    def _here(self) -> LogWriter:
+        if self._writer is None or self._pid != os.getpid():
+            # (A writer inherited through fork stays the parent's: its queue is
+            # the parent's to write.)
+            self._writer = LogWriter(self._fd, max_pending=self._max_pending, name="gateway log")
+            self._pid = os.getpid()
+        return self._writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            writer = self._here()
+            watching = writer.watching
+            if watching is not None and watching[1] != threading.get_ident():
+                watching[0].call_soon_threadsafe(writer.write, data, data.count(b"\n"))
+            else:
+                writer.write(data, data.count(b"\n"))
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        if self._writer is not None and self._pid == os.getpid():
+            self._writer.flush()
+
+    def close(self) -> None:
+        try:
+            if self._writer is not None and self._pid == os.getpid():
+                self._writer.close()
+            self._writer = None
+        finally:
+            super().close()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -520,6 +521,57 @@ def test_a_stdout_nobody_reads_never_stalls_the_gateway(redis_url: str) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert code == 0
+
+
+def test_stdout_and_stderr_on_one_pipe_nobody_reads_never_stall_the_gateway(
+    redis_url: str,
+) -> None:
+    """``2>&1`` into a pipe nobody reads (a stalled log shipper). The request
+    log fills the pipe; then clients send HTTP/2 garbage, each connection
+    logged (at debug level here) on stderr. Before, the first message that
+    did not fit blocked the worker for good: no request was answered any more.
+    Now the gateway's messages are dropped like request-log lines, every
+    client gets its answer, and the gateway stops within seconds."""
+    port = free_port()
+    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
+    proc = subprocess.Popen(
+        [script, "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug"],
+        env={**os.environ, "REDIS_URL": redis_url, "DS_ACCESS_LOG_BUFFER_BYTES": "65536"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the gateway", lambda: _healthy(url))
+        stream = f"{url}/v1/stream/unread-stderr-{uuid.uuid4().hex}"
+        with httpx.Client(timeout=10) as client:
+            assert client.put(stream, headers=OCTET).status_code == 201
+            for number in range(3000):  # ~400 KB of log lines: the pipe is full
+                response = client.post(stream, content=b"%d," % number, headers=OCTET)
+                assert response.status_code == 204, (number, response.text)
+        # ~150 KB of stderr lines, one per connection: a DATA frame on stream 0.
+        garbage = H2_PREFACE + b"\x00\x00\x03\x00\x00\x00\x00\x00\x00abc"
+        for number in range(1500):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(garbage)
+                answer = b""
+                while chunk := sock.recv(4096):  # SETTINGS, GOAWAY, then closed
+                    answer += chunk
+                assert answer, number
+        assert _healthy(url)
+        started = time.monotonic()
+        code = stop_process(proc, timeout=20)
+        took = time.monotonic() - started
+    finally:
+        stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0, f"exit code {code} after {took:.1f} s"
+    assert took < 15
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def _healthy(url: str) -> bool:

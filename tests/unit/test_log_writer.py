@@ -5,6 +5,7 @@ sharing one pipe never tear each other's lines."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import re
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
-from gateway.web.log_writer import ATOMIC_BYTES, LogWriter
+from gateway.web.log_writer import ATOMIC_BYTES, LogWriter, NonBlockingLogHandler
 
 LINE = b"x" * 99 + b"\n"
 
@@ -44,16 +45,18 @@ async def read_until(read: Callable[[], bytes], last: bytes, seconds: float = 10
     return got
 
 
-def check_gap_accounting(got: bytes, writer: LogWriter, written: int) -> None:
+def check_gap_accounting(
+    got: bytes, writer: LogWriter, written: int, name: bytes = b"request log"
+) -> None:
     """Lines arrived whole and in order, with notices where lines are missing
     that add up to what the writer counted as dropped."""
     lines = got.splitlines()
     assert lines[-1] == b"after"
-    notices = [line for line in lines if line.startswith(b"request log: ")]
+    notices = [line for line in lines if line.startswith(name + b": ")]
     assert notices, lines[-3:]
     missing = sum(int(line.split()[2]) for line in notices)
     assert missing == writer.dropped_lines
-    kept = [line for line in lines[:-1] if not line.startswith(b"request log: ")]
+    kept = [line for line in lines[:-1] if not line.startswith(name + b": ")]
     assert set(kept) == {LINE.rstrip(b"\n")}
     assert len(kept) + missing == written
 
@@ -124,6 +127,42 @@ def test_a_reader_that_stops_costs_dropped_lines_never_a_blocked_loop(
             writer.close(timeout=5)
 
     asyncio.run(scenario())
+
+
+def test_the_gateways_own_messages_never_block_the_loop_either(stalled_output: Output) -> None:
+    """stderr through NonBlockingLogHandler (the console script's logging):
+    records from the loop's thread and from another thread, into an output
+    nobody reads, then read again."""
+    handler = NonBlockingLogHandler(stalled_output.fd, max_pending=64 * 1024)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"test.nonblocking.{id(handler)}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    message = LINE.rstrip(b"\n").decode()
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        for _ in range(50_000):  # 5 MB
+            logger.warning(message)
+
+        def from_a_thread() -> None:
+            for _ in range(5_000):
+                logger.warning(message)
+
+        await asyncio.to_thread(from_a_thread)  # the loop runs while the thread logs
+        assert time.monotonic() - started < 10
+        writer = handler._here()
+        assert writer.dropped_lines > 40_000
+        assert stalled_output.still_blocking()
+        logger.warning("after")
+        got = await read_until(stalled_output.read, b"after\n")
+        check_gap_accounting(got, writer, 55_000, name=b"gateway log")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def test_close_writes_what_is_queued() -> None:

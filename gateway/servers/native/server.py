@@ -334,6 +334,8 @@ class Supervisor:
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()  # (os._exit runs no atexit: logging's is skipped)
                     os._exit(code)
             self.children[pid] = time.monotonic()  # before a signal may look for it
         finally:
