@@ -456,36 +456,53 @@ def test_redis_failures_are_counted_by_type(redis_url: str) -> None:
         )
 
 
+def unread_gateway(
+    redis_url: str, options: list[str], stderr: int = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The console script with its stdout a pipe this test does not read (yet)."""
+    port = free_port()
+    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
+    proc = subprocess.Popen(
+        [script, "--host", "127.0.0.1", "--port", str(port), *options],
+        # 64 KiB of lines held (the least): ~400 KB of lines overflow it.
+        env={**os.environ, "REDIS_URL": redis_url, "DS_ACCESS_LOG_BUFFER_BYTES": "65536"},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the gateway", lambda: _healthy(url))
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
+
+
+def fill_the_pipe(url: str, appends: int = 3000) -> int:
+    """``appends`` appends, each answered: ~400 KB of log lines, six times what
+    a pipe holds."""
+    stream = f"{url}/v1/stream/unread-log-{uuid.uuid4().hex}"
+    with httpx.Client(timeout=10) as client:
+        assert client.put(stream, headers=OCTET).status_code == 201
+        for number in range(appends):
+            response = client.post(stream, content=b"%d," % number, headers=OCTET)
+            assert response.status_code == 204, (number, response.text)
+        assert client.get(stream + "?offset=-1").content.count(b",") == appends
+    return appends
+
+
 def test_a_stdout_nobody_reads_never_stalls_the_gateway(redis_url: str) -> None:
     """The request log goes to a pipe whose reader never reads: the pipe fills
     after a few hundred lines (before, the worker then stopped answering). The
     gateway keeps answering, counts what it drops, and once the pipe is read the
     log says where lines are missing."""
     metrics_port = free_port()
-    port = free_port()
-    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
-    proc = subprocess.Popen(
-        [
-            *(script, "--host", "127.0.0.1", "--port", str(port)),
-            *("--metrics-port", str(metrics_port), "--log-level", "warning"),
-        ],
-        # 64 KiB of lines held (the least): ~400 KB of lines overflow it.
-        env={**os.environ, "REDIS_URL": redis_url, "DS_ACCESS_LOG_BUFFER_BYTES": "65536"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    proc, url = unread_gateway(
+        redis_url, ["--metrics-port", str(metrics_port), "--log-level", "warning"]
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for("the gateway", lambda: _healthy(url))
-        stream = f"{url}/v1/stream/unread-log-{uuid.uuid4().hex}"
-        appends = 3000  # ~400 KB of log lines: six times what a pipe holds
-        with httpx.Client(timeout=10) as client:
-            assert client.put(stream, headers=OCTET).status_code == 201
-            for number in range(appends):
-                response = client.post(stream, content=b"%d," % number, headers=OCTET)
-                assert response.status_code == 204, (number, response.text)
-            assert client.get(stream + "?offset=-1").content.count(b",") == appends
+        appends = fill_the_pipe(url)
         dropped = wait_for(
             "dropped lines counted",
             lambda: sample(
@@ -532,24 +549,10 @@ def test_stdout_and_stderr_on_one_pipe_nobody_reads_never_stall_the_gateway(
     did not fit blocked the worker for good: no request was answered any more.
     Now the gateway's messages are dropped like request-log lines, every
     client gets its answer, and the gateway stops within seconds."""
-    port = free_port()
-    script = os.path.join(os.path.dirname(sys.executable), "durable-streams-gateway")
-    proc = subprocess.Popen(
-        [script, "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug"],
-        env={**os.environ, "REDIS_URL": redis_url, "DS_ACCESS_LOG_BUFFER_BYTES": "65536"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, url = unread_gateway(redis_url, ["--log-level", "debug"], stderr=subprocess.STDOUT)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for("the gateway", lambda: _healthy(url))
-        stream = f"{url}/v1/stream/unread-stderr-{uuid.uuid4().hex}"
-        with httpx.Client(timeout=10) as client:
-            assert client.put(stream, headers=OCTET).status_code == 201
-            for number in range(3000):  # ~400 KB of log lines: the pipe is full
-                response = client.post(stream, content=b"%d," % number, headers=OCTET)
-                assert response.status_code == 204, (number, response.text)
+        fill_the_pipe(url)
         # ~150 KB of stderr lines, one per connection: a DATA frame on stream 0.
         garbage = H2_PREFACE + b"\x00\x00\x03\x00\x00\x00\x00\x00\x00abc"
         for number in range(1500):
