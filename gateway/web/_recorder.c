@@ -622,14 +622,23 @@ Recorder_text(Recorder *self, PyObject *instance)
     Buffer b = {NULL, 0, 0};
     if (reserve(&b, self->size * 256) < 0)
         return NULL;
-    PyObject *target = NULL; /* the last record's, for the next with the same path */
+    /* The last record's quoted target, for the next with the same path and no
+     * query (target_path: only compared, never read). */
+    PyObject *target = NULL;
+    const PyObject *target_path = NULL;
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
-        if (target == NULL || r->query != NULL || r->path != r[-1].path || r[-1].query != NULL) {
+        if (target == NULL || r->query != NULL || r->path != target_path) {
             Py_XDECREF(target);
             target = quoted_target(self, r);
             if (target == NULL)
                 goto error;
+            /* target_of is Python: should it record or clear (it does not),
+             * the records may have moved. */
+            if (i >= self->size)
+                break;
+            r = &self->records[i];
+            target_path = r->query == NULL ? r->path : NULL;
         }
         const char *digits;
         Py_ssize_t length;

@@ -205,3 +205,27 @@ def test_bad_arguments_are_refused_and_record_nothing() -> None:
     assert len(c) == 0
     with pytest.raises(ValueError):
         c_recorder_class()(512, "é", {}, recorders.quoted_target, 0)
+
+
+def test_text_survives_a_target_of_that_records_meanwhile() -> None:
+    """target_of is Python code: were it to record (growing, and moving, the
+    records), the C text must read the records where they are now."""
+    done = [
+        (1, 2_000_000, 200, 0, None, "GET", f"{PREFIX}fresh-{number}", "", "id", None)
+        for number in range(3)
+    ]
+
+    def target_of(path: str, query: str) -> str:
+        for _ in range(2000):
+            c.put(1, 2_000_000, 204, 0, "1", "POST", PREFIX + "a", "", "id", None)
+        return recorders.quoted_target(path, query)
+
+    c = c_recorder_class()(512, "p-", {}, target_of, OFFSET_NS)
+    python = make(recorders.PyRecorder)
+    fill(c, done)  # type: ignore[arg-type]
+    fill(python, done)
+    expected = python.text("i")
+    text = c.text("i")
+    assert text.startswith(expected)
+    # (what it recorded meanwhile is written too, each record once)
+    assert text.count(b"\n") == len(c) > 6000
