@@ -49,8 +49,10 @@ typedef struct {
 } Record;
 
 /* Strings the records share: method and path objects seen before stand in
- * for each request's equal copy. Bounded; emptied when full. */
+ * for each request's equal copy. Bounded (at most SHARED_MAX strings of at
+ * most SHARED_LENGTH_MAX characters: about 1 MiB); emptied when full. */
 #define SHARED_MAX 4096
+#define SHARED_LENGTH_MAX 256
 
 #define ID_PREFIX_MAX 32
 
@@ -147,6 +149,7 @@ canonical(Recorder *self, PyObject *value, PyObject *previous)
     if (PyErr_Occurred())
         PyErr_Clear(); /* (a str always hashes) */
     else if (PyDict_GET_SIZE(self->shared) < SHARED_MAX &&
+             PyUnicode_GET_LENGTH(value) <= SHARED_LENGTH_MAX &&
              PyDict_SetItem(self->shared, value, value) < 0)
         PyErr_Clear(); /* not shared: kept as it is */
     return Py_NewRef(value);

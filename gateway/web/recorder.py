@@ -41,9 +41,10 @@ REDACTED = "REDACTED"
 CLIENT_CLOSED = 499
 
 # The JSON-quoted log targets of busy paths (their appends repeat them),
-# bounded: emptied when full.
+# bounded: targets of at most QUOTED_LENGTH_MAX characters, emptied when full.
 QUOTED: dict[str, str] = {}
 QUOTED_MAX = 4096
+QUOTED_LENGTH_MAX = 256
 
 # A batch's columns: starts, ends, statuses, bytes sent, declared lengths,
 # methods, paths, queries, request ids, live operations.
@@ -83,9 +84,10 @@ def quoted_target(path: str, query: str) -> str:
     quoted = QUOTED.get(target)
     if quoted is None:
         quoted = orjson.dumps(target).decode()
-        if len(QUOTED) >= QUOTED_MAX:
-            QUOTED.clear()
-        QUOTED[target] = quoted
+        if len(target) <= QUOTED_LENGTH_MAX:
+            if len(QUOTED) >= QUOTED_MAX:
+                QUOTED.clear()
+            QUOTED[target] = quoted
     return quoted
 
 

@@ -229,3 +229,21 @@ def test_text_survives_a_target_of_that_records_meanwhile() -> None:
     assert text.startswith(expected)
     # (what it recorded meanwhile is written too, each record once)
     assert text.count(b"\n") == len(c) > 6000
+
+
+def test_long_paths_are_not_kept_beyond_their_batch() -> None:
+    """A client sending thousands of long, distinct paths cannot make the
+    recorder's shared strings or the quoted-target cache hold megabytes."""
+    c = make(c_recorder_class())
+    path = "".join([PREFIX, "p" * 5000, str(random.random())])
+    query = ""
+
+    def refs() -> int:
+        return sys.getrefcount(path)
+
+    held = refs()
+    c.put(1, 2, 404, 0, None, "GET", path, query, "id", None)
+    assert path.encode() in c.text("i")  # quoted (plain ASCII: as it is)
+    c.clear()
+    assert refs() == held
+    assert path not in recorders.QUOTED
