@@ -285,7 +285,7 @@ class Gateway:
             if CRecorder is None:
                 log.warning(
                     "the C request recorder is not built (no C compiler when the package was "
-                    "installed): the request log and metrics cost about twice as much per request"
+                    "installed): the request log and metrics cost about 1.5 times as much"
                 )
         if settings.metrics_enabled:
             metrics.start_flushing(asyncio.get_running_loop())
