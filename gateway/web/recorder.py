@@ -97,6 +97,25 @@ def declared_digits(value: str | None) -> str:
     return value if value is not None and value.isascii() and value.isdigit() else "0"
 
 
+def summarize(
+    bounds: tuple[int, ...],
+    statuses: Sequence[int],
+    sents: Sequence[int],
+    received: Sequence[int],
+    elapsed: Sequence[int],
+) -> Tallied:
+    """Requests counted: by status (0, a client gone, as CLIENT_CLOSED), bytes
+    received and sent, latency bucket counts (the first bound >= the duration,
+    the last bucket past them all) and the durations' sum in nanoseconds."""
+    by_status = Counter(statuses)
+    if 0 in by_status:
+        by_status[CLIENT_CLOSED] = by_status.get(CLIENT_CLOSED, 0) + by_status.pop(0)
+    buckets = [0] * (len(bounds) + 1)
+    for bucket, count in Counter(map(bisect_left, repeat(bounds), elapsed)).items():
+        buckets[bucket] = count
+    return dict(by_status), sum(received), sum(sents), buckets, sum(elapsed)
+
+
 class Clock:
     """Wall-clock timestamps for log lines from ``perf_counter_ns`` readings: the
     seconds part formatted once a second, the milliseconds from a table."""
@@ -146,7 +165,7 @@ class PyRecorder:
     """The recorder in Python: the batch as a list of tuples, read column by
     column, most of the work in C builtins (``map``, ``Counter``, ``zip``)."""
 
-    __slots__ = ("_clock", "_done", "_full", "_id_prefix", "_ids")
+    __slots__ = ("_clock", "_done", "_full", "_id_prefix", "_ids", "_quoted", "_target_of")
 
     def __init__(
         self,
@@ -156,8 +175,10 @@ class PyRecorder:
         target_of: Callable[[str, str], str],
         offset_ns: int,
     ) -> None:
-        # (quoted and target_of are quoted_target's cache and quoted_target: the
-        # C recorder looks in the cache itself before calling out.)
+        # A path's quoted log target: from the cache ``quoted`` when there,
+        # else from ``target_of`` (quoted_target, which fills that cache).
+        self._quoted = quoted
+        self._target_of = target_of
         self._full = full
         self._id_prefix = id_prefix
         self._ids = 0
@@ -209,26 +230,19 @@ class PyRecorder:
             and all(map(str.startswith, paths, repeat(prefix)))
         ):
             return None
-        elapsed = list(map(sub, ends, starts))
-        by_status = Counter(statuses)
-        if 0 in by_status:
-            by_status[CLIENT_CLOSED] = by_status.get(CLIENT_CLOSED, 0) + by_status.pop(0)
-        buckets = [0] * (len(bounds) + 1)
-        for bucket, count in Counter(map(bisect_left, repeat(bounds), elapsed)).items():
-            buckets[bucket] = count
-        received = sum(map(int, map(declared_digits, declared)))
-        return dict(by_status), received, sum(sents), buckets, sum(elapsed)
+        received = list(map(int, map(declared_digits, declared)))
+        return summarize(bounds, statuses, sents, received, list(map(sub, ends, starts)))
 
     def text(self, instance: str) -> bytes:
         starts, ends, statuses, sents, declared, methods, paths, queries, ids, _ = self.columns()
         quoted: list[str | None]
         if any(queries):
-            quoted = list(map(quoted_target, paths, queries))
+            quoted = list(map(self._target_of, paths, queries))
         else:
-            quoted = list(map(QUOTED.get, paths))
+            quoted = list(map(self._quoted.get, paths))
             if None in quoted:
                 quoted = [
-                    q if q is not None else quoted_target(p, "")
+                    q if q is not None else self._target_of(p, "")
                     for q, p in zip(quoted, paths, strict=True)
                 ]
         if 0 in statuses:

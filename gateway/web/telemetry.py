@@ -31,14 +31,13 @@ workers sharing a pipe never tear each other's lines.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import secrets
 import socket
 import sys
-from bisect import bisect_left
 from collections import Counter
-from itertools import compress, repeat
+from collections.abc import Sequence
+from itertools import compress
 from operator import sub
 
 import orjson
@@ -48,7 +47,15 @@ from gateway.config import Settings
 
 from . import recorder as recorders
 from .log_writer import LogWriter
-from .recorder import CLIENT_CLOSED, Clock, Columns, Tallied, declared_digits, redact_query
+from .recorder import (
+    CLIENT_CLOSED,
+    Clock,
+    Columns,
+    Tallied,
+    declared_digits,
+    redact_query,
+    summarize,
+)
 from .request import REQUEST_ID_HEADER, Request, Response
 
 now = recorders.now  # the clock of a request's start and end
@@ -210,7 +217,7 @@ class Telemetry:
             if self.local is not None:
                 appends = recorder.tally(self.prefix, self._bounds_ns)
                 if appends is not None:
-                    self._count_appends(self.local, appends)
+                    self._add(self.local, "append", appends)
                 else:
                     columns = recorder.columns()
                     self._count(self.local, columns)
@@ -223,15 +230,12 @@ class Telemetry:
         finally:
             recorder.clear()
 
-    def _tally(self, local: metrics.Metrics, operation: str) -> metrics.Tally:
+    def _add(self, local: metrics.Metrics, operation: str, counted: Tallied) -> None:
+        """Requests of ``operation``, counted (``summarize``), into its tally."""
+        by_status, received, sent, buckets, total_ns = counted
         tally = self.tallies.get(operation)
         if tally is None:
             tally = self.tallies[operation] = metrics.Tally(local, operation)
-        return tally
-
-    def _count_appends(self, local: metrics.Metrics, appends: Tallied) -> None:
-        by_status, received, sent, buckets, total_ns = appends
-        tally = self._tally(local, "append")
         counts = tally.by_status
         for status, count in by_status.items():
             counts[status] = counts.get(status, 0) + count
@@ -242,11 +246,10 @@ class Telemetry:
         latency.total += total_ns / 1e9
 
     def _count(self, local: metrics.Metrics, columns: Columns) -> None:
+        """A mixed batch: each operation's requests counted apart."""
         starts, ends, statuses, sents, declared, methods, paths, queries, _, lives = columns
         prefix = self.prefix
         size = len(methods)
-        if 0 in statuses:
-            statuses = tuple([status or CLIENT_CLOSED for status in statuses])
         received = list(map(int, map(declared_digits, declared)))
         elapsed = list(map(sub, ends, starts))  # nanoseconds
         operations = [
@@ -261,27 +264,14 @@ class Telemetry:
             for live, count in Counter(lives).items():
                 if live is not None:
                     local.readers[live] -= count
-        bounds = (*self._bounds_ns, math.inf)
+        counted: list[Sequence[int]] = [statuses, sents, received, elapsed]
         kinds = set(operations)
         for operation in kinds:
-            if len(kinds) == 1:
-                of_statuses, of_sents, of_received, of_elapsed = statuses, sents, received, elapsed
-            else:
+            of = counted
+            if len(kinds) > 1:
                 mask = list(map(operation.__eq__, operations))
-                of_statuses = list(compress(statuses, mask))
-                of_sents = list(compress(sents, mask))
-                of_received = list(compress(received, mask))
-                of_elapsed = list(compress(elapsed, mask))
-            tally = self._tally(local, operation)
-            by_status = tally.by_status
-            for status, count in Counter(of_statuses).items():
-                by_status[status] = by_status.get(status, 0) + count
-            tally.received += sum(of_received)
-            tally.sent += sum(of_sents)
-            counts = tally.latency.counts
-            for bucket, count in Counter(map(bisect_left, repeat(bounds), of_elapsed)).items():
-                counts[bucket] += count
-            tally.latency.total += sum(of_elapsed) / 1e9
+                of = [list(compress(column, mask)) for column in counted]
+            self._add(local, operation, summarize(self._bounds_ns, *of))
 
     def _json_lines(self, columns: Columns) -> bytes:
         starts, ends, statuses, sents, declared, methods, paths, queries, ids, _ = columns
