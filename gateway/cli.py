@@ -39,6 +39,7 @@ from typing import Any
 from gateway.config import Settings
 from gateway.servers.native.server import ServerOptions, die_with_parent
 from gateway.servers.native.tls import TLSConfigError, server_context
+from gateway.servers.signals import exit_if_stop_requested, exit_on_stop_signals
 from gateway.storage.embedded import EmbeddedRedis, EmbeddedRedisError, start_embedded
 from gateway.web.auth import build_authorizer
 from gateway.web.forwarded import TrustedProxies
@@ -187,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sign_main(argv[1:])
     # Until the server installs its own handlers, SIGTERM and SIGINT unwind through
     # the finally below, which stops the embedded Redis; SIGTERM's default action
-    # would end the process on the spot. Should the process end without it anyway
-    # (SIGKILL), the embedded Redis's watchdog stops the server (gateway/storage/embedded.py).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_on_signal)
+    # would end the process on the spot. One whose SystemExit Python ignored (raised
+    # in a finalizer) the server acts on when it takes over (gateway/servers/signals.py).
+    # Should the process end without the finally (SIGKILL), the embedded Redis's
+    # watchdog stops the server (gateway/storage/embedded.py).
+    exit_on_stop_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -371,11 +373,6 @@ def sign_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    logger.info("%s: stopping", signal.Signals(signum).name)
-    raise SystemExit(128 + signum)
-
-
 def _configure_logging(level: str) -> None:
     # To stderr without ever blocking the event loop (gateway/web/log_writer.py).
     logging.basicConfig(
@@ -465,6 +462,7 @@ def _run_granian(args: argparse.Namespace) -> int:
         workers_kill_timeout=max(1, math.ceil(args.graceful_timeout)),
     )
     os.register_at_fork(after_in_child=_granian_worker_after_fork)
+    exit_if_stop_requested()  # granian installs its handlers next
     # Granian handles SIGINT/SIGTERM itself: it stops and joins the workers, then
     # returns (or raises SystemExit(1) when a worker died unexpectedly).
     server.serve()
@@ -495,6 +493,7 @@ def _run_hypercorn(args: argparse.Namespace) -> int:
     # A Logger (not "-") makes hypercorn log through our root handler, once.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None
+    exit_if_stop_requested()
     # Without a shutdown trigger hypercorn installs its own SIGINT/SIGTERM handlers.
     asyncio.run(serve(_load_app(args.app), config))
     return 0
@@ -528,6 +527,7 @@ def _load_app(target: str) -> Any:
 
 def _run_child(command: list[str]) -> int:
     """Run ``command`` until it exits, forwarding SIGINT/SIGTERM to it."""
+    exit_if_stop_requested()
     # The child stops (gracefully) should this process die without stopping it.
     child = subprocess.Popen(command, preexec_fn=die_with_parent)
 

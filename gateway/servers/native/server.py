@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from gateway.servers.native.http1 import Http1Connection
 from gateway.servers.native.http2 import Http2Connection
 from gateway.servers.native.tls import SHUTDOWN_TIMEOUT_S
+from gateway.servers.signals import stop_requested
 from gateway.web.request import Request, Response
 
 log = logging.getLogger("gateway.server")
@@ -213,6 +214,8 @@ async def serve_app(app: Any, sock: socket.socket, options: ServerOptions) -> No
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    if (requested := stop_requested()) is not None:
+        on_signal(requested)  # it came in before, and its SystemExit was lost
     await app.startup()
     try:
         state = ServerState(app.handle, options, loop, _host_of(sock))
@@ -291,8 +294,12 @@ class Supervisor:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        if stop_requested() is not None:
+            self.stopping = True  # it came in before, and its SystemExit was lost
         try:
             for _ in range(self.workers):
+                if self.stopping:
+                    break  # a signal came in while the workers were being started
                 self._spawn()
             while self.children:
                 pid, status = os.wait()
