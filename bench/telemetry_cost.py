@@ -24,6 +24,10 @@ gateway alone under bench/run's 32 connections sees)::
     python bench/telemetry_cost.py --side-by-side --connections 64 --rounds 10 --duration 4
     python bench/telemetry_cost.py --side-by-side --connections 16 --streams 1 ...
 
+The request log goes to a file, as in bench/run; ``--log-output pipe`` sends
+it down a pipe that another process (``cat``, on the load CPU) reads, as a
+container's log shipper would.
+
 Options starting with ``NAME=value`` set the environment of that gateway
 alone: ``--on "PYTHONPATH=/path/to/other/checkout --metrics-port 8833"`` runs
 another commit's code (``--off`` likewise sets the reference gateway).
@@ -153,6 +157,13 @@ def main() -> None:
         help="appends spread over this many streams (default 1,000; 1: all to one stream, "
         "as bench/run's a_one)",
     )
+    parser.add_argument(
+        "--log-output",
+        choices=("file", "pipe"),
+        default="file",
+        help="where the gateways' standard output (the request log) goes: a file "
+        "(default, as bench/run), or a pipe read by another process (a log shipper)",
+    )
     args = parser.parse_args()
     if args.side_by_side:
         args.pin = True
@@ -183,6 +194,20 @@ def main() -> None:
                 own_env[name] = value
             # Each its own keys: side by side, they share the Redis.
             own_env["DS_KEY_PREFIX"] = f"bench{port}:"
+            if args.log_output == "pipe":
+                # A log shipper's pipe: a reader on the load CPU.
+                reader = subprocess.Popen(
+                    [*pin_load, "cat"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                )
+                assert reader.stdin is not None
+                proc = subprocess.Popen(
+                    [*common, "--port", str(port), *words], env=own_env, stdout=reader.stdin
+                )
+                reader.stdin.close()
+                procs.extend((reader, proc))  # (stopped in reverse: the gateway first)
+                return proc
             with open(os.path.join(work, log_name), "wb") as log:
                 proc = subprocess.Popen(
                     [*common, "--port", str(port), *words], env=own_env, stdout=log
