@@ -47,6 +47,13 @@ QUOTED: dict[str, str] = {}
 QUOTED_MAX = 4096
 QUOTED_LENGTH_MAX = 256
 
+# A logged path (with its query) takes at most this many bytes, JSON-quoted
+# as UTF-8; a longer one is cut, and says how long it was. With the line's
+# other fields (a request id of at most 128 characters, the instance, numbers)
+# every line then stays within PIPE_BUF (4,096 bytes): the length whose
+# writes a pipe shared by several workers keeps whole (gateway/web/log_writer.py).
+TARGET_MAX_BYTES = 2048
+
 # A batch's columns: starts, ends, statuses, bytes sent, declared lengths,
 # methods, paths, queries, request ids, live operations.
 Columns = tuple[
@@ -78,13 +85,35 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
+def bounded(value: str, limit: int) -> str:
+    """``value`` if it takes at most ``limit`` bytes JSON-quoted, else as much
+    of its start as fits with ``...(N characters)`` after it."""
+    if len(value) * 6 + 2 <= limit:  # (no character quotes to more than 6 bytes)
+        return value
+    size = len(orjson.dumps(value))
+    if size <= limit:
+        return value
+    marker = f"...({len(value)} characters)"
+    room = limit - len(marker) - 2
+    # The longest start that fits: a start's quoted size grows with it.
+    low, high = 0, min(len(value), room)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(orjson.dumps(value[:middle])) - 2 <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return value[:low] + marker
+
+
 def quoted_target(path: str, query: str) -> str:
     """The log's ``path=`` value: path and redacted query as a JSON string,
-    so that no client can break the line or forge a field."""
+    so that no client can break the line or forge a field; at most
+    ``TARGET_MAX_BYTES``."""
     target = path + "?" + redact_query(query) if query else path
     quoted = QUOTED.get(target)
     if quoted is None:
-        quoted = orjson.dumps(target).decode()
+        quoted = orjson.dumps(bounded(target, TARGET_MAX_BYTES)).decode()
         if len(target) <= QUOTED_LENGTH_MAX:
             if len(QUOTED) >= QUOTED_MAX:
                 QUOTED.clear()

@@ -49,9 +49,11 @@ from . import recorder as recorders
 from .log_writer import LogWriter
 from .recorder import (
     CLIENT_CLOSED,
+    TARGET_MAX_BYTES,
     Clock,
     Columns,
     Tallied,
+    bounded,
     declared_digits,
     redact_query,
     summarize,
@@ -283,8 +285,10 @@ class Telemetry:
                     "instance": instance,
                     "request_id": request_id,
                     "method": method,
-                    "path": path,
-                    "query": redact_query(query) if query else query,
+                    "path": bounded(path, TARGET_MAX_BYTES // 2),
+                    "query": bounded(redact_query(query), TARGET_MAX_BYTES // 2)
+                    if query
+                    else query,
                     "status": status or CLIENT_CLOSED,
                     "received_bytes": int(declared_digits(received)),
                     "sent_bytes": sent,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -351,6 +352,26 @@ def test_tokens_are_never_logged(text_log: GatewayServer) -> None:
     assert (
         'path="' + path + "?offset=-1&token=REDACTED&signature=REDACTED&Access_Token=REDACTED"
     ) in line[0]
+    assert secret not in Path(gw.log_path).read_text()
+
+
+def test_the_longest_url_logs_one_line_a_pipe_keeps_whole(text_log: GatewayServer) -> None:
+    """Lines of at most PIPE_BUF bytes: workers sharing a pipe never interleave them."""
+    gw = text_log
+    secret = uuid.uuid4().hex
+    path = f"/v1/stream/log-{uuid.uuid4().hex}/" + "%C3%A9" * 1500  # 'é' x 1,500
+    query = f"offset=-1&token={secret}&" + "x=%01&" * 500
+    response = httpx.get(f"{gw.url}{path}?{query}", headers={"X-Request-Id": "long-" + "u" * 120})
+    assert response.status_code == 404
+    line = wait_for(
+        "the request's log line",
+        lambda: [line for line in request_lines(gw) if "request_id=long-" in line],
+    )
+    assert len(line) == 1
+    assert len(line[0].encode()) + 1 <= select.PIPE_BUF  # (with its newline)
+    assert re.search(
+        r'path="/v1/stream/log-[0-9a-f]+/é+\.\.\.\(\d+ characters\)" status=404 ', line[0]
+    )
     assert secret not in Path(gw.log_path).read_text()
 
 

@@ -12,9 +12,11 @@ lone surrogate).
 from __future__ import annotations
 
 import random
+import select
 import sys
 import time
 
+import orjson
 import pytest
 
 from gateway import metrics
@@ -243,7 +245,59 @@ def test_long_paths_are_not_kept_beyond_their_batch() -> None:
 
     held = refs()
     c.put(1, 2, 404, 0, None, "GET", path, query, "id", None)
-    assert path.encode() in c.text("i")  # quoted (plain ASCII: as it is)
+    text = c.text("i")
+    # (plain ASCII: quoted as it is), cut to the bound
+    assert path[:1000].encode() in text
+    assert f'...({len(path)} characters)"'.encode() in text
     c.clear()
     assert refs() == held
     assert path not in recorders.QUOTED
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/short",
+        "a" * 2046,  # quoted: exactly the bound
+        "a" * 2047,
+        "p" * 5000,
+        "é" * 3000,  # two bytes each
+        "😀" * 2000,  # four bytes each
+        "\x01" * 2000,  # quoted as \u0001: six bytes each
+        'q"\\' * 1000,  # two bytes each, quoted
+    ],
+    ids=["short", "fits", "one-over", "ascii", "two-byte", "four-byte", "control", "escapes"],
+)
+def test_a_logged_target_is_cut_to_its_bound_and_says_how_long_it_was(value: str) -> None:
+    limit = recorders.TARGET_MAX_BYTES
+    logged = recorders.bounded(value, limit)
+    size = len(orjson.dumps(logged))
+    assert size <= limit
+    if len(orjson.dumps(value)) <= limit:
+        assert logged == value
+        return
+    marker = f"...({len(value)} characters)"
+    assert logged.endswith(marker)
+    kept = logged[: -len(marker)]
+    assert value.startswith(kept)
+    # As much as fits: one more character would not.
+    assert len(orjson.dumps(value[: len(kept) + 1] + marker)) > limit
+
+
+@pytest.mark.parametrize("kind", ["python", "c"])
+def test_every_line_fits_in_what_a_pipe_keeps_whole(kind: str) -> None:
+    """The longest request a client can make still logs as one line of at
+    most PIPE_BUF bytes, so that workers sharing a pipe never interleave."""
+    recorder = make(recorders.PyRecorder if kind == "python" else c_recorder_class())
+    path = PREFIX + "\x01é" * 6000  # far past any server's URL limit
+    query = "token=s3cret&" + "x=\x02&" * 3000
+    recorder.put(1, 10**15, 404, 2**40, "9" * 19, "GET", path, query, "x" * 128, None)
+    recorder.put(1, 10**15, 404, 0, None, "GET", path[:300], "", None, None)
+    text = recorder.text("pod-" + "i" * 60)
+    lines = text.splitlines(keepends=True)
+    assert len(lines) == 2
+    assert all(len(line) <= select.PIPE_BUF for line in lines), [len(line) for line in lines]
+    assert b"s3cret" not in text
+    target = path + "?" + recorders.redact_query(query)
+    assert f"...({len(target)} characters)".encode() in lines[0]
+    assert orjson.dumps(path[:300]) in lines[1]  # a shorter one: whole

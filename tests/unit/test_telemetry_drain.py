@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import select
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -253,3 +254,23 @@ def test_one_line_per_request_in_order_with_its_own_fields(
         assert int(str(fields["sent"])) == sent
         assert int(str(fields["us"])) == (end - start) // 1000
         assert fields["time"] == wall_time(tel, end)
+
+
+def test_json_lines_fit_in_what_a_pipe_keeps_whole(
+    log_file: tuple[int, str], recorder: recorders.RecorderType
+) -> None:
+    fd, path = log_file
+    tel = make("json", fd, recorder)
+    long_path = PREFIX + "é\x01" * 6000
+    long_query = "sig=abc&" + "x=\x02&" * 3000
+    tel.recorder.put(1, 10**15, 404, 0, "9" * 19, "GET", long_path, long_query, "x" * 128, None)
+    tel.close()
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    assert len(lines) == 1
+    assert len(lines[0]) <= select.PIPE_BUF
+    fields = json.loads(lines[0])
+    assert fields["path"].endswith(f"...({len(long_path)} characters)")
+    assert long_path.startswith(fields["path"].rpartition("...")[0])
+    assert fields["query"].startswith("sig=REDACTED&x=\x02&")
+    assert "abc" not in fields["query"]
