@@ -27,6 +27,7 @@
  * more than copying their few bytes), or a reference when it does not fit. */
 #define ID_SIZE 48
 #define DECLARED_SIZE 20
+#define DECLARED_DIGITS_MAX 19 /* more: logged and counted as 0 */
 
 typedef struct {
     PyObject *object;  /* the str itself, when not copied; else NULL */
@@ -346,9 +347,10 @@ done:
 
 /* -- declared Content-Length --------------------------------------------------- */
 
-/* The declared length as logged: its digits when it is all ASCII digits,
- * else "0". Sets *digits and *length; returns the value, or -1 when the
- * digits are more than an int64 holds. */
+/* The declared length as logged: its digits when it is all ASCII digits, at
+ * most DECLARED_DIGITS_MAX of them, else "0" (recorder.py's declared_digits).
+ * Sets *digits and *length; returns the value, or -1 when the digits are more
+ * than an int64 holds. */
 static int64_t
 declared_length(const Record *r, const char **digits, Py_ssize_t *length)
 {
@@ -368,7 +370,7 @@ declared_length(const Record *r, const char **digits, Py_ssize_t *length)
     Py_ssize_t i = 0;
     for (; i < len && text[i] >= '0' && text[i] <= '9'; i++)
         value = i < 18 ? value * 10 + (text[i] - '0') : -1;
-    if (len > 0 && i == len) {
+    if (len > 0 && len <= DECLARED_DIGITS_MAX && i == len) {
         *digits = text;
         *length = len;
         return value;

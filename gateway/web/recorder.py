@@ -53,6 +53,8 @@ QUOTED_LENGTH_MAX = 256
 # every line then stays within PIPE_BUF (4,096 bytes): the length whose
 # writes a pipe shared by several workers keeps whole (gateway/web/log_writer.py).
 TARGET_MAX_BYTES = 2048
+# A declared Content-Length of more digits is logged and counted as 0.
+DECLARED_DIGITS_MAX = 19
 
 # A batch's columns: starts, ends, statuses, bytes sent, declared lengths,
 # methods, paths, queries, request ids, live operations.
@@ -122,8 +124,12 @@ def quoted_target(path: str, query: str) -> str:
 
 
 def declared_digits(value: str | None) -> str:
-    """Content-Length as logged: as sent when it is ASCII digits, else 0."""
-    return value if value is not None and value.isascii() and value.isdigit() else "0"
+    """Content-Length as logged and counted: as sent when it is ASCII digits,
+    at most ``DECLARED_DIGITS_MAX`` of them, else 0 (no body is that long: a
+    client's made-up length must neither overflow the metrics nor swell the line)."""
+    if value is not None and len(value) <= DECLARED_DIGITS_MAX and value.isascii():
+        return value if value.isdigit() else "0"
+    return "0"
 
 
 def summarize(

@@ -20,12 +20,16 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import h2.events
 import httpx
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from gateway.servers.native.server import MIN_WORKER_LIFETIME_S
 from tests.support.gateway_server import GatewayServer
@@ -373,6 +377,54 @@ def test_the_longest_url_logs_one_line_a_pipe_keeps_whole(text_log: GatewayServe
         r'path="/v1/stream/log-[0-9a-f]+/é+\.\.\.\(\d+ characters\)" status=404 ', line[0]
     )
     assert secret not in Path(gw.log_path).read_text()
+
+
+def _h2_status_declaring(url: str, path: str, declared: str) -> int:
+    """An HTTP/2 POST (prior knowledge) whose headers declare ``declared`` as
+    its length, without a body: the response's status."""
+    parsed = urllib.parse.urlsplit(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as sock:
+        conn = H2Connection(H2Configuration(client_side=True))
+        conn.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", parsed.netloc),
+            ("content-type", "application/octet-stream"),
+            ("content-length", declared),
+        ]
+        conn.send_headers(1, headers)
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            assert data, "the connection closed before a response"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    return int(dict(event.headers)[b":status"])
+            sock.sendall(conn.data_to_send())
+
+
+def test_a_made_up_content_length_breaks_neither_metrics_nor_the_log(redis_url: str) -> None:
+    """HTTP/2 lets a declared length of hundreds of digits through to a 413;
+    counted as it was, it made every later metrics flush fail (an overflow in
+    prometheus_client), and its line outgrew what a pipe keeps whole."""
+    with GatewayServer(redis_url=redis_url, server="console-script", env={"DS_METRICS": "1"}) as gw:
+        path = f"/v1/stream/length-{uuid.uuid4().hex}"
+        httpx.put(gw.url + path, headers=OCTET)
+        assert _h2_status_declaring(gw.url, path, "9" * 400) == 413
+        assert httpx.post(gw.url + path, content=b"12345", headers=OCTET).status_code == 204
+
+        def received() -> bool:
+            samples = scrape(gw.url + "/metrics")
+            return sample(samples, "durable_streams_received_bytes_total", operation="append") == 5
+
+        wait_for("the append's 5 bytes counted", received)
+        refused = [line for line in request_lines(gw) if "status=413" in line]
+        assert len(refused) == 1
+        assert " received_bytes=0 " in refused[0]
+        log = Path(gw.log_path).read_text()
+        assert "[ERROR]" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_a_long_poll_is_logged_when_it_ends(text_log: GatewayServer) -> None:

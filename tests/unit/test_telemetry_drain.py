@@ -274,3 +274,24 @@ def test_json_lines_fit_in_what_a_pipe_keeps_whole(
     assert long_path.startswith(fields["path"].rpartition("...")[0])
     assert fields["query"].startswith("sig=REDACTED&x=\x02&")
     assert "abc" not in fields["query"]
+
+
+def test_a_made_up_content_length_is_counted_and_logged_as_zero(
+    log_file: tuple[int, str], recorder: recorders.RecorderType
+) -> None:
+    """A client can declare a length of hundreds of digits (HTTP/2 lets it
+    through to a 413): it used to reach prometheus_client, whose float could
+    not hold it, so that every flush after it failed."""
+    metrics.enable()
+    fd, path = log_file
+    tel = make("text", fd, recorder)
+    longest = "9" * recorders.DECLARED_DIGITS_MAX
+    for declared in ("400" * 133, "1" * (recorders.DECLARED_DIGITS_MAX + 1), longest):
+        tel.recorder.put(1, 2, 413, 32, declared, "POST", PREFIX + "a", "", "r", None)
+    tel.drain()
+    assert tel.tallies["append"].received == int(longest)
+    tel.flush()  # into prometheus_client: no OverflowError
+    tel.close()
+    with open(path, encoding="utf-8") as f:
+        received = [line.split("received_bytes=")[1].split()[0] for line in f]
+    assert received == ["0", "0", longest]
