@@ -28,6 +28,7 @@
 #define ID_SIZE 48
 #define DECLARED_SIZE 20
 #define DECLARED_DIGITS_MAX 19 /* more: logged and counted as 0 */
+#define METHOD_LOG_MAX 32      /* more characters: the first ones, then "..." */
 
 typedef struct {
     PyObject *object;  /* the str itself, when not copied; else NULL */
@@ -617,6 +618,21 @@ quoted_target(Recorder *self, Record *r)
 
 /* text(instance) -> bytes: the batch's text log lines, as PyRecorder.text
  * writes them. */
+/* A method as logged: at most METHOD_LOG_MAX characters, then "..."
+ * (recorder.py's logged_methods). */
+static int
+append_method(Buffer *b, PyObject *method)
+{
+    if (PyUnicode_GET_LENGTH(method) <= METHOD_LOG_MAX)
+        return append_str(b, method);
+    PyObject *start = PyUnicode_Substring(method, 0, METHOD_LOG_MAX);
+    if (start == NULL)
+        return -1;
+    int failed = append_str(b, start) < 0 || APPEND_LITERAL(b, "...") < 0;
+    Py_DECREF(start);
+    return failed ? -1 : 0;
+}
+
 static PyObject *
 Recorder_text(Recorder *self, PyObject *instance)
 {
@@ -652,7 +668,7 @@ Recorder_text(Recorder *self, PyObject *instance)
             append_stamp(self, &b, r->end) < 0 || APPEND_LITERAL(&b, " instance=") < 0 ||
             append_str(&b, instance) < 0 || APPEND_LITERAL(&b, " request_id=") < 0 ||
             append_text(&b, &r->request_id, r->request_id_text) < 0 ||
-            APPEND_LITERAL(&b, " method=") < 0 || append_str(&b, r->method) < 0 ||
+            APPEND_LITERAL(&b, " method=") < 0 || append_method(&b, r->method) < 0 ||
             APPEND_LITERAL(&b, " path=") < 0 || append_str(&b, target) < 0 ||
             APPEND_LITERAL(&b, " status=") < 0 ||
             append_int(&b, r->status ? r->status : CLIENT_CLOSED) < 0 ||

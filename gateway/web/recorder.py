@@ -49,10 +49,14 @@ QUOTED_LENGTH_MAX = 256
 
 # A logged path (with its query) takes at most this many bytes, JSON-quoted
 # as UTF-8; a longer one is cut, and says how long it was. With the line's
-# other fields (a request id of at most 128 characters, the instance, numbers)
+# other fields (a request id of at most 128 characters, a method of at most
+# METHOD_LOG_MAX, the instance, numbers)
 # every line then stays within PIPE_BUF (4,096 bytes): the length whose
 # writes a pipe shared by several workers keeps whole (gateway/web/log_writer.py).
 TARGET_MAX_BYTES = 2048
+# A method is logged with at most this many characters, then "...": servers
+# other than the native one pass any token through (a 405 for the gateway).
+METHOD_LOG_MAX = 32
 # A declared Content-Length of more digits is logged and counted as 0.
 DECLARED_DIGITS_MAX = 19
 
@@ -121,6 +125,14 @@ def quoted_target(path: str, query: str) -> str:
                 QUOTED.clear()
             QUOTED[target] = quoted
     return quoted
+
+
+def logged_methods(methods: Sequence[str]) -> Sequence[str]:
+    """A batch's methods as logged: each of at most ``METHOD_LOG_MAX``
+    characters (the usual batch: as it is)."""
+    if methods and max(map(len, methods)) > METHOD_LOG_MAX:
+        return [m if len(m) <= METHOD_LOG_MAX else m[:METHOD_LOG_MAX] + "..." for m in methods]
+    return methods
 
 
 def declared_digits(value: str | None) -> str:
@@ -288,7 +300,7 @@ class PyRecorder:
             for stamp, request_id, method, target, status, received, sent, micros in zip(
                 self._clock.stamps(ends),
                 ids,
-                methods,
+                logged_methods(methods),
                 quoted,
                 statuses,
                 map(declared_digits, declared),

@@ -55,6 +55,7 @@ from .recorder import (
     Tallied,
     bounded,
     declared_digits,
+    logged_methods,
     redact_query,
     summarize,
 )
@@ -299,7 +300,7 @@ class Telemetry:
             for stamp, request_id, method, path, query, status, received, sent, start, end in zip(
                 self._clock.stamps(ends),
                 ids,
-                methods,
+                logged_methods(methods),
                 paths,
                 queries,
                 statuses,

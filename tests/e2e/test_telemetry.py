@@ -379,6 +379,27 @@ def test_the_longest_url_logs_one_line_a_pipe_keeps_whole(text_log: GatewayServe
     assert secret not in Path(gw.log_path).read_text()
 
 
+@pytest.mark.parametrize("server", ["hypercorn", "console-script-rsgi"])
+def test_any_method_a_server_lets_through_logs_a_line_a_pipe_keeps_whole(
+    redis_url: str, server: str
+) -> None:
+    """hypercorn and granian pass any token as a method to the gateway (a 405)."""
+    with GatewayServer(redis_url=redis_url, server=server, env={"DS_ACCESS_LOG": "1"}) as gw:
+        parsed = urllib.parse.urlsplit(gw.url)
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as sock:
+            sock.sendall(
+                b"M" * 5000 + b" /v1/stream/x HTTP/1.1\r\nHost: x\r\n"
+                b"X-Request-Id: long-method\r\nContent-Length: 0\r\n\r\n"
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 405")
+        line = wait_for(
+            "the request's log line",
+            lambda: [line for line in request_lines(gw) if "request_id=long-method " in line],
+        )
+        assert len(line[0].encode()) + 1 <= select.PIPE_BUF
+        assert f" method={'M' * 32}... path=" in line[0]
+
+
 def _h2_status_declaring(url: str, path: str, declared: str) -> int:
     """An HTTP/2 POST (prior knowledge) whose headers declare ``declared`` as
     its length, without a body: the response's status."""

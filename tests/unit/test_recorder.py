@@ -291,11 +291,13 @@ def test_every_line_fits_in_what_a_pipe_keeps_whole(kind: str) -> None:
     recorder = make(recorders.PyRecorder if kind == "python" else c_recorder_class())
     path = PREFIX + "\x01é" * 6000  # far past any server's URL limit
     query = "token=s3cret&" + "x=\x02&" * 3000
-    recorder.put(1, 10**15, 404, 2**40, "9" * 19, "GET", path, query, "x" * 128, None)
+    method = "M" * 5000  # any token, through granian or hypercorn (a 405)
+    recorder.put(1, 10**15, 405, 2**40, "9" * 19, method, path, query, "x" * 128, None)
     recorder.put(1, 10**15, 404, 0, None, "GET", path[:300], "", None, None)
     text = recorder.text("pod-" + "i" * 60)
     lines = text.splitlines(keepends=True)
     assert len(lines) == 2
+    assert f" method={'M' * recorders.METHOD_LOG_MAX}... ".encode() in lines[0]
     assert all(len(line) <= select.PIPE_BUF for line in lines), [len(line) for line in lines]
     assert b"s3cret" not in text
     target = path + "?" + recorders.redact_query(query)

@@ -263,7 +263,8 @@ def test_json_lines_fit_in_what_a_pipe_keeps_whole(
     tel = make("json", fd, recorder)
     long_path = PREFIX + "é\x01" * 6000
     long_query = "sig=abc&" + "x=\x02&" * 3000
-    tel.recorder.put(1, 10**15, 404, 0, "9" * 19, "GET", long_path, long_query, "x" * 128, None)
+    method = "M" * 5000  # any token, through granian or hypercorn (a 405)
+    tel.recorder.put(1, 10**15, 405, 0, "9" * 19, method, long_path, long_query, "x" * 128, None)
     tel.close()
     with open(path, "rb") as f:
         lines = f.read().splitlines(keepends=True)
@@ -274,6 +275,7 @@ def test_json_lines_fit_in_what_a_pipe_keeps_whole(
     assert long_path.startswith(fields["path"].rpartition("...")[0])
     assert fields["query"].startswith("sig=REDACTED&x=\x02&")
     assert "abc" not in fields["query"]
+    assert fields["method"] == "M" * recorders.METHOD_LOG_MAX + "..."
 
 
 def test_a_made_up_content_length_is_counted_and_logged_as_zero(
