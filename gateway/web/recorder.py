@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import floordiv, sub
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -80,13 +81,18 @@ Tallied = tuple[dict[int, int], int, int, list[int], int]
 
 
 def redact_query(query: str) -> str:
-    """``query`` with the values of credential parameters replaced."""
+    """``query`` with the values of credential parameters replaced. A name is
+    compared as the gateway reads it (percent-decoded, ``+`` a space): a
+    client's ``%74oken=`` is a ``token`` to its authentication too."""
     if "=" not in query:
         return query
     parts = query.split("&")
     for index, part in enumerate(parts):
         name, equals, _ = part.partition("=")
-        if equals and name.lower() in SECRET_PARAMS:
+        if not equals:
+            continue
+        read = unquote_plus(name) if "%" in name or "+" in name else name
+        if read.lower() in SECRET_PARAMS:
             parts[index] = f"{name}={REDACTED}"
     return "&".join(parts)
 
