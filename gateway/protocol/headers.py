@@ -38,10 +38,11 @@ def parse_uint(raw: str, name: str, maximum: int = MAX_SAFE_INTEGER) -> int:
     value = raw.strip()
     if not _CANONICAL_UINT.match(value):
         raise BadRequest(f"{name} must be a non-negative integer without leading zeros")
-    number = int(value)
-    if number > maximum:
+    # More digits than the maximum has: too large, whatever they are (and int()
+    # refuses strings of over 4,300 digits with a ValueError).
+    if len(value) > len(str(maximum)) or int(value) > maximum:
         raise BadRequest(f"{name} must be at most {maximum}")
-    return number
+    return int(value)
 
 
 def parse_ttl(raw: str | None) -> int | None:

@@ -205,7 +205,11 @@ async def test_malformed_fork_offsets_create_nothing(
     assert await snapshot(redis_client) == before  # no fork, no reference taken
 
 
-@pytest.mark.parametrize("sub", ["-1", "+1", "01", "1.0", "abc", "", "9007199254740992"])
+@pytest.mark.parametrize(
+    "sub",
+    ["-1", "+1", "01", "1.0", "abc", "", "9007199254740992", "9" * 5000],
+    ids=lambda sub: repr(sub[:24]),
+)
 async def test_malformed_fork_sub_offsets_create_nothing(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, sub: str
 ) -> None:
@@ -242,6 +246,7 @@ BAD_TTLS = [
     "\u0666\u0660",
     "\u00b9",
     "99999999999999999999999",
+    "9" * 5000,  # past the 4,300 digits int() converts
 ]
 BAD_EXPIRES = [
     "tomorrow",
@@ -266,7 +271,7 @@ BAD_EXPIRES = [
     [{"Stream-TTL": v} for v in BAD_TTLS]
     + [{"Stream-Expires-At": v} for v in BAD_EXPIRES]
     + [{"Stream-TTL": "60", "Stream-Expires-At": "2030-01-01T00:00:00Z"}],
-    ids=[f"ttl={v!r}" for v in BAD_TTLS] + [f"exp={v!r}" for v in BAD_EXPIRES] + ["both"],
+    ids=[f"ttl={v[:24]!r}" for v in BAD_TTLS] + [f"exp={v!r}" for v in BAD_EXPIRES] + ["both"],
 )
 async def test_malformed_expiry_headers_create_nothing(
     client: httpx.AsyncClient, redis_client: aioredis.Redis, headers: dict[str, str]
@@ -291,11 +296,11 @@ BAD_PRODUCERS = [
     {"Producer-Seq": "0"},
     *(
         {"Producer-Id": "p", "Producer-Epoch": v, "Producer-Seq": "0"}
-        for v in ("a", "1.5", "-1", "01", "+1", "1e3", "", "9007199254740992", "\uff11")
+        for v in ("a", "1.5", "-1", "01", "+1", "1e3", "", "9007199254740992", "\uff11", "9" * 5000)
     ),
     *(
         {"Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": v}
-        for v in ("a", "0.0", "-1", "00", "9007199254740992", "18446744073709551616")
+        for v in ("a", "0.0", "-1", "00", "9007199254740992", "18446744073709551616", "9" * 5000)
     ),
     {"Producer-Id": "", "Producer-Epoch": "0", "Producer-Seq": "0"},
     {"Producer-Id": "x" * 257, "Producer-Epoch": "0", "Producer-Seq": "0"},

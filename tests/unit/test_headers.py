@@ -66,7 +66,8 @@ def test_parse_ttl_accepts_canonical_integers(raw: str | None, expected: int | N
 
 @pytest.mark.parametrize(
     "raw",
-    [*NOT_CANONICAL_UINTS, str(MAX_TTL_SECONDS + 1), "9" * 30, str(2**64)],
+    # (5,000 digits: past what int() converts, 4,300)
+    [*NOT_CANONICAL_UINTS, str(MAX_TTL_SECONDS + 1), "9" * 30, str(2**64), "9" * 5000],
 )
 def test_parse_ttl_rejects_non_canonical_or_too_large(raw: str) -> None:
     with pytest.raises(BadRequest, match="Stream-TTL"):

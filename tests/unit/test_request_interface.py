@@ -4,9 +4,11 @@ tests/e2e/test_request_rules.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from gateway.protocol.errors import BadRequest
+from gateway.protocol.errors import BadRequest, PayloadTooLarge
 from gateway.web.forwarded import TrustedProxies, base_url, client_address
 from gateway.web.request import (
     Request,
@@ -130,3 +132,26 @@ def test_client_address_is_the_nearest_untrusted_hop() -> None:
     assert client_address(direct, trusted) == "203.0.113.9"  # spoofed header ignored
     forwarded = FakeRequest([("forwarded", 'for="[2001:db8::1]", for=10.0.0.3')], "10.0.0.2")
     assert client_address(forwarded, trusted) == "2001:db8::1"
+
+
+class BodyRequest(FakeRequest):
+    """A request whose (empty) body has arrived with its headers."""
+
+    def _body_at_hand(self) -> bytes:
+        return b""
+
+
+@pytest.mark.parametrize(
+    "declared",
+    ["1025", "9" * 30, "9" * 5000, "0" * 4999 + "1025"],
+    ids=["just-over", "30-digits", "5000-digits", "leading-zeros"],
+)
+def test_a_declared_length_over_the_limit_is_413_however_many_digits(declared: str) -> None:
+    req = BodyRequest([("content-length", declared)], None)
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(req.body(1024))
+
+
+def test_a_declared_length_within_the_limit_reads_the_body() -> None:
+    req = BodyRequest([("content-length", "0" * 5000)], None)
+    assert asyncio.run(req.body(1024)) == b""
