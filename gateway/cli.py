@@ -51,6 +51,11 @@ DEFAULT_MAX_CONNECTIONS = 100_000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # After its graceful shutdown a hypercorn child gets this long before SIGKILL.
 CHILD_STOP_TIMEOUT_S = 30.0
+# The metrics port serves scrapers, a few at a time: at most this many
+# connections at once (more are closed on arrival), each closed once it has
+# waited this long for the client to send or to read.
+METRICS_CONNECTIONS_MAX = 64
+METRICS_IO_TIMEOUT_S = 10.0
 
 logger = logging.getLogger("gateway.cli")
 
@@ -272,7 +277,13 @@ def _start_metrics_exporter(host: str, port: int | None) -> subprocess.Popen[byt
 
 
 def serve_metrics() -> None:
-    """The metrics exporter's process: /metrics on the socket it inherited."""
+    """The metrics exporter's process: /metrics on the socket it inherited.
+
+    A thread per connection, as scrapes are few: ``METRICS_CONNECTIONS_MAX``
+    at once and ``METRICS_IO_TIMEOUT_S`` of waiting each, so that clients that
+    connect and send nothing (or never read) cannot pile up threads.
+    """
+    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from gateway import metrics
@@ -280,7 +291,34 @@ def serve_metrics() -> None:
     fd = int(sys.argv[1])
     _die_with_parent()
 
+    class Exporter(ThreadingHTTPServer):
+        daemon_threads = True
+        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS_MAX)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # too many at once: closed on arrival
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()  # (no thread started to release it)
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client that went away or stopped reading: its business, not an
+            # error of the exporter (socketserver would print a traceback).
+            logger.debug("metrics: a scrape from %s failed", client_address, exc_info=True)
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = METRICS_IO_TIMEOUT_S  # (the connection's socket timeout)
+
         def do_GET(self) -> None:
             if self.path.partition("?")[0] != "/metrics":
                 self.send_error(404)
@@ -295,10 +333,9 @@ def serve_metrics() -> None:
         def log_message(self, format: str, *args: Any) -> None:
             return  # scrapes are not requests to the gateway
 
-    server = ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
+    server = Exporter(("", 0), Handler, bind_and_activate=False)
     server.socket.close()
     server.socket = socket.socket(fileno=fd)
-    server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         server.serve_forever()

@@ -213,6 +213,51 @@ def _holds_connection_from(pid: int, response: httpx.Response) -> bool:
     return False
 
 
+def _exporter_of(pid: int | None) -> int:
+    assert pid is not None
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            if not _is_worker(child):
+                return child
+    raise AssertionError("no metrics exporter process")
+
+
+def test_the_metrics_port_outlasts_clients_that_connect_and_send_nothing(
+    workers2: tuple[GatewayServer, str],
+) -> None:
+    """Each such client used to hold a thread of the exporter for ever: a
+    flood of them grew it without bound. Now it holds at most
+    METRICS_CONNECTIONS_MAX at once, each for METRICS_IO_TIMEOUT_S."""
+    from gateway.cli import METRICS_CONNECTIONS_MAX, METRICS_IO_TIMEOUT_S
+
+    gw, metrics_url = workers2
+    exporter = _exporter_of(gw.proc.pid if gw.proc else None)
+    port = int(urllib.parse.urlsplit(metrics_url).port or 0)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(500)]
+    try:
+        time.sleep(0.5)
+        threads = len(list(Path(f"/proc/{exporter}/task").iterdir()))
+        assert threads <= METRICS_CONNECTIONS_MAX + 4, threads
+        # The oldest of them are closed once they have waited too long.
+        idle[0].settimeout(METRICS_IO_TIMEOUT_S + 10)
+        started = time.monotonic()
+        assert idle[0].recv(1) == b""
+        assert time.monotonic() - started < METRICS_IO_TIMEOUT_S + 5
+    finally:
+        for sock in idle:
+            sock.close()
+
+    # Scrapes are answered again as soon as the flood has gone.
+    def scraped() -> bool:
+        try:
+            return bool(scrape(metrics_url))
+        except httpx.HTTPError:
+            return False  # (refused while the slots were still taken)
+
+    wait_for("a scrape", scraped)
+    assert "[ERROR]" not in Path(gw.log_path).read_text()
+
+
 def test_metrics_on_the_main_port_with_ds_metrics(redis_url: str) -> None:
     with GatewayServer(redis_url=redis_url, env={"DS_METRICS": "1"}) as gw:
         path = f"/v1/stream/metrics-{uuid.uuid4().hex}"
