@@ -36,6 +36,7 @@ from . import handlers
 from . import live as live_http
 from .auth import OPERATION_OF_METHOD, Authorizer, Operation, build_authorizer
 from .auth.limits import LiveReaderQuota, RateLimited, parse_rates, with_limits
+from .cached import CachedPage
 from .forwarded import TrustedProxies
 from .handlers import Context
 from .recorder import CRecorder
@@ -80,6 +81,8 @@ class Gateway:
         # Request metrics and the request log; None when both are off.
         self.telemetry: Telemetry | None = None
         self._metrics_path = self.settings.metrics_path
+        # (workers hand their counts over once a second: a fresher page shows nothing more)
+        self._metrics_page = CachedPage(metrics.exposition, 1.0, prepare=metrics.flush)
 
     # -- requests --------------------------------------------------------------------
 
@@ -222,8 +225,7 @@ class Gateway:
         """Prometheus' text format: every worker's metrics in multi-process mode."""
         if req.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {req.method} is not allowed")
-        metrics.flush()
-        body = await asyncio.to_thread(metrics.exposition)
+        body = await self._metrics_page.get()
         headers = [
             *self._base,
             ("content-type", metrics.CONTENT_TYPE),
