@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -316,6 +317,18 @@ def serve_metrics() -> None:
             # error of the exporter (socketserver would print a traceback).
             logger.debug("metrics: a scrape from %s failed", client_address, exc_info=True)
 
+    # One page a second, whoever asks (see gateway/web/cached.py for why).
+    fresh_until, page = 0.0, b""
+    making = threading.Lock()
+
+    def current_page() -> bytes:
+        nonlocal fresh_until, page
+        with making:
+            if time.monotonic() >= fresh_until:
+                page = metrics.exposition()
+                fresh_until = time.monotonic() + 1.0
+            return page
+
     class Handler(BaseHTTPRequestHandler):
         timeout = METRICS_IO_TIMEOUT_S  # (the connection's socket timeout)
 
@@ -323,7 +336,7 @@ def serve_metrics() -> None:
             if self.path.partition("?")[0] != "/metrics":
                 self.send_error(404)
                 return
-            body = metrics.exposition()
+            body = current_page()
             self.send_response(200)
             self.send_header("Content-Type", metrics.CONTENT_TYPE)
             self.send_header("Content-Length", str(len(body)))
