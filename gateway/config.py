@@ -13,7 +13,7 @@ from dataclasses import dataclass
 AUTH_MODES = ("none", "jwt", "forward")
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
+def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -23,7 +23,26 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``REDIS_SENTINELS``: ``host:port,host:port`` (IPv6 hosts in brackets:
+    ``[::1]:26379``)."""
+    addresses = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"REDIS_SENTINELS: expected host:port, got {item!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    if not addresses:
+        raise ValueError("REDIS_SENTINELS names no sentinel")
+    return addresses
 
 
 def _str(name: str, default: str) -> str:
@@ -163,11 +182,14 @@ class Settings:
         log_format = _str("DS_LOG_FORMAT", "text").lower()
         if log_format not in ("text", "json"):
             raise ValueError("DS_LOG_FORMAT must be 'text' or 'json'")
-        metrics_port = _int("DS_METRICS_PORT", 0, 0) or None
+        metrics_port = _int("DS_METRICS_PORT", 0, 0, 65535) or None
+        sentinels = os.environ.get("REDIS_SENTINELS") or None
+        if sentinels is not None:
+            sentinel_addresses(sentinels)  # refused now, not when a worker connects
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             redis_cluster_url=os.environ.get("REDIS_CLUSTER_URL") or None,
-            redis_sentinels=os.environ.get("REDIS_SENTINELS") or None,
+            redis_sentinels=sentinels,
             redis_sentinel_master=_str("REDIS_SENTINEL_MASTER", "mymaster"),
             redis_sentinel_username=os.environ.get("REDIS_SENTINEL_USERNAME") or None,
             redis_sentinel_password=os.environ.get("REDIS_SENTINEL_PASSWORD") or None,

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from gateway.config import Settings
+from gateway.config import Settings, sentinel_addresses
 
 from .client import RedisClient, RedisPyClient
 from .resp import PipelinedClient
@@ -145,22 +145,6 @@ def connect(settings: Settings, url: str, *, cluster: bool, pipelined: bool = Tr
     # from_pool: the client owns the pool, so closing it closes the connections.
     client = RedisPyClient(aioredis.Redis.from_pool(pool))
     return Backend(client, False, settings, _standalone_url=url)
-
-
-def sentinel_addresses(value: str) -> list[tuple[str, int]]:
-    """``host:port,host:port`` (IPv6 hosts in brackets: ``[::1]:26379``)."""
-    addresses = []
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"REDIS_SENTINELS: expected host:port, got {item!r}")
-        addresses.append((host.strip("[]"), int(port)))
-    if not addresses:
-        raise ValueError("REDIS_SENTINELS names no sentinel")
-    return addresses
 
 
 def connect_sentinel(settings: Settings) -> Backend:

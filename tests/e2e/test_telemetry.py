@@ -258,6 +258,34 @@ def test_the_metrics_port_outlasts_clients_that_connect_and_send_nothing(
     assert "[ERROR]" not in Path(gw.log_path).read_text()
 
 
+@pytest.mark.parametrize(
+    ("env", "args", "reason"),
+    [
+        ({"REDIS_SENTINELS": "sentinel-0"}, [], "REDIS_SENTINELS: expected host:port"),
+        ({"REDIS_SENTINELS": "s:26379,s:99999"}, [], "REDIS_SENTINELS: expected host:port"),
+        ({"DS_METRICS_PORT": "99999"}, [], "DS_METRICS_PORT must be <= 65535"),
+        ({}, ["--metrics-port", "70000"], "--metrics-port: must be a port number"),
+        ({}, ["--port", "-1"], "--port: must be a port number"),
+    ],
+    ids=["sentinel-no-port", "sentinel-port", "metrics-port-env", "metrics-port", "port"],
+)
+def test_a_malformed_setting_stops_the_start_with_its_reason(
+    tmp_path: Path, env: dict[str, str], args: list[str], reason: str
+) -> None:
+    """Refused before anything starts, not by a worker's traceback later."""
+    script = Path(sys.executable).parent / "durable-streams-gateway"
+    done = subprocess.run(
+        [str(script), "--host", "127.0.0.1", "--port", str(free_port()), *args],
+        env={**os.environ, "DS_DATA_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert reason in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_metrics_on_the_main_port_with_ds_metrics(redis_url: str) -> None:
     with GatewayServer(redis_url=redis_url, env={"DS_METRICS": "1"}) as gw:
         path = f"/v1/stream/metrics-{uuid.uuid4().hex}"

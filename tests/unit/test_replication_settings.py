@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 from redis import exceptions as redis_errors
 
-from gateway.config import Settings
-from gateway.storage.backend import sentinel_addresses
+from gateway.config import Settings, sentinel_addresses
 from gateway.storage.client import ReplicaWait
 from gateway.storage.errors import is_unavailable
 
@@ -71,7 +70,10 @@ def test_sentinel_addresses_are_host_port_pairs(
     assert sentinel_addresses(value) == addresses
 
 
-@pytest.mark.parametrize("value", ["", ",", "host", "host:", ":26379", "host:port"])
+@pytest.mark.parametrize(
+    "value",
+    ["", ",", "host", "host:", ":26379", "host:port", "host:0", "host:65536", "h:" + "9" * 40],
+)
 def test_malformed_sentinel_addresses_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="REDIS_SENTINELS"):
         sentinel_addresses(value)
