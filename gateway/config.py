@@ -7,6 +7,7 @@ place (the README's configuration table mirrors this module).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 # Values of DS_AUTH (gateway/web/auth/build_authorizer has one branch each).
@@ -26,6 +27,20 @@ def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) 
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+# DS_INSTANCE_ID names responses (X-DS-Instance), request-log lines (an unquoted
+# field) and Redis connections (CLIENT SETNAME takes no spaces): a short token.
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _instance_id() -> str | None:
+    raw = os.environ.get("DS_INSTANCE_ID") or None
+    if raw is not None and not _INSTANCE_ID.fullmatch(raw):
+        raise ValueError(
+            f"DS_INSTANCE_ID must be 1-64 letters, digits, '.', '_', ':' or '-', got {raw[:80]!r}"
+        )
+    return raw
 
 
 def sentinel_addresses(value: str) -> list[tuple[str, int]]:
@@ -209,7 +224,7 @@ class Settings:
             cache_visibility=visibility,
             cors_origin=_str("DS_CORS_ORIGIN", "*"),
             cursor_interval_s=_int("DS_CURSOR_INTERVAL_S", 20, 1),
-            instance_id=os.environ.get("DS_INSTANCE_ID") or None,
+            instance_id=_instance_id(),
             forwarded_allow_ips=_str("DS_FORWARDED_ALLOW_IPS", "127.0.0.1"),
             auth=auth,
             jwt_secret=os.environ.get("DS_JWT_SECRET") or None,

@@ -266,8 +266,16 @@ def test_the_metrics_port_outlasts_clients_that_connect_and_send_nothing(
         ({"DS_METRICS_PORT": "99999"}, [], "DS_METRICS_PORT must be <= 65535"),
         ({}, ["--metrics-port", "70000"], "--metrics-port: must be a port number"),
         ({}, ["--port", "-1"], "--port: must be a port number"),
+        ({"DS_INSTANCE_ID": "pod 7"}, [], "DS_INSTANCE_ID must be 1-64 letters"),
     ],
-    ids=["sentinel-no-port", "sentinel-port", "metrics-port-env", "metrics-port", "port"],
+    ids=[
+        "sentinel-no-port",
+        "sentinel-port",
+        "metrics-port-env",
+        "metrics-port",
+        "port",
+        "instance",
+    ],
 )
 def test_a_malformed_setting_stops_the_start_with_its_reason(
     tmp_path: Path, env: dict[str, str], args: list[str], reason: str
