@@ -333,7 +333,7 @@ def serve_metrics() -> None:
         with making:
             if time.monotonic() >= fresh_until:
                 page = metrics.exposition()
-                fresh_until = time.monotonic() + 1.0
+                fresh_until = time.monotonic() + metrics.FLUSH_INTERVAL_S
             return page
 
     class Handler(BaseHTTPRequestHandler):

@@ -40,9 +40,10 @@ def parse_uint(raw: str, name: str, maximum: int = MAX_SAFE_INTEGER) -> int:
         raise BadRequest(f"{name} must be a non-negative integer without leading zeros")
     # More digits than the maximum has: too large, whatever they are (and int()
     # refuses strings of over 4,300 digits with a ValueError).
-    if len(value) > len(str(maximum)) or int(value) > maximum:
+    number = int(value) if len(value) <= len(str(maximum)) else maximum + 1
+    if number > maximum:
         raise BadRequest(f"{name} must be at most {maximum}")
-    return int(value)
+    return number
 
 
 def parse_ttl(raw: str | None) -> int | None:

@@ -81,8 +81,10 @@ class Gateway:
         # Request metrics and the request log; None when both are off.
         self.telemetry: Telemetry | None = None
         self._metrics_path = self.settings.metrics_path
-        # (workers hand their counts over once a second: a fresher page shows nothing more)
-        self._metrics_page = CachedPage(metrics.exposition, 1.0, prepare=metrics.flush)
+        # (workers hand their counts over at this interval: a fresher page shows nothing more)
+        self._metrics_page = CachedPage(
+            metrics.exposition, metrics.FLUSH_INTERVAL_S, prepare=metrics.flush
+        )
 
     # -- requests --------------------------------------------------------------------
 
