@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 # prometheus_client is imported by ``enable`` only: it picks its value store
@@ -159,24 +161,34 @@ class Metrics:
 
 
 class LocalHistogram:
-    """Observations kept as plain bucket counts until ``flush`` adds them to
-    ``child`` (a Histogram, or one labelled child of it)."""
+    """Observations kept as plain numbers until ``flush`` adds them to
+    ``child`` (a Histogram, or one labelled child of it).
 
-    __slots__ = ("_child", "bounds", "counts", "total")
+    ``observe(value)`` is a list's ``append``: one call, no Python frame, as it
+    runs for every Redis reply; ``flush`` puts the values in their buckets
+    (in C builtins, at most once a second). ``counts`` and ``total`` take
+    observations already bucketed (gateway/web/telemetry.py adds a batch's).
+    """
+
+    __slots__ = ("_child", "_values", "bounds", "counts", "observe", "total")
 
     def __init__(self, child: Any, buckets: tuple[float, ...]) -> None:
         self._child = child
         self.bounds = (*buckets, float("inf"))
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        # Prometheus buckets are "less than or equal": the first bound >= value.
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+        self._values: list[float] = []
+        self.observe: Callable[[float], None] = self._values.append
 
     def flush(self) -> None:
         counts = self.counts
+        values = self._values
+        if values:
+            # Prometheus buckets are "less than or equal": the first bound >= value.
+            for index, count in Counter(map(bisect_left, repeat(self.bounds), values)).items():
+                counts[index] += count
+            self.total += sum(values)
+            values.clear()
         if not any(counts):
             return
         # prometheus_client has no bulk observe: add to its per-bucket values
@@ -263,8 +275,9 @@ def start_flushing(loop: asyncio.AbstractEventLoop) -> None:
     """Flush once a second on ``loop`` until ``stop_flushing``."""
 
     def tick() -> None:
-        flush()
+        # Rescheduled whatever happens: observations wait in lists until a flush.
         _Flushing.timer = loop.call_later(FLUSH_INTERVAL_S, tick)
+        flush()
 
     _Flushing.timer = loop.call_later(FLUSH_INTERVAL_S, tick)
 

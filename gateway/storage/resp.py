@@ -60,7 +60,8 @@ class RespProtocol(asyncio.Protocol):
         self.reader.feed(data)
         # Command latency: from the command's write to this reply's arrival.
         local = metrics.LOCAL
-        now = time.monotonic() if local is not None else 0.0
+        observe = local.redis.observe if local is not None else None
+        now = time.monotonic() if observe is not None else 0.0
         while True:
             reply = self.reader.gets()
             if reply is False:
@@ -69,8 +70,8 @@ class RespProtocol(asyncio.Protocol):
                 self.abort(redis_errors.ConnectionError("unexpected reply from Redis"))
                 return
             future, sent_at = self.pending.popleft()
-            if local is not None:
-                local.redis.observe(now - sent_at)
+            if observe is not None:
+                observe(now - sent_at)
             if future.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
