@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -75,6 +76,7 @@ typedef struct {
     PyObject *target_of;  /* callable (path, query) -> the quoted target */
     int64_t offset_ms;    /* wall clock minus monotonic clock, milliseconds */
     int64_t millis;       /* the wall-clock millisecond whose text is in stamp */
+    int64_t second;       /* the wall-clock second whose text is in stamp */
     char stamp[32];       /* "YYYY-MM-DDTHH:MM:SS.mmmZ" */
 } Recorder;
 
@@ -100,6 +102,18 @@ floordiv(int64_t a, int64_t b)
 }
 
 /* -- recording ---------------------------------------------------------------- */
+
+/* An int as int64: PyLong_AsLongLong takes a slow, general path for anything
+ * past 2**30, as every clock reading is; PyLong_AsLong does not. */
+static int64_t
+as_int64(PyObject *value)
+{
+#if LONG_MAX == INT64_MAX
+    return PyLong_AsLong(value);
+#else
+    return PyLong_AsLongLong(value);
+#endif
+}
 
 static void
 record_clear(Record *r)
@@ -171,13 +185,13 @@ check_str(PyObject *value, const char *what)
 static int
 put(Recorder *self, int64_t end, PyObject *const *args)
 {
-    int64_t start = PyLong_AsLongLong(args[0]);
+    int64_t start = as_int64(args[0]);
     if (start == -1 && PyErr_Occurred())
         return -1;
     long status = PyLong_AsLong(args[1]);
     if (status == -1 && PyErr_Occurred())
         return -1;
-    int64_t sent = PyLong_AsLongLong(args[2]);
+    int64_t sent = as_int64(args[2]);
     if (sent == -1 && PyErr_Occurred())
         return -1;
     if (check_str(args[4], "method") || check_str(args[5], "path") ||
@@ -224,7 +238,8 @@ Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(&shifted[1], &args[1], 8 * sizeof(PyObject *));
     if (put(self, monotonic_ns(), shifted) < 0)
         return NULL;
-    return PyBool_FromLong(self->size >= self->full);
+    /* The caller's cue: a batch to drain later (its first record), or now. */
+    return PyBool_FromLong(self->size == 1 || self->size >= self->full);
 }
 
 static PyObject *
@@ -234,7 +249,7 @@ Recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "put() takes 10 arguments (%zd given)", nargs);
         return NULL;
     }
-    int64_t end = PyLong_AsLongLong(args[1]);
+    int64_t end = as_int64(args[1]);
     if (end == -1 && PyErr_Occurred())
         return NULL;
     PyObject *rest[10];
@@ -409,12 +424,16 @@ Recorder_tally(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     }
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
+        if (r->live != NULL)
+            Py_RETURN_NONE;
+        if (i > 0 && r->method == r[-1].method && r->path == r[-1].path)
+            continue; /* (the shared objects of canonical(): as the one before) */
         if (PyUnicode_CompareWithASCIIString(r->method, "POST") != 0)
             Py_RETURN_NONE;
         Py_ssize_t match = PyUnicode_Tailmatch(r->path, prefix, 0, PY_SSIZE_T_MAX, -1);
         if (match < 0)
             return NULL;
-        if (match == 0 || r->live != NULL)
+        if (match == 0)
             Py_RETURN_NONE;
     }
     int64_t counts[65] = {0};
@@ -487,11 +506,10 @@ typedef struct {
     Py_ssize_t capacity;
 } Buffer;
 
+/* Room for more bytes: the buffer grown (doubled) when they do not fit. */
 static int
-reserve(Buffer *b, Py_ssize_t more)
+grow(Buffer *b, Py_ssize_t more)
 {
-    if (b->size + more <= b->capacity)
-        return 0;
     Py_ssize_t capacity = b->capacity ? b->capacity : 4096;
     while (capacity < b->size + more)
         capacity *= 2;
@@ -506,9 +524,17 @@ reserve(Buffer *b, Py_ssize_t more)
 }
 
 static int
+reserve(Buffer *b, Py_ssize_t more)
+{
+    return b->size + more <= b->capacity ? 0 : grow(b, more);
+}
+
+/* Inlined: a line is a dozen short pieces, most of them literals whose copy
+ * the compiler then makes in a few moves. */
+static inline __attribute__((always_inline)) int
 append(Buffer *b, const char *text, Py_ssize_t length)
 {
-    if (reserve(b, length) < 0)
+    if (b->size + length > b->capacity && grow(b, length) < 0)
         return -1;
     memcpy(b->data + b->size, text, length);
     b->size += length;
@@ -548,44 +574,55 @@ append_text(Buffer *b, const Text *text, const char *copy)
     return append(b, copy, text->length);
 }
 
-/* value in decimal (snprintf costs more than the rest of a line). */
+/* magnitude's decimal digits, written backwards so that they end at end;
+ * returns where they start (snprintf costs more than the rest of a line). */
+static char *
+decimal(char *end, uint64_t magnitude)
+{
+    do {
+        *--end = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude);
+    return end;
+}
+
+/* value in decimal. */
 static int
 append_int(Buffer *b, int64_t value)
 {
     char digits[24];
-    char *end = digits + sizeof digits, *at = end;
-    uint64_t magnitude = value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value;
-    do {
-        *--at = (char)('0' + magnitude % 10);
-        magnitude /= 10;
-    } while (magnitude);
+    char *end = digits + sizeof digits;
+    char *at = decimal(end, value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value);
     if (value < 0)
         *--at = '-';
     return append(b, at, end - at);
 }
 
-/* The wall-clock time of a monotonic reading, to the millisecond: the text
- * is made again only when the millisecond changes (requests end in order). */
+/* The wall-clock time of a monotonic reading, to the millisecond: the
+ * date and time are made again only when the second changes, the
+ * milliseconds when the millisecond does (requests end in order). */
 static int
 append_stamp(Recorder *self, Buffer *b, int64_t end)
 {
     int64_t millis = floordiv(end, 1000000) + self->offset_ms;
     if (millis != self->millis) {
         int64_t second = floordiv(millis, 1000);
-        time_t t = (time_t)second;
-        struct tm tm;
-        if (gmtime_r(&t, &tm) == NULL ||
-            strftime(self->stamp, sizeof self->stamp, "%Y-%m-%dT%H:%M:%S", &tm) != 19) {
-            PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
-            return -1;
+        if (second != self->second) {
+            time_t t = (time_t)second;
+            struct tm tm;
+            if (gmtime_r(&t, &tm) == NULL ||
+                strftime(self->stamp, sizeof self->stamp, "%Y-%m-%dT%H:%M:%S", &tm) != 19) {
+                PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
+                return -1;
+            }
+            self->stamp[19] = '.';
+            self->stamp[23] = 'Z';
+            self->second = second;
         }
         int ms = (int)(millis - second * 1000);
-        char *tail = self->stamp + 19;
-        tail[0] = '.';
-        tail[1] = (char)('0' + ms / 100);
-        tail[2] = (char)('0' + ms / 10 % 10);
-        tail[3] = (char)('0' + ms % 10);
-        tail[4] = 'Z';
+        self->stamp[20] = (char)('0' + ms / 100);
+        self->stamp[21] = (char)('0' + ms / 10 % 10);
+        self->stamp[22] = (char)('0' + ms % 10);
         self->millis = millis;
     }
     return append(b, self->stamp, STAMP_LENGTH);
@@ -640,9 +677,18 @@ Recorder_text(Recorder *self, PyObject *instance)
         PyErr_SetString(PyExc_TypeError, "instance must be str");
         return NULL;
     }
-    Buffer b = {NULL, 0, 0};
-    if (reserve(&b, self->size * 256) < 0)
+    /* What every line has between its time and its request id. */
+    Buffer head = {NULL, 0, 0};
+    if (APPEND_LITERAL(&head, " instance=") < 0 || append_str(&head, instance) < 0 ||
+        APPEND_LITERAL(&head, " request_id=") < 0) {
+        PyMem_Free(head.data);
         return NULL;
+    }
+    Buffer b = {NULL, 0, 0};
+    if (reserve(&b, self->size * 256) < 0) {
+        PyMem_Free(head.data);
+        return NULL;
+    }
     /* The last record's quoted target, for the next with the same path and no
      * query (target_path: only compared, never read). */
     PyObject *target = NULL;
@@ -665,8 +711,7 @@ Recorder_text(Recorder *self, PyObject *instance)
         Py_ssize_t length;
         declared_length(r, &digits, &length);
         int failed =
-            append_stamp(self, &b, r->end) < 0 || APPEND_LITERAL(&b, " instance=") < 0 ||
-            append_str(&b, instance) < 0 || APPEND_LITERAL(&b, " request_id=") < 0 ||
+            append_stamp(self, &b, r->end) < 0 || append(&b, head.data, head.size) < 0 ||
             append_text(&b, &r->request_id, r->request_id_text) < 0 ||
             APPEND_LITERAL(&b, " method=") < 0 || append_method(&b, r->method) < 0 ||
             APPEND_LITERAL(&b, " path=") < 0 || append_str(&b, target) < 0 ||
@@ -682,10 +727,12 @@ Recorder_text(Recorder *self, PyObject *instance)
     }
     Py_XDECREF(target);
     PyObject *result = PyBytes_FromStringAndSize(b.data, b.size);
+    PyMem_Free(head.data);
     PyMem_Free(b.data);
     return result;
 error:
     Py_XDECREF(target);
+    PyMem_Free(head.data);
     PyMem_Free(b.data);
     return NULL;
 }
@@ -726,6 +773,7 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->target_of = Py_NewRef(target_of);
     self->offset_ms = floordiv(offset_ns, 1000000);
     self->millis = INT64_MIN;
+    self->second = INT64_MIN;
     return (PyObject *)self;
 }
 
@@ -765,17 +813,56 @@ Recorder_dealloc(Recorder *self)
 static PyObject *
 Recorder_new_id(Recorder *self, PyObject *unused)
 {
-    char *id = self->id_text + self->id_prefix_length;
-    int length = snprintf(id, 24, "%llu", (unsigned long long)++self->ids);
-    return PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, self->id_text,
-                                     self->id_prefix_length + length);
+    char digits[24];
+    char *end = digits + sizeof digits;
+    char *at = decimal(end, ++self->ids);
+    memcpy(self->id_text + self->id_prefix_length, at, end - at);
+    Py_ssize_t length = self->id_prefix_length + (end - at);
+    PyObject *id = PyUnicode_New(length, 127);
+    if (id != NULL)
+        memcpy(PyUnicode_DATA(id), self->id_text, length);
+    return id;
+}
+
+/* What a client's X-Request-Id may be to be kept: a plain token of at most
+ * REQUEST_ID_MAX letters, digits and ._:/+=@- (recorder.py's
+ * VALID_REQUEST_ID). */
+#define REQUEST_ID_MAX 128
+static char id_char[128];
+
+static int
+plain_token(PyObject *value)
+{
+    if (!PyUnicode_CheckExact(value) || !PyUnicode_IS_ASCII(value))
+        return 0;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+    if (length < 1 || length > REQUEST_ID_MAX)
+        return 0;
+    const unsigned char *text = PyUnicode_1BYTE_DATA(value);
+    for (Py_ssize_t i = 0; i < length; i++)
+        if (!id_char[text[i]])
+            return 0;
+    return 1;
+}
+
+/* request_id(sent) -> str: the client's id (str or None) when it is a plain
+ * token, else a new one. */
+static PyObject *
+Recorder_request_id(Recorder *self, PyObject *sent)
+{
+    if (sent != Py_None && plain_token(sent))
+        return Py_NewRef(sent);
+    return Recorder_new_id(self, NULL);
 }
 
 static PyMethodDef Recorder_methods[] = {
     {"new_id", (PyCFunction)Recorder_new_id, METH_NOARGS, "a new request id"},
+    {"request_id", (PyCFunction)Recorder_request_id, METH_O,
+     "request_id(sent: str | None) -> str: the client's X-Request-Id when it is a plain token, "
+     "else a new id"},
     {"add", (PyCFunction)(void (*)(void))Recorder_add, METH_FASTCALL,
      "add(start, status, sent, declared, method, path, query, request_id, live) -> bool: "
-     "record a request that ends now; True when the batch is full"},
+     "record a request that ends now; True when it begins the batch or fills it"},
     {"put", (PyCFunction)(void (*)(void))Recorder_put, METH_FASTCALL,
      "put(start, end, status, sent, declared, method, path, query, request_id, live)"},
     {"columns", (PyCFunction)Recorder_columns, METH_NOARGS,
@@ -813,6 +900,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__recorder(void)
 {
+    for (int c = 0; c < 128; c++)
+        id_char[c] = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                     (c != 0 && strchr("._:/+=@-", c) != NULL);
     if (PyType_Ready(&RecorderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -45,6 +45,7 @@ from .request import (
     INTERNAL_ERROR_BODY,
     INTERNAL_ERROR_HEADERS,
     INTERNAL_ERROR_STATUS,
+    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -91,8 +92,12 @@ class Gateway:
     async def handle(self, req: Request, res: Response) -> None:
         telemetry = self.telemetry
         if telemetry is not None:
+            # What Telemetry records of a request, inline (here and in finally):
+            # two method calls would cost the request path more than all this.
             start, query = now(), req.query_string
-            live = telemetry.begin(req, res, query)
+            if telemetry.ids is not None:  # the request log's ids
+                res.request_id = telemetry.ids.request_id(req._headers.get(REQUEST_ID_HEADER))
+            live = telemetry.live_reader(req, query) if req.method == "GET" else None
         try:
             await self.route(req, res)
         except ProtocolError as exc:
@@ -114,8 +119,19 @@ class Gateway:
             log.exception("unhandled error on %s %s", req.method, req.path)
             await self.send_internal_error(req, res)
         finally:
-            if telemetry is not None:
-                telemetry.finish(req, res, start, query, live)
+            # (the request's query as it came: an SSE request has released its own)
+            if telemetry is not None and telemetry.recorder.add(
+                start,
+                res.status,
+                res.sent,
+                req._headers.get("content-length"),  # declared: an SSE request has none
+                req.method,
+                req._path or req.loggable_path(),  # decoded when routed, nearly always
+                query,
+                res.request_id,
+                live,
+            ):
+                telemetry.batch_due()
 
     async def send_internal_error(self, req: Request, res: Response) -> None:
         if not res.started:

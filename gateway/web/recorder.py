@@ -1,9 +1,10 @@
 """What a finished request leaves behind until the next drain: the recorder.
 
-Telemetry (gateway/web/telemetry.py) hands every finished request to a
+The request path (``Gateway.handle``) hands every finished request to a
 recorder: ``add(start, status, sent, declared, method, path, query,
-request_id, live)``, the request's end read then. A drain reads the batch
-back and empties it (``clear``):
+request_id, live)``, the request's end read then, and makes request ids with
+``request_id(sent)``. Telemetry (gateway/web/telemetry.py) drains the batch:
+it reads the batch back and empties it (``clear``):
 
 - ``columns()``: the batch as ten tuples (starts, ends, statuses, bytes
   sent, Content-Length as declared, methods, paths, queries, request ids,
@@ -24,6 +25,7 @@ output.
 
 from __future__ import annotations
 
+import re
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -58,6 +60,9 @@ TARGET_MAX_BYTES = 2048
 # A method is logged with at most this many characters, then "...": servers
 # other than the native one pass any token through (a 405 for the gateway).
 METHOD_LOG_MAX = 32
+# A client's X-Request-Id is kept (and logged, and returned) when it is a
+# plain token: at most 128 letters, digits and ._:/+=@- (else a new id).
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # A declared Content-Length of more digits is logged and counted as 0.
 DECLARED_DIGITS_MAX = 19
 
@@ -242,6 +247,12 @@ class PyRecorder:
         self._ids += 1
         return self._id_prefix + str(self._ids)
 
+    def request_id(self, sent: str | None) -> str:
+        """The client's X-Request-Id when it is a plain token, else a new id."""
+        if sent is not None and VALID_REQUEST_ID.fullmatch(sent) is not None:
+            return sent
+        return self.new_id()
+
     def add(
         self,
         start: int,
@@ -254,9 +265,11 @@ class PyRecorder:
         request_id: str | None,
         live: str | None,
     ) -> bool:
+        """Record a request that ends now. True when it begins the batch (to
+        drain later) or fills it (to drain now)."""
         done = self._done
         done.append((start, now(), status, sent, declared, method, path, query, request_id, live))
-        return len(done) >= self._full
+        return len(done) == 1 or len(done) >= self._full
 
     def put(self, *request: Any) -> None:
         """put(start, end, status, sent, declared, method, path, query,

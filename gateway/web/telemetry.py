@@ -31,7 +31,6 @@ workers sharing a pipe never tear each other's lines.
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import socket
 import sys
@@ -59,11 +58,9 @@ from .recorder import (
     redact_query,
     summarize,
 )
-from .request import REQUEST_ID_HEADER, Request, Response
+from .request import Request
 
 now = recorders.now  # the clock of a request's start and end
-
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 # Finished requests are counted and logged in batches, at most this late.
 BATCH_DELAY_S = 0.05
@@ -135,6 +132,8 @@ class Telemetry:
             recorders.quoted_target,
             self._clock.offset_ns,
         )
+        # What makes request ids (recorder.request_id), with the log on: ids are the log's.
+        self.ids = self.recorder if self.writer is not None else None
         self.tallies: dict[str, metrics.Tally] = {}
         self.local: metrics.Metrics | None = None
         if settings.metrics_enabled:
@@ -156,49 +155,28 @@ class Telemetry:
         if self.local is not None:
             self.local.request_log_dropped.inc(lines)
 
-    def begin(self, req: Request, res: Response, query: str) -> str | None:
-        """A request starts: the response gets its request id (with the log
-        on); the live operation when it is a live reader, counted as one."""
-        if self.writer is not None:  # the id is the log's: none without a log
-            # (the first value sent, never refused: the log must not fail)
-            request_id = req._headers.get(REQUEST_ID_HEADER)
-            if request_id is None or _VALID_REQUEST_ID.fullmatch(request_id) is None:
-                request_id = self.recorder.new_id()
-            res.request_id = request_id
-        if req.method == "GET" and self.local is not None and "live=" in query:
+    def live_reader(self, req: Request, query: str) -> str | None:
+        """A GET starts: its live operation when it is a live reader, counted
+        as one (until its ``add`` is drained), else None."""
+        if self.local is not None and "live=" in query:
             operation = operation_of("GET", req.loggable_path(), query, self.prefix)
             if operation in LIVE_OPERATIONS:
                 self.local.readers[operation] += 1
                 return operation
         return None
 
+    def batch_due(self) -> None:
+        """The recorder's ``add`` said so: its batch has just begun (drained
+        at most ``BATCH_DELAY_S`` from now), or is full (drained now)."""
+        if len(self.recorder) >= BATCH_REQUESTS:
+            self.drain()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
+
     def refused(self, status: int, reason: str) -> None:
         """A request the trust boundary or a rate limit refused (401, 403, 429)."""
         if self.local is not None:
             self.local.refusals.labels(str(status), reason).inc()
-
-    def finish(self, req: Request, res: Response, start: int, query: str, live: str | None) -> None:
-        """The request is done (a live one: its response has ended). ``query``
-        as it came: an SSE request releases its own once it has started.
-        Bytes received are as declared (an SSE request, whose headers are
-        released by now, has no body)."""
-        path = req._path  # decoded when the request was routed, nearly always
-        if path is None:
-            path = req.loggable_path()
-        if self.recorder.add(
-            start,
-            res.status,
-            res.sent,
-            req._headers.get("content-length"),
-            req.method,
-            path,
-            query,
-            res.request_id,
-            live,
-        ):
-            self.drain()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.drain)
 
     def drain(self) -> None:
         """Count and log the requests finished since the last drain.

@@ -142,7 +142,7 @@ def test_only_appends_are_tallied_in_one_pass() -> None:
         assert c.tally(PREFIX, BOUNDS) is None
 
 
-def test_add_reads_the_clock_and_says_when_the_batch_is_full() -> None:
+def test_add_reads_the_clock_and_says_when_the_batch_begins_or_is_full() -> None:
     for kind in (recorders.PyRecorder, c_recorder_class()):
         recorder = make(kind, full=3)
         before = time.perf_counter_ns()
@@ -152,7 +152,7 @@ def test_add_reads_the_clock_and_says_when_the_batch_is_full() -> None:
             for n in range(4)
         ]
         after = time.perf_counter_ns()
-        assert answers == [False, False, True, True]
+        assert answers == [True, False, True, True]
         ends = recorder.columns()[1]
         assert all(before <= start <= end <= after for end in ends), kind
         assert list(ends) == sorted(ends)
@@ -164,6 +164,22 @@ def test_new_ids_are_the_prefix_and_a_counter() -> None:
         ids = [recorder.new_id() for _ in range(1000)]
         assert ids[:3] == ["0123456789ab-1", "0123456789ab-2", "0123456789ab-3"]
         assert len(set(ids)) == 1000
+
+
+def test_a_client_request_id_is_kept_only_when_it_is_a_plain_token() -> None:
+    kept = ["a", "trace-42.a:b", "A/z+0=@_-.:", "x" * 128]
+    replaced = [None, "", "x" * 129, "two words", 'quote"d', "new\tline", "é", "a\x00b", "a\x7f"]
+    # Every ASCII character alone: the C table and the Python pattern must agree.
+    singles = [chr(c) for c in range(128)]
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        recorder = make(kind)
+        for sent in kept:
+            assert recorder.request_id(sent) is sent, (kind, sent)
+        for sent in replaced:
+            assert recorder.request_id(sent).startswith("0123456789ab-"), (kind, sent)
+        for sent in singles:
+            plain = sent.isascii() and (sent.isalnum() or sent in "._:/+=@-")
+            assert (recorder.request_id(sent) == sent) == plain, (kind, sent)
 
 
 def test_clear_forgets_the_batch_and_releases_its_strings() -> None:
