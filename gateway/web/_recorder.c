@@ -590,6 +590,15 @@ decimal(char *end, uint64_t magnitude)
 static int
 append_int(Buffer *b, int64_t value)
 {
+    if (value >= 0 && value < 10) {
+        char digit = (char)('0' + value);
+        return append(b, &digit, 1);
+    }
+    if (value >= 100 && value < 1000) { /* a status */
+        char three[3] = {(char)('0' + value / 100), (char)('0' + value / 10 % 10),
+                         (char)('0' + value % 10)};
+        return append(b, three, 3);
+    }
     char digits[24];
     char *end = digits + sizeof digits;
     char *at = decimal(end, value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value);
@@ -690,9 +699,12 @@ Recorder_text(Recorder *self, PyObject *instance)
         return NULL;
     }
     /* The last record's quoted target, for the next with the same path and no
-     * query (target_path: only compared, never read). */
+     * query (target_path: only compared, never read), and what its line has
+     * from the method to the status, for the next with the same method too. */
     PyObject *target = NULL;
     const PyObject *target_path = NULL;
+    const PyObject *middle_method = NULL;
+    Buffer middle = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
         if (target == NULL || r->query != NULL || r->path != target_path) {
@@ -706,6 +718,15 @@ Recorder_text(Recorder *self, PyObject *instance)
                 break;
             r = &self->records[i];
             target_path = r->query == NULL ? r->path : NULL;
+            middle_method = NULL;
+        }
+        if (r->method != middle_method) {
+            middle.size = 0;
+            if (APPEND_LITERAL(&middle, " method=") < 0 || append_method(&middle, r->method) < 0 ||
+                APPEND_LITERAL(&middle, " path=") < 0 || append_str(&middle, target) < 0 ||
+                APPEND_LITERAL(&middle, " status=") < 0)
+                goto error;
+            middle_method = r->method;
         }
         const char *digits;
         Py_ssize_t length;
@@ -713,9 +734,7 @@ Recorder_text(Recorder *self, PyObject *instance)
         int failed =
             append_stamp(self, &b, r->end) < 0 || append(&b, head.data, head.size) < 0 ||
             append_text(&b, &r->request_id, r->request_id_text) < 0 ||
-            APPEND_LITERAL(&b, " method=") < 0 || append_method(&b, r->method) < 0 ||
-            APPEND_LITERAL(&b, " path=") < 0 || append_str(&b, target) < 0 ||
-            APPEND_LITERAL(&b, " status=") < 0 ||
+            append(&b, middle.data, middle.size) < 0 ||
             append_int(&b, r->status ? r->status : CLIENT_CLOSED) < 0 ||
             APPEND_LITERAL(&b, " received_bytes=") < 0 || append(&b, digits, length) < 0 ||
             APPEND_LITERAL(&b, " sent_bytes=") < 0 || append_int(&b, r->sent) < 0 ||
@@ -728,11 +747,13 @@ Recorder_text(Recorder *self, PyObject *instance)
     Py_XDECREF(target);
     PyObject *result = PyBytes_FromStringAndSize(b.data, b.size);
     PyMem_Free(head.data);
+    PyMem_Free(middle.data);
     PyMem_Free(b.data);
     return result;
 error:
     Py_XDECREF(target);
     PyMem_Free(head.data);
+    PyMem_Free(middle.data);
     PyMem_Free(b.data);
     return NULL;
 }
