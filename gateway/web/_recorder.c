@@ -422,19 +422,28 @@ Recorder_tally(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (bounds[b] == -1 && PyErr_Occurred())
             return NULL;
     }
+    /* Every record a POST under prefix? (Shared objects, see canonical(): a
+     * method or path the record before had was checked with it.) */
+    Py_ssize_t prefix_length = PyUnicode_GET_LENGTH(prefix);
+    int prefix_kind = PyUnicode_KIND(prefix);
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
         if (r->live != NULL)
             Py_RETURN_NONE;
-        if (i > 0 && r->method == r[-1].method && r->path == r[-1].path)
-            continue; /* (the shared objects of canonical(): as the one before) */
-        if (PyUnicode_CompareWithASCIIString(r->method, "POST") != 0)
+        if (i > 0 && r->path == r[-1].path && r->method == r[-1].method)
+            continue;
+        if ((i == 0 || r->method != r[-1].method) &&
+            PyUnicode_CompareWithASCIIString(r->method, "POST") != 0)
             Py_RETURN_NONE;
-        Py_ssize_t match = PyUnicode_Tailmatch(r->path, prefix, 0, PY_SSIZE_T_MAX, -1);
-        if (match < 0)
-            return NULL;
-        if (match == 0)
-            Py_RETURN_NONE;
+        if (PyUnicode_GET_LENGTH(r->path) < prefix_length || PyUnicode_KIND(r->path) != prefix_kind ||
+            memcmp(PyUnicode_DATA(r->path), PyUnicode_DATA(prefix), prefix_length * prefix_kind) != 0) {
+            /* (a path of a wider kind than the prefix may still start with it) */
+            Py_ssize_t match = PyUnicode_Tailmatch(r->path, prefix, 0, PY_SSIZE_T_MAX, -1);
+            if (match < 0)
+                return NULL;
+            if (match == 0)
+                Py_RETURN_NONE;
+        }
     }
     int64_t counts[65] = {0};
     int64_t received = 0, sent = 0, total = 0;
