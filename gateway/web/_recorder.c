@@ -15,6 +15,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <limits.h>
 #include <stdint.h>
@@ -181,6 +182,98 @@ check_str(PyObject *value, const char *what)
     return 0;
 }
 
+/* -- the request and the response, read where they keep their fields ----------- */
+
+/* gateway/web/request.py's Request and Response keep what add() and give_id()
+ * read in __slots__: layout() finds each slot's offset once, and the request
+ * path then reads (and, for the id, writes) them there, without a lookup. */
+enum { REQ_METHOD, REQ_PATH, REQ_HEADERS, REQ_SLOTS };
+enum { RES_STATUS, RES_SENT, RES_REQUEST_ID, RES_SLOTS };
+static const char *request_slots[REQ_SLOTS] = {"method", "_path", "_headers"};
+static const char *response_slots[RES_SLOTS] = {"status", "sent", "request_id"};
+static PyTypeObject *request_type, *response_type;
+static Py_ssize_t request_offsets[REQ_SLOTS], response_offsets[RES_SLOTS];
+static PyObject *str_request_id_header, *str_content_length, *str_get, *str_loggable_path;
+
+static int
+slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offsets, int count)
+{
+    for (int i = 0; i < count; i++) {
+        PyObject *descr = PyObject_GetAttrString((PyObject *)type, names[i]);
+        if (descr == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* layout(Request, Response): where their fields are (once, at import). */
+static PyObject *
+layout(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "layout(Request, Response)");
+        return NULL;
+    }
+    PyTypeObject *request = (PyTypeObject *)args[0], *response = (PyTypeObject *)args[1];
+    if (slot_offsets(request, request_slots, request_offsets, REQ_SLOTS) < 0 ||
+        slot_offsets(response, response_slots, response_offsets, RES_SLOTS) < 0)
+        return NULL;
+    Py_XSETREF(request_type, (PyTypeObject *)Py_NewRef(request));
+    Py_XSETREF(response_type, (PyTypeObject *)Py_NewRef(response));
+    Py_RETURN_NONE;
+}
+
+/* A slot's value (borrowed; NULL when unset). */
+static PyObject *
+slot(PyObject *object, Py_ssize_t offset)
+{
+    return *(PyObject **)((char *)object + offset);
+}
+
+static int
+check_pair(PyObject *req, PyObject *res)
+{
+    if (request_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "layout() was not called");
+        return -1;
+    }
+    if (!PyObject_TypeCheck(req, request_type) || !PyObject_TypeCheck(res, response_type)) {
+        PyErr_Format(PyExc_TypeError, "expected a %s and a %s", request_type->tp_name,
+                     response_type->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* The request's header name (lower case): a str, or None (a new reference).
+ * Its headers are a dict, or (RSGI) a map with get(). */
+static PyObject *
+header(PyObject *req, PyObject *name)
+{
+    PyObject *headers = slot(req, request_offsets[REQ_HEADERS]);
+    if (headers == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the request has no headers");
+        return NULL;
+    }
+    if (!PyDict_CheckExact(headers))
+        return PyObject_CallMethodOneArg(headers, str_get, name);
+    PyObject *value = PyDict_GetItemWithError(headers, name);
+    if (value != NULL)
+        return Py_NewRef(value);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* put(start, end, status, sent, declared, method, path, query, request_id, live) */
 static int
 put(Recorder *self, int64_t end, PyObject *const *args)
@@ -226,17 +319,42 @@ put(Recorder *self, int64_t end, PyObject *const *args)
     return 0;
 }
 
+/* add(start, req, res, query, live): the request, ended now, read from its
+ * request and response objects. */
 static PyObject *
 Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "add() takes 9 arguments (%zd given)", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "add() takes 5 arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *shifted[10];
-    shifted[0] = args[0];
-    memcpy(&shifted[1], &args[1], 8 * sizeof(PyObject *));
-    if (put(self, monotonic_ns(), shifted) < 0)
+    PyObject *req = args[1], *res = args[2];
+    if (check_pair(req, res) < 0)
+        return NULL;
+    PyObject *status = slot(res, response_offsets[RES_STATUS]);
+    PyObject *sent = slot(res, response_offsets[RES_SENT]);
+    PyObject *method = slot(req, request_offsets[REQ_METHOD]);
+    PyObject *request_id = slot(res, response_offsets[RES_REQUEST_ID]);
+    if (status == NULL || sent == NULL || method == NULL || request_id == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the request or its response is incomplete");
+        return NULL;
+    }
+    PyObject *path = slot(req, request_offsets[REQ_PATH]);
+    path = path != NULL && path != Py_None ? Py_NewRef(path)
+                                           : PyObject_CallMethodNoArgs(req, str_loggable_path);
+    if (path == NULL)
+        return NULL;
+    PyObject *declared = header(req, str_content_length);
+    if (declared == NULL) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    PyObject *fields[10] = {args[0], status, sent, declared, method, path, args[3], request_id,
+                            args[4]};
+    int failed = put(self, monotonic_ns(), fields) < 0;
+    Py_DECREF(path);
+    Py_DECREF(declared);
+    if (failed)
         return NULL;
     /* The caller's cue: a batch to drain later (its first record), or now. */
     return PyBool_FromLong(self->size == 1 || self->size >= self->full);
@@ -885,14 +1003,39 @@ Recorder_request_id(Recorder *self, PyObject *sent)
     return Recorder_new_id(self, NULL);
 }
 
+/* give_id(req, res): the response's request id (request_id() of the
+ * request's X-Request-Id). */
+static PyObject *
+Recorder_give_id(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "give_id() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (check_pair(args[0], args[1]) < 0)
+        return NULL;
+    PyObject *sent = header(args[0], str_request_id_header);
+    if (sent == NULL)
+        return NULL;
+    PyObject *id = Recorder_request_id(self, sent);
+    Py_DECREF(sent);
+    if (id == NULL)
+        return NULL;
+    Py_XSETREF(*(PyObject **)((char *)args[1] + response_offsets[RES_REQUEST_ID]), id);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Recorder_methods[] = {
     {"new_id", (PyCFunction)Recorder_new_id, METH_NOARGS, "a new request id"},
+    {"give_id", (PyCFunction)(void (*)(void))Recorder_give_id, METH_FASTCALL,
+     "give_id(req, res): the response's request id: the request's X-Request-Id when it is a "
+     "plain token, else a new id"},
     {"request_id", (PyCFunction)Recorder_request_id, METH_O,
      "request_id(sent: str | None) -> str: the client's X-Request-Id when it is a plain token, "
      "else a new id"},
     {"add", (PyCFunction)(void (*)(void))Recorder_add, METH_FASTCALL,
-     "add(start, status, sent, declared, method, path, query, request_id, live) -> bool: "
-     "record a request that ends now; True when it begins the batch or fills it"},
+     "add(start, req, res, query, live) -> bool: record a request that ends now; True when it "
+     "begins the batch or fills it"},
     {"put", (PyCFunction)(void (*)(void))Recorder_put, METH_FASTCALL,
      "put(start, end, status, sent, declared, method, path, query, request_id, live)"},
     {"columns", (PyCFunction)Recorder_columns, METH_NOARGS,
@@ -921,6 +1064,8 @@ static PyTypeObject RecorderType = {
 
 static PyMethodDef module_methods[] = {
     {"now", now, METH_NOARGS, "CLOCK_MONOTONIC in nanoseconds (time.perf_counter_ns's clock)"},
+    {"layout", (PyCFunction)(void (*)(void))layout, METH_FASTCALL,
+     "layout(Request, Response): the classes add() and give_id() read"},
     {NULL}};
 
 static struct PyModuleDef module = {
@@ -933,6 +1078,13 @@ PyInit__recorder(void)
     for (int c = 0; c < 128; c++)
         id_char[c] = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
                      (c != 0 && strchr("._:/+=@-", c) != NULL);
+    str_request_id_header = PyUnicode_InternFromString("x-request-id");
+    str_content_length = PyUnicode_InternFromString("content-length");
+    str_get = PyUnicode_InternFromString("get");
+    str_loggable_path = PyUnicode_InternFromString("loggable_path");
+    if (str_request_id_header == NULL || str_content_length == NULL || str_get == NULL ||
+        str_loggable_path == NULL)
+        return NULL;
     if (PyType_Ready(&RecorderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

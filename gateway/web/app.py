@@ -45,7 +45,6 @@ from .request import (
     INTERNAL_ERROR_BODY,
     INTERNAL_ERROR_HEADERS,
     INTERNAL_ERROR_STATUS,
-    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -96,7 +95,7 @@ class Gateway:
             # two method calls would cost the request path more than all this.
             start, query = now(), req.query_string
             if telemetry.ids is not None:  # the request log's ids
-                res.request_id = telemetry.ids.request_id(req._headers.get(REQUEST_ID_HEADER))
+                telemetry.ids.give_id(req, res)
             live = telemetry.live_reader(req, query) if req.method == "GET" else None
         try:
             await self.route(req, res)
@@ -120,17 +119,7 @@ class Gateway:
             await self.send_internal_error(req, res)
         finally:
             # (the request's query as it came: an SSE request has released its own)
-            if telemetry is not None and telemetry.recorder.add(
-                start,
-                res.status,
-                res.sent,
-                req._headers.get("content-length"),  # declared: an SSE request has none
-                req.method,
-                req._path or req.loggable_path(),  # decoded when routed, nearly always
-                query,
-                res.request_id,
-                live,
-            ):
+            if telemetry is not None and telemetry.recorder.add(start, req, res, query, live):
                 telemetry.batch_due()
 
     async def send_internal_error(self, req: Request, res: Response) -> None:

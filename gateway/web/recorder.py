@@ -1,10 +1,13 @@
 """What a finished request leaves behind until the next drain: the recorder.
 
 The request path (``Gateway.handle``) hands every finished request to a
-recorder: ``add(start, status, sent, declared, method, path, query,
-request_id, live)``, the request's end read then, and makes request ids with
-``request_id(sent)``. Telemetry (gateway/web/telemetry.py) drains the batch:
-it reads the batch back and empties it (``clear``):
+recorder: ``add(start, req, res, query, live)``, which reads the request's
+method, path and declared Content-Length, the response's status, bytes sent
+and request id, and the clock (its end); and gives responses their request id
+with ``give_id(req, res)``. The C recorder reads those fields from the
+objects' slots where ``layout`` found them, without an attribute lookup.
+Telemetry (gateway/web/telemetry.py) drains the batch: it reads the batch
+back and empties it (``clear``):
 
 - ``columns()``: the batch as ten tuples (starts, ends, statuses, bytes
   sent, Content-Length as declared, methods, paths, queries, request ids,
@@ -17,8 +20,7 @@ Two implementations behave alike: ``PyRecorder`` below, the reference, and
 ``gateway/web/_recorder.c``, the same in C, built with the package when a C
 compiler is at hand. ``Recorder`` is the C one when it was built: it keeps
 short strings as copies, so that a request's objects are freed with it, and
-formats lines without a Python object per field: what the request log and
-metrics add to an append's CPU went from about 11 % to about 7 % (see
+formats lines without a Python object per field (the costs, measured: see
 deploy/README.md). tests/unit/test_recorder.py holds the two to the same
 output.
 """
@@ -36,6 +38,8 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
+
+from .request import REQUEST_ID_HEADER, Request, Response
 
 # Query parameters whose values are credentials (gateway/web/auth/: bearer
 # tokens for EventSource, pre-signed URLs' signatures).
@@ -253,22 +257,31 @@ class PyRecorder:
             return sent
         return self.new_id()
 
-    def add(
-        self,
-        start: int,
-        status: int,
-        sent: int,
-        declared: str | None,
-        method: str,
-        path: str,
-        query: str,
-        request_id: str | None,
-        live: str | None,
-    ) -> bool:
+    def give_id(self, req: Request, res: Response) -> None:
+        """The response's request id: ``request_id`` of the request's X-Request-Id."""
+        res.request_id = self.request_id(req._headers.get(REQUEST_ID_HEADER))
+
+    def add(self, start: int, req: Request, res: Response, query: str, live: str | None) -> bool:
         """Record a request that ends now. True when it begins the batch (to
         drain later) or fills it (to drain now)."""
+        path = req._path
+        if path is None:
+            path = req.loggable_path()
         done = self._done
-        done.append((start, now(), status, sent, declared, method, path, query, request_id, live))
+        done.append(
+            (
+                start,
+                now(),
+                res.status,
+                res.sent,
+                req._headers.get("content-length"),
+                req.method,
+                path,
+                query,
+                res.request_id,
+                live,
+            )
+        )
         return len(done) == 1 or len(done) >= self._full
 
     def put(self, *request: Any) -> None:
@@ -342,6 +355,7 @@ except ImportError:  # built without a C compiler: the Python recorder serves
 else:
     CRecorder = _recorder.Recorder
     now = _recorder.now
+    _recorder.layout(Request, Response)
 
 # The recorder Telemetry uses.
 Recorder: RecorderType = CRecorder if CRecorder is not None else PyRecorder

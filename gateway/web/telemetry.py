@@ -1,13 +1,17 @@
 """What each request leaves behind: its request metrics and its request-log line.
 
-``Gateway.handle`` calls ``Telemetry.begin`` as a request starts (when metrics
-or the request log are on; otherwise nothing here runs): with the log on, the
-response gets its request id, which the server adds as ``X-Request-Id`` to it.
-The servers note the status and the body bytes of every response as they send
-it (gateway/web/request.py's ``Response``). When the handler is done (for
-long-poll and SSE: when the response ends), ``Telemetry.finish`` hands its
-figures to the recorder (gateway/web/recorder.py: in C when built, else in
-Python); every 50 ms ``Telemetry.drain`` adds the recorded requests to this
+When metrics or the request log are on (otherwise nothing here runs),
+``Gateway.handle`` records each request itself, inline, as a Python call per
+request would cost more than the recording: as the request starts, the clock,
+and with the log on its request id (``Telemetry.ids.request_id``), which the
+server adds as ``X-Request-Id`` to the response; a GET asks
+``Telemetry.live_reader`` whether it is a live reader to count. The servers
+note the status and the body bytes of every response as they send it
+(gateway/web/request.py's ``Response``). When the handler is done (for
+long-poll and SSE: when the response ends), its figures go to the recorder
+(gateway/web/recorder.py: in C when built, else in Python), whose answer
+starts the batch's timer or drains a full one (``batch_due``); every 50 ms
+(or 512 requests) ``Telemetry.drain`` adds the recorded requests to this
 process's tallies (gateway/metrics.py flushes them into Prometheus once a
 second) and writes their log lines.
 

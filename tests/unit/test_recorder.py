@@ -15,13 +15,16 @@ import random
 import select
 import sys
 import time
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
 import pytest
 
 from gateway import metrics
+from gateway.protocol.errors import BadRequest
 from gateway.web import recorder as recorders
+from gateway.web.request import Request, Response
 
 PREFIX = "/v1/stream/"
 BOUNDS = tuple(round(bound * 1e9) for bound in metrics.LATENCY_BUCKETS)
@@ -41,6 +44,20 @@ def make(kind: recorders.RecorderType, full: int = 512) -> recorders.PyRecorder:
 
 def both() -> tuple[recorders.PyRecorder, recorders.PyRecorder]:
     return make(recorders.PyRecorder), make(c_recorder_class())
+
+
+def exchange(
+    method: str, path: str | None, status: int, headers: dict[str, str], sent: int = 0
+) -> tuple[Request, Response]:
+    """A request as a server hands it over, and its response once sent."""
+    req = Request()
+    req.method = method
+    req._path = path
+    req._headers = headers
+    res = Response()
+    res.status = status
+    res.sent = sent
+    return req, res
 
 
 def requests(seed: int, size: int, *, appends_only: bool = False) -> list[Finished]:
@@ -148,7 +165,9 @@ def test_add_reads_the_clock_and_says_when_the_batch_begins_or_is_full() -> None
         before = time.perf_counter_ns()
         start = recorders.now()
         answers = [
-            recorder.add(start, 204, 0, "3", "POST", PREFIX + "a", "", f"id-{n}", None)
+            recorder.add(
+                start, *exchange("POST", PREFIX + "a", 204, {"content-length": "3"}), "", None
+            )
             for n in range(4)
         ]
         after = time.perf_counter_ns()
@@ -164,6 +183,52 @@ def test_new_ids_are_the_prefix_and_a_counter() -> None:
         ids = [recorder.new_id() for _ in range(1000)]
         assert ids[:3] == ["0123456789ab-1", "0123456789ab-2", "0123456789ab-3"]
         assert len(set(ids)) == 1000
+
+
+class UndecodablePath(Request):
+    """A request whose path is not UTF-8 (it got a 400, and is logged anyway)."""
+
+    __slots__ = ()
+
+    def _decode_path(self) -> str:
+        raise BadRequest("not UTF-8")
+
+
+class HeaderMap:
+    """Headers as RSGI hands them over: a map of its own, with get()."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self._headers = headers
+
+    def get(self, name: str) -> str | None:
+        return self._headers.get(name)
+
+
+def test_add_and_give_id_read_the_request_and_its_response_alike() -> None:
+    """Both recorders read the same fields: the C one from the slots."""
+    batches = []
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        recorder = make(kind)
+        cases: list[tuple[Request, Response]] = [
+            exchange("POST", PREFIX + "a", 204, {"content-length": "100"}, 0),
+            exchange("GET", PREFIX + "b", 200, {"x-request-id": "trace-1"}, 5),
+            exchange("PUT", PREFIX + "c", 201, {"x-request-id": "bad id"}),
+            exchange("HEAD", "/healthz", 0, HeaderMap({"content-length": "7"})),  # type: ignore[arg-type]
+        ]
+        undecodable = UndecodablePath()
+        undecodable.method, undecodable._headers = "GET", {}
+        cases.append((undecodable, Response()))
+        for req, res in cases:
+            recorder.give_id(req, res)
+            recorder.add(1_000, req, res, "offset=-1", None)
+        ids = [res.request_id for _, res in cases]
+        assert ids[1] == "trace-1" and all(i.startswith("0123456789ab-") for i in ids[2:3]), kind
+        columns = recorder.columns()
+        batches.append((columns[2:8], ids))
+        assert columns[6][-1] == "<not UTF-8>" and columns[4] == ("100", None, None, "7", None)
+    (py_columns, py_ids), (c_columns, c_ids) = batches
+    assert py_columns == c_columns
+    assert py_ids[:2] == c_ids[:2]  # (new ids differ only as two recorders count)
 
 
 def test_a_client_request_id_is_kept_only_when_it_is_a_plain_token() -> None:
@@ -210,7 +275,7 @@ def test_clear_forgets_the_batch_and_releases_its_strings() -> None:
 
 
 def test_bad_arguments_are_refused_and_record_nothing() -> None:
-    c = make(c_recorder_class())
+    c: Any = make(c_recorder_class())
     good = [1, 2, 204, 0, "5", "POST", PREFIX + "a", "", "id", None]
     for index, bad in [(0, "1"), (2, None), (4, 5), (5, None), (6, b"/v1"), (7, None), (8, 1)]:
         args = list(good)
@@ -220,7 +285,13 @@ def test_bad_arguments_are_refused_and_record_nothing() -> None:
     with pytest.raises(TypeError):
         c.put(*good[:-1])
     with pytest.raises(TypeError):
-        c.add(*good)  # add takes no end
+        c.add(*good)  # add takes the request and its response
+    req, res = exchange("POST", PREFIX + "a", 204, {})
+    for bad in [(1, object(), res, "", None), (1, req, req, "", None), (1, req, res, b"", None)]:
+        with pytest.raises(TypeError):
+            c.add(*bad)
+    with pytest.raises(TypeError):
+        c.give_id(res, req)
     assert len(c) == 0
     with pytest.raises(ValueError):
         c_recorder_class()(512, "é", {}, recorders.quoted_target, 0)
