@@ -43,8 +43,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from telemetry_cost import wait_ready  # (bench/, run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = b"x" * 100
@@ -61,21 +62,6 @@ telemetry.BATCH_DELAY_S = 3600.0
 sys.argv[0] = "durable-streams-gateway"
 sys.exit(main())
 """
-
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"gateway on {port} did not start in {timeout:.0f} s")
 
 
 def create_streams(port: int, paths: list[str]) -> None:
@@ -161,7 +147,7 @@ def measure(
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_ready(port, gateway)
+        wait_ready(port, gateway, timeout=180)  # (callgrind starts slowly)
         paths = [f"{PREFIX}{i}" for i in range(args.streams)]
         create_streams(port, paths)
         asyncio.run(append(port, paths, 1024, args.connections, seed=1))  # warm-up

@@ -61,17 +61,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 30
+def wait_ready(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    """Until the gateway on ``port`` answers /healthz (or ``proc`` exits)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {proc.returncode}")
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
                 return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"gateway on {port} did not start")
+    raise RuntimeError(f"gateway on {port} did not start in {timeout:.0f} s")
 
 
 def wrk(
