@@ -144,6 +144,9 @@ def measure(
                     *words,
                 ],
                 env=env,
+                # (python -c puts its working directory first on sys.path: one
+                # without a checkout, so that PYTHONPATH decides which code runs)
+                cwd=work,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -186,15 +189,23 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--port", type=int, default=8851)
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep each configuration's callgrind file (NAME.callgrind) and log here, "
+        "for callgrind_annotate",
+    )
     args = parser.parse_args()
     configs = [c.partition("=")[::2] for c in args.config or []] or [
         ("off", "--no-access-log"),
         ("on", "--metrics-port 9941"),
     ]
-    with tempfile.TemporaryDirectory(prefix="ds-instructions-") as work:
+    with tempfile.TemporaryDirectory(prefix="ds-instructions-") as scratch:
+        work = Path(args.keep or scratch)
+        work.mkdir(parents=True, exist_ok=True)
         first = None
         for name, options in configs:
-            per_append = measure(name, options, args, Path(work), args.port, args.port + 1)
+            per_append = measure(name, options, args, work, args.port, args.port + 1)
             first = first or per_append
             print(
                 f"{name:>12}: {per_append:9,.0f} instructions per append"
