@@ -349,8 +349,8 @@ Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(path);
         return NULL;
     }
-    PyObject *fields[10] = {args[0], status, sent, declared, method, path, args[3], request_id,
-                            args[4]};
+    PyObject *fields[9] = {args[0], status, sent, declared, method, path, args[3], request_id,
+                           args[4]};
     int failed = put(self, monotonic_ns(), fields) < 0;
     Py_DECREF(path);
     Py_DECREF(declared);
@@ -370,7 +370,7 @@ Recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     int64_t end = as_int64(args[1]);
     if (end == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *rest[10];
+    PyObject *rest[9];
     rest[0] = args[0];
     memcpy(&rest[1], &args[2], 8 * sizeof(PyObject *));
     if (put(self, end, rest) < 0)
@@ -789,8 +789,6 @@ quoted_target(Recorder *self, Record *r)
     return quoted;
 }
 
-/* text(instance) -> bytes: the batch's text log lines, as PyRecorder.text
- * writes them. */
 /* A method as logged: at most METHOD_LOG_MAX characters, then "..."
  * (recorder.py's logged_methods). */
 static int
@@ -806,6 +804,8 @@ append_method(Buffer *b, PyObject *method)
     return failed ? -1 : 0;
 }
 
+/* text(instance) -> bytes: the batch's text log lines, as PyRecorder.text
+ * writes them. */
 static PyObject *
 Recorder_text(Recorder *self, PyObject *instance)
 {

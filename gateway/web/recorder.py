@@ -258,7 +258,8 @@ class PyRecorder:
         return self.new_id()
 
     def give_id(self, req: Request, res: Response) -> None:
-        """The response's request id: ``request_id`` of the request's X-Request-Id."""
+        """The response's request id: ``request_id`` of the request's X-Request-Id
+        (its first value, read without refusing a repeat: the log must not fail)."""
         res.request_id = self.request_id(req._headers.get(REQUEST_ID_HEADER))
 
     def add(self, start: int, req: Request, res: Response, query: str, live: str | None) -> bool:

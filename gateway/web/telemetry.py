@@ -3,7 +3,7 @@
 When metrics or the request log are on (otherwise nothing here runs),
 ``Gateway.handle`` records each request itself, inline, as a Python call per
 request would cost more than the recording: as the request starts, the clock,
-and with the log on its request id (``Telemetry.ids.request_id``), which the
+and with the log on its request id (``Telemetry.ids.give_id``), which the
 server adds as ``X-Request-Id`` to the response; a GET asks
 ``Telemetry.live_reader`` whether it is a live reader to count. The servers
 note the status and the body bytes of every response as they send it
@@ -136,7 +136,7 @@ class Telemetry:
             recorders.quoted_target,
             self._clock.offset_ns,
         )
-        # What makes request ids (recorder.request_id), with the log on: ids are the log's.
+        # What gives responses their request id (give_id), with the log on: ids are the log's.
         self.ids = self.recorder if self.writer is not None else None
         self.tallies: dict[str, metrics.Tally] = {}
         self.local: metrics.Metrics | None = None
