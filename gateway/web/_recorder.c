@@ -41,8 +41,8 @@ typedef struct {
     int64_t start;
     int64_t end;
     int64_t sent;
-    PyObject *method;  /* str (a shared one, see canonical()) */
-    PyObject *path;    /* str (likewise) */
+    PyObject *method;  /* str (a shared one, see shared()) */
+    PyObject *path;    /* str (the record before's when equal, see same()) */
     PyObject *query;   /* str, or NULL for none (the usual case) */
     PyObject *live;    /* str, or NULL for none */
     Text request_id;
@@ -52,11 +52,17 @@ typedef struct {
     char declared_text[DECLARED_SIZE];
 } Record;
 
-/* Strings the records share: method and path objects seen before stand in
- * for each request's equal copy. Bounded (at most SHARED_MAX strings of at
- * most SHARED_LENGTH_MAX characters: about 1 MiB); emptied when full. */
+/* Method strings the records share: a method seen before stands in for each
+ * request's equal copy. Bounded (at most SHARED_MAX strings of at most
+ * SHARED_LENGTH_MAX characters); emptied when full. Paths are not looked up
+ * there: with many streams that lookup missed the CPU caches on nearly every
+ * request, and cost more than keeping the request's own path. */
 #define SHARED_MAX 4096
 #define SHARED_LENGTH_MAX 256
+
+/* A logged target takes at most this many bytes JSON-quoted (recorder.py's
+ * TARGET_MAX_BYTES; tests/unit/test_recorder.py checks that they agree). */
+#define TARGET_MAX_BYTES 2048
 
 #define ID_PREFIX_MAX 32
 
@@ -68,7 +74,7 @@ typedef struct {
     Py_ssize_t size;
     Py_ssize_t capacity;
     Py_ssize_t full;      /* add() says "drain now" at this many */
-    PyObject *shared;     /* dict: str -> the equal str records keep */
+    PyObject *shared;     /* dict: method -> the equal str records keep */
     PyObject *id_prefix;  /* str: new_id()'s prefix (ASCII, at most ID_PREFIX_MAX) */
     uint64_t ids;         /* new_id()'s counter */
     int id_prefix_length;
@@ -153,16 +159,24 @@ same_str(PyObject *a, PyObject *b)
                       memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), length * PyUnicode_KIND(a)) == 0);
 }
 
-/* The str to keep for value: the previous record's when equal (a busy
- * stream's appends follow each other), else the shared equal one. */
+/* The str to keep for value: the record before's when equal (a busy
+ * stream's appends follow each other, and the drain then makes their line's
+ * middle once), else value itself. */
 static PyObject *
-canonical(Recorder *self, PyObject *value, PyObject *previous)
+same(PyObject *value, PyObject *previous)
+{
+    return Py_NewRef(previous != NULL && same_str(previous, value) ? previous : value);
+}
+
+/* A method to keep: the record before's when equal, else the shared equal one. */
+static PyObject *
+shared(Recorder *self, PyObject *value, PyObject *previous)
 {
     if (previous != NULL && same_str(previous, value))
         return Py_NewRef(previous);
-    PyObject *shared = PyDict_GetItemWithError(self->shared, value);
-    if (shared != NULL)
-        return Py_NewRef(shared);
+    PyObject *found = PyDict_GetItemWithError(self->shared, value);
+    if (found != NULL)
+        return Py_NewRef(found);
     if (PyErr_Occurred())
         PyErr_Clear(); /* (a str always hashes) */
     else if (PyDict_GET_SIZE(self->shared) < SHARED_MAX &&
@@ -311,8 +325,8 @@ put(Recorder *self, int64_t end, PyObject *const *args)
     r->status = (int)status;
     r->sent = sent;
     keep_text(&r->declared, r->declared_text, DECLARED_SIZE, args[3]);
-    r->method = canonical(self, args[4], previous ? previous->method : NULL);
-    r->path = canonical(self, args[5], previous ? previous->path : NULL);
+    r->method = shared(self, args[4], previous ? previous->method : NULL);
+    r->path = same(args[5], previous ? previous->path : NULL);
     r->query = PyUnicode_GET_LENGTH(args[6]) ? Py_NewRef(args[6]) : NULL;
     keep_text(&r->request_id, r->request_id_text, ID_SIZE, args[7]);
     r->live = args[8] != Py_None ? Py_NewRef(args[8]) : NULL;
@@ -540,7 +554,7 @@ Recorder_tally(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (bounds[b] == -1 && PyErr_Occurred())
             return NULL;
     }
-    /* Every record a POST under prefix? (Shared objects, see canonical(): a
+    /* Every record a POST under prefix? (Shared objects, see same() and shared(): a
      * method or path the record before had was checked with it.) */
     Py_ssize_t prefix_length = PyUnicode_GET_LENGTH(prefix);
     int prefix_kind = PyUnicode_KIND(prefix);
@@ -804,6 +818,37 @@ append_method(Buffer *b, PyObject *method)
     return failed ? -1 : 0;
 }
 
+/* The record's target as logged, JSON-quoted. A plain path (printable ASCII
+ * but '"' and '\\', and short enough: the usual one) is its own text between
+ * quotes, as orjson writes it; any other comes from quoted_target(). */
+static int
+append_target(Recorder *self, Buffer *b, Record *r)
+{
+    if (r->query == NULL && PyUnicode_IS_ASCII(r->path) &&
+        PyUnicode_GET_LENGTH(r->path) <= TARGET_MAX_BYTES - 2) {
+        Py_ssize_t length = PyUnicode_GET_LENGTH(r->path);
+        const unsigned char *text = PyUnicode_1BYTE_DATA(r->path);
+        Py_ssize_t i = 0;
+        while (i < length && text[i] >= 0x20 && text[i] < 0x7f && text[i] != '"' && text[i] != '\\')
+            i++;
+        if (i == length) {
+            if (reserve(b, length + 2) < 0)
+                return -1;
+            b->data[b->size] = '"';
+            memcpy(b->data + b->size + 1, text, length);
+            b->data[b->size + 1 + length] = '"';
+            b->size += length + 2;
+            return 0;
+        }
+    }
+    PyObject *quoted = quoted_target(self, r);
+    if (quoted == NULL)
+        return -1;
+    int failed = append_str(b, quoted);
+    Py_DECREF(quoted);
+    return failed;
+}
+
 /* text(instance) -> bytes: the batch's text log lines, as PyRecorder.text
  * writes them. */
 static PyObject *
@@ -825,34 +870,26 @@ Recorder_text(Recorder *self, PyObject *instance)
         PyMem_Free(head.data);
         return NULL;
     }
-    /* The last record's quoted target, for the next with the same path and no
-     * query (target_path: only compared, never read), and what its line has
-     * from the method to the status, for the next with the same method too. */
-    PyObject *target = NULL;
-    const PyObject *target_path = NULL;
+    /* What the last line has from the method to the status, for the next
+     * with the same method and path and no query (middle_path: only
+     * compared, never read). */
+    const PyObject *middle_path = NULL;
     const PyObject *middle_method = NULL;
     Buffer middle = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
-        if (target == NULL || r->query != NULL || r->path != target_path) {
-            Py_XDECREF(target);
-            target = quoted_target(self, r);
-            if (target == NULL)
+        if (r->query != NULL || r->path != middle_path || r->method != middle_method) {
+            middle.size = 0;
+            if (APPEND_LITERAL(&middle, " method=") < 0 || append_method(&middle, r->method) < 0 ||
+                APPEND_LITERAL(&middle, " path=") < 0 || append_target(self, &middle, r) < 0 ||
+                APPEND_LITERAL(&middle, " status=") < 0)
                 goto error;
-            /* target_of is Python: should it record or clear (it does not),
-             * the records may have moved. */
+            /* quoted_target may run Python: should it record or clear (it
+             * does not), the records may have moved. */
             if (i >= self->size)
                 break;
             r = &self->records[i];
-            target_path = r->query == NULL ? r->path : NULL;
-            middle_method = NULL;
-        }
-        if (r->method != middle_method) {
-            middle.size = 0;
-            if (APPEND_LITERAL(&middle, " method=") < 0 || append_method(&middle, r->method) < 0 ||
-                APPEND_LITERAL(&middle, " path=") < 0 || append_str(&middle, target) < 0 ||
-                APPEND_LITERAL(&middle, " status=") < 0)
-                goto error;
+            middle_path = r->query == NULL ? r->path : NULL;
             middle_method = r->method;
         }
         const char *digits;
@@ -871,14 +908,12 @@ Recorder_text(Recorder *self, PyObject *instance)
         if (failed)
             goto error;
     }
-    Py_XDECREF(target);
     PyObject *result = PyBytes_FromStringAndSize(b.data, b.size);
     PyMem_Free(head.data);
     PyMem_Free(middle.data);
     PyMem_Free(b.data);
     return result;
 error:
-    Py_XDECREF(target);
     PyMem_Free(head.data);
     PyMem_Free(middle.data);
     PyMem_Free(b.data);
@@ -1090,7 +1125,8 @@ PyInit__recorder(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&RecorderType) < 0) {
+    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&RecorderType) < 0 ||
+        PyModule_AddIntConstant(m, "TARGET_MAX_BYTES", TARGET_MAX_BYTES) < 0) {
         Py_DECREF(m);
         return NULL;
     }

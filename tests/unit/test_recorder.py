@@ -264,10 +264,9 @@ def test_clear_forgets_the_batch_and_releases_its_strings() -> None:
     assert len(c) == 0
     assert c.columns() == ((),) * 10
     assert c.text("i") == b""
-    # The path stays shared (see canonical() in _recorder.c) until the table fills.
-    assert refs()[1:] == held[1:]
-    for number in range(5000):
-        c.put(1, 2, 200, 0, None, "GET", f"{PREFIX}{number}", "", None, None)
+    assert refs() == held
+    for number in range(5000):  # (methods are shared until that table fills)
+        c.put(1, 2, 200, 0, None, f"M{number}", f"{PREFIX}{number}", "", None, None)
     c.clear()
     assert refs() == held
     c.put(1, 2, 204, 0, "1", "POST", PREFIX + "a", "", "id", None)
@@ -301,7 +300,8 @@ def test_text_survives_a_target_of_that_records_meanwhile() -> None:
     """target_of is Python code: were it to record (growing, and moving, the
     records), the C text must read the records where they are now."""
     done = [
-        (1, 2_000_000, 200, 0, None, "GET", f"{PREFIX}fresh-{number}", "", "id", None)
+        # (with a query: quoted by target_of, not in C)
+        (1, 2_000_000, 200, 0, None, "GET", f"{PREFIX}fresh-{number}", "x=1", "id", None)
         for number in range(3)
     ]
 
@@ -340,6 +340,48 @@ def test_long_paths_are_not_kept_beyond_their_batch() -> None:
     c.clear()
     assert refs() == held
     assert path not in recorders.QUOTED
+
+
+def test_the_c_recorder_cuts_targets_at_the_same_bound() -> None:
+    from gateway.web import _recorder  # type: ignore[attr-defined]
+
+    assert _recorder.TARGET_MAX_BYTES == recorders.TARGET_MAX_BYTES
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        PREFIX + "a",
+        "",
+        "/" + "".join(map(chr, range(0x20, 0x7F))),  # every printable character
+        *(PREFIX + chr(c) for c in (0x00, 0x1F, 0x7F, 0x80, 0xFF)),
+        "/" + "a" * 2045,  # quoted: exactly the bound
+        "/" + "a" * 2046,
+        "/" + "a" * 2044 + '"',
+    ],
+    ids=[
+        "plain",
+        "empty",
+        "printable",
+        "nul",
+        "us",
+        "del",
+        "c1",
+        "latin1",
+        "fits",
+        "over",
+        "quote",
+    ],
+)
+def test_a_plain_path_is_quoted_in_c_as_orjson_quotes_it(path: str) -> None:
+    """The C recorder quotes a plain path itself (no cache, no call): the
+    line is the Python recorder's, on both sides of every boundary."""
+    python, c = both()
+    for recorder in (python, c):
+        recorder.put(1, 2, 200, 0, None, "GET", path, "", "id", None)
+        recorder.put(1, 2, 200, 0, None, "POST", path, "", "id", None)  # (the middle again)
+    assert c.text("i") == python.text("i")
+    assert orjson.dumps(recorders.bounded(path, recorders.TARGET_MAX_BYTES)) in c.text("i")
 
 
 @pytest.mark.parametrize(
