@@ -76,7 +76,8 @@ typedef struct {
     Py_ssize_t full;      /* add() says "drain now" at this many */
     PyObject *shared;     /* dict: method -> the equal str records keep */
     PyObject *id_prefix;  /* str: new_id()'s prefix (ASCII, at most ID_PREFIX_MAX) */
-    uint64_t ids;         /* new_id()'s counter */
+    uint64_t ids_made;    /* new_id()'s counter */
+    int ids;              /* begin() gives responses their request id */
     int id_prefix_length;
     char id_text[ID_PREFIX_MAX + 24]; /* the prefix, then the counter's digits */
     PyObject *quoted;     /* dict: target -> its JSON-quoted form */
@@ -198,16 +199,18 @@ check_str(PyObject *value, const char *what)
 
 /* -- the request and the response, read where they keep their fields ----------- */
 
-/* gateway/web/request.py's Request and Response keep what add() and give_id()
- * read in __slots__: layout() finds each slot's offset once, and the request
- * path then reads (and, for the id, writes) them there, without a lookup. */
-enum { REQ_METHOD, REQ_PATH, REQ_HEADERS, REQ_SLOTS };
-enum { RES_STATUS, RES_SENT, RES_REQUEST_ID, RES_SLOTS };
-static const char *request_slots[REQ_SLOTS] = {"method", "_path", "_headers"};
-static const char *response_slots[RES_SLOTS] = {"status", "sent", "request_id"};
+/* gateway/web/request.py's Request and Response keep what begin() and add()
+ * read and write in __slots__: layout() finds each slot's offset once, and the
+ * request path then reads and writes them there, without a lookup. */
+enum { REQ_METHOD, REQ_PATH, REQ_HEADERS, REQ_QUERY, REQ_SLOTS };
+enum { RES_STATUS, RES_SENT, RES_REQUEST_ID, RES_ID_LINE, RES_START, RES_QUERY, RES_LIVE, RES_SLOTS };
+static const char *request_slots[REQ_SLOTS] = {"method", "_path", "_headers", "query_string"};
+static const char *response_slots[RES_SLOTS] = {"status", "sent",  "request_id", "id_line",
+                                                "start",  "query", "live"};
 static PyTypeObject *request_type, *response_type;
 static Py_ssize_t request_offsets[REQ_SLOTS], response_offsets[RES_SLOTS];
-static PyObject *str_request_id_header, *str_content_length, *str_get, *str_loggable_path;
+static PyObject *str_request_id_header, *str_content_length, *str_get, *str_loggable_path,
+    *str_live;
 
 static int
 slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offsets, int count)
@@ -252,6 +255,9 @@ slot(PyObject *object, Py_ssize_t offset)
 {
     return *(PyObject **)((char *)object + offset);
 }
+
+/* A response's slot, to set (with Py_XSETREF). */
+#define RES_SLOT(res, name) (*(PyObject **)((char *)(res) + response_offsets[name]))
 
 static int
 check_pair(PyObject *req, PyObject *res)
@@ -333,18 +339,25 @@ put(Recorder *self, int64_t end, PyObject *const *args)
     return 0;
 }
 
-/* add(start, req, res, query, live): the request, ended now, read from its
+/* add(req, res): the request begin() saw begin, ended now, read from its
  * request and response objects. */
 static PyObject *
 Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "add() takes 5 arguments (%zd given)", nargs);
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "add() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *req = args[1], *res = args[2];
+    PyObject *req = args[0], *res = args[1];
     if (check_pair(req, res) < 0)
         return NULL;
+    PyObject *start = slot(res, response_offsets[RES_START]);
+    if (start == NULL) {
+        PyErr_SetString(PyExc_TypeError, "add() of a response begin() did not see");
+        return NULL;
+    }
+    PyObject *query = slot(res, response_offsets[RES_QUERY]);
+    PyObject *live = slot(res, response_offsets[RES_LIVE]);
     PyObject *status = slot(res, response_offsets[RES_STATUS]);
     PyObject *sent = slot(res, response_offsets[RES_SENT]);
     PyObject *method = slot(req, request_offsets[REQ_METHOD]);
@@ -363,8 +376,8 @@ Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(path);
         return NULL;
     }
-    PyObject *fields[9] = {args[0], status, sent, declared, method, path, args[3], request_id,
-                           args[4]};
+    PyObject *fields[9] = {start,  status, sent, declared, method, path, query ? query : Py_None,
+                           request_id, live ? live : Py_None};
     int failed = put(self, monotonic_ns(), fields) < 0;
     Py_DECREF(path);
     Py_DECREF(declared);
@@ -925,12 +938,14 @@ error:
 static PyObject *
 Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"full", "id_prefix", "quoted", "target_of", "offset_ns", NULL};
+    static char *keywords[] = {"full", "id_prefix", "quoted", "target_of", "offset_ns", "ids",
+                               NULL};
     Py_ssize_t full;
     PyObject *id_prefix, *quoted, *target_of;
     long long offset_ns;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nUO!OL", keywords, &full, &id_prefix,
-                                     &PyDict_Type, &quoted, &target_of, &offset_ns))
+    int ids = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nUO!OL|p", keywords, &full, &id_prefix,
+                                     &PyDict_Type, &quoted, &target_of, &offset_ns, &ids))
         return NULL;
     if (!PyCallable_Check(target_of)) {
         PyErr_SetString(PyExc_TypeError, "target_of must be callable");
@@ -949,6 +964,7 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->full = full;
+    self->ids = ids;
     self->id_prefix = Py_NewRef(id_prefix);
     self->id_prefix_length = (int)PyUnicode_GET_LENGTH(id_prefix);
     memcpy(self->id_text, PyUnicode_DATA(id_prefix), self->id_prefix_length);
@@ -998,7 +1014,7 @@ Recorder_new_id(Recorder *self, PyObject *unused)
 {
     char digits[24];
     char *end = digits + sizeof digits;
-    char *at = decimal(end, ++self->ids);
+    char *at = decimal(end, ++self->ids_made);
     memcpy(self->id_text + self->id_prefix_length, at, end - at);
     Py_ssize_t length = self->id_prefix_length + (end - at);
     PyObject *id = PyUnicode_New(length, 127);
@@ -1038,38 +1054,77 @@ Recorder_request_id(Recorder *self, PyObject *sent)
     return Recorder_new_id(self, NULL);
 }
 
-/* give_id(req, res): the response's request id (request_id() of the
- * request's X-Request-Id). */
+#define ID_LINE_NAME "x-request-id: " /* (request.py's REQUEST_ID_HEADER) */
+
+/* begin(req, res) -> bool: a request starts. Notes on its response what
+ * add() records when it ends: the clock (start), the query as it came (query:
+ * an SSE request releases its own), no live operation yet (live), and with
+ * ids on, its request id (request_id, from request_id() of the request's
+ * first X-Request-Id, read without refusing a repeat: the log must not fail)
+ * and that id's HTTP/1.1 header line (id_line). True for a GET that asks for
+ * live=, which Telemetry.live_reader then counts (and notes as live). */
 static PyObject *
-Recorder_give_id(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+Recorder_begin(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "give_id() takes 2 arguments (%zd given)", nargs);
+        PyErr_Format(PyExc_TypeError, "begin() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (check_pair(args[0], args[1]) < 0)
+    PyObject *req = args[0], *res = args[1];
+    if (check_pair(req, res) < 0)
         return NULL;
-    PyObject *sent = header(args[0], str_request_id_header);
-    if (sent == NULL)
+    PyObject *query = slot(req, request_offsets[REQ_QUERY]);
+    PyObject *method = slot(req, request_offsets[REQ_METHOD]);
+    if (query == NULL || method == NULL || check_str(query, "query_string") ||
+        check_str(method, "method")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "the request is incomplete");
         return NULL;
-    PyObject *id = Recorder_request_id(self, sent);
-    Py_DECREF(sent);
-    if (id == NULL)
+    }
+    if (self->ids) {
+        PyObject *sent = header(req, str_request_id_header);
+        if (sent == NULL)
+            return NULL;
+        PyObject *id = Recorder_request_id(self, sent);
+        Py_DECREF(sent);
+        if (id == NULL)
+            return NULL;
+        /* (a plain token or a new id: ASCII) */
+        Py_ssize_t length = PyUnicode_GET_LENGTH(id), name = sizeof ID_LINE_NAME - 1;
+        PyObject *line = PyBytes_FromStringAndSize(NULL, name + length + 2);
+        if (line == NULL) {
+            Py_DECREF(id);
+            return NULL;
+        }
+        char *at = PyBytes_AS_STRING(line);
+        memcpy(at, ID_LINE_NAME, name);
+        memcpy(at + name, PyUnicode_DATA(id), length);
+        memcpy(at + name + length, "\r\n", 2);
+        Py_XSETREF(RES_SLOT(res, RES_REQUEST_ID), id);
+        Py_XSETREF(RES_SLOT(res, RES_ID_LINE), line);
+    }
+    PyObject *start = PyLong_FromLongLong(monotonic_ns());
+    if (start == NULL)
         return NULL;
-    Py_XSETREF(*(PyObject **)((char *)args[1] + response_offsets[RES_REQUEST_ID]), id);
-    Py_RETURN_NONE;
+    Py_XSETREF(RES_SLOT(res, RES_START), start);
+    Py_XSETREF(RES_SLOT(res, RES_QUERY), Py_NewRef(query));
+    Py_XSETREF(RES_SLOT(res, RES_LIVE), Py_NewRef(Py_None));
+    /* (a live read: rare, and the caller's to tell) */
+    return PyBool_FromLong(PyUnicode_GET_LENGTH(method) == 3 &&
+                           PyUnicode_CompareWithASCIIString(method, "GET") == 0 &&
+                           PyUnicode_Find(query, str_live, 0, PY_SSIZE_T_MAX, 1) >= 0);
 }
 
 static PyMethodDef Recorder_methods[] = {
     {"new_id", (PyCFunction)Recorder_new_id, METH_NOARGS, "a new request id"},
-    {"give_id", (PyCFunction)(void (*)(void))Recorder_give_id, METH_FASTCALL,
-     "give_id(req, res): the response's request id: the request's X-Request-Id when it is a "
-     "plain token, else a new id"},
+    {"begin", (PyCFunction)(void (*)(void))Recorder_begin, METH_FASTCALL,
+     "begin(req, res) -> bool: a request starts; notes on the response what add() records "
+     "(and with ids on, the request id); True for a GET asking for live="},
     {"request_id", (PyCFunction)Recorder_request_id, METH_O,
      "request_id(sent: str | None) -> str: the client's X-Request-Id when it is a plain token, "
      "else a new id"},
     {"add", (PyCFunction)(void (*)(void))Recorder_add, METH_FASTCALL,
-     "add(start, req, res, query, live) -> bool: record a request that ends now; True when it "
+     "add(req, res) -> bool: record a request begin() saw begin, ended now; True when it "
      "begins the batch or fills it"},
     {"put", (PyCFunction)(void (*)(void))Recorder_put, METH_FASTCALL,
      "put(start, end, status, sent, declared, method, path, query, request_id, live)"},
@@ -1117,8 +1172,9 @@ PyInit__recorder(void)
     str_content_length = PyUnicode_InternFromString("content-length");
     str_get = PyUnicode_InternFromString("get");
     str_loggable_path = PyUnicode_InternFromString("loggable_path");
+    str_live = PyUnicode_InternFromString("live=");
     if (str_request_id_header == NULL || str_content_length == NULL || str_get == NULL ||
-        str_loggable_path == NULL)
+        str_loggable_path == NULL || str_live == NULL)
         return NULL;
     if (PyType_Ready(&RecorderType) < 0)
         return NULL;

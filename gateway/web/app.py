@@ -39,7 +39,7 @@ from .auth.limits import LiveReaderQuota, RateLimited, parse_rates, with_limits
 from .cached import CachedPage
 from .forwarded import TrustedProxies
 from .handlers import Context
-from .recorder import CRecorder
+from .recorder import CRecorder, PyRecorder
 from .request import (
     ALLOWED_METHODS,
     INTERNAL_ERROR_BODY,
@@ -52,7 +52,7 @@ from .request import (
     UnsafeHeader,
     base_headers,
 )
-from .telemetry import Telemetry, now
+from .telemetry import Telemetry
 
 log = logging.getLogger("gateway")
 
@@ -78,8 +78,9 @@ class Gateway:
         parse_rates(self.settings.rate_limit)  # a bad DS_RATE_LIMIT stops the start too
         self._prefix = self.settings.stream_prefix + "/"
         self._base = base_headers(self.settings.cors_origin, self.settings.instance_id)
-        # Request metrics and the request log; None when both are off.
+        # Request metrics and the request log, and their recorder; None when both are off.
         self.telemetry: Telemetry | None = None
+        self.recorder: PyRecorder | None = None
         self._metrics_path = self.settings.metrics_path
         # (workers hand their counts over at this interval: a fresher page shows nothing more)
         self._metrics_page = CachedPage(
@@ -89,19 +90,16 @@ class Gateway:
     # -- requests --------------------------------------------------------------------
 
     async def handle(self, req: Request, res: Response) -> None:
-        telemetry = self.telemetry
-        if telemetry is not None:
-            # What Telemetry records of a request, inline (here and in finally):
-            # two method calls would cost the request path more than all this.
-            start, query = now(), req.query_string
-            if telemetry.ids is not None:  # the request log's ids
-                telemetry.ids.give_id(req, res)
-            live = telemetry.live_reader(req, query) if req.method == "GET" else None
+        # What Telemetry records of a request, inline (here and in finally):
+        # a Python call of its own would cost the request path more than this.
+        recorder = self.recorder
+        if recorder is not None and recorder.begin(req, res):
+            self.telemetry.live_reader(req, res)  # type: ignore[union-attr]
         try:
             await self.route(req, res)
         except ProtocolError as exc:
-            if telemetry is not None and exc.status in REFUSAL_STATUSES:
-                telemetry.refused(exc.status, type(exc).__name__)
+            if self.telemetry is not None and exc.status in REFUSAL_STATUSES:
+                self.telemetry.refused(exc.status, type(exc).__name__)
             if not res.started:
                 await self.send_error(req, res, exc)
         except ClientGone:
@@ -118,9 +116,8 @@ class Gateway:
             log.exception("unhandled error on %s %s", req.method, req.path)
             await self.send_internal_error(req, res)
         finally:
-            # (the request's query as it came: an SSE request has released its own)
-            if telemetry is not None and telemetry.recorder.add(start, req, res, query, live):
-                telemetry.batch_due()
+            if recorder is not None and recorder.add(req, res):
+                self.telemetry.batch_due()  # type: ignore[union-attr]
 
     async def send_internal_error(self, req: Request, res: Response) -> None:
         if not res.started:
@@ -291,6 +288,7 @@ class Gateway:
         await self.hub.start()
         if settings.metrics_enabled or settings.access_log:
             self.telemetry = Telemetry(settings)
+            self.recorder = self.telemetry.recorder
             if CRecorder is None:
                 log.warning(
                     "the C request recorder is not built (no C compiler when the package was "

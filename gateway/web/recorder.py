@@ -1,10 +1,11 @@
 """What a finished request leaves behind until the next drain: the recorder.
 
-The request path (``Gateway.handle``) hands every finished request to a
-recorder: ``add(start, req, res, query, live)``, which reads the request's
-method, path and declared Content-Length, the response's status, bytes sent
-and request id, and the clock (its end); and gives responses their request id
-with ``give_id(req, res)``. The C recorder reads those fields from the
+The request path (``Gateway.handle``) makes two calls per request. As it
+starts, ``begin(req, res)`` notes on the response the clock, the query as it
+came, and (with ids on: the request log's) its request id. As it ends,
+``add(req, res)`` records it: the request's method, path and declared
+Content-Length, what begin noted, the response's status and bytes sent, and
+the clock (its end). The C recorder reads and writes those fields in the
 objects' slots where ``layout`` found them, without an attribute lookup.
 Telemetry (gateway/web/telemetry.py) drains the batch: it reads the batch
 back and empties it (``clear``):
@@ -227,7 +228,16 @@ class PyRecorder:
     """The recorder in Python: the batch as a list of tuples, read column by
     column, most of the work in C builtins (``map``, ``Counter``, ``zip``)."""
 
-    __slots__ = ("_clock", "_done", "_full", "_id_prefix", "_ids", "_quoted", "_target_of")
+    __slots__ = (
+        "_clock",
+        "_done",
+        "_full",
+        "_id_prefix",
+        "_ids",
+        "_ids_made",
+        "_quoted",
+        "_target_of",
+    )
 
     def __init__(
         self,
@@ -236,6 +246,7 @@ class PyRecorder:
         quoted: dict[str, str],
         target_of: Callable[[str, str], str],
         offset_ns: int,
+        ids: bool = True,
     ) -> None:
         # A path's quoted log target: from the cache ``quoted`` when there,
         # else from ``target_of`` (quoted_target, which fills that cache).
@@ -243,13 +254,14 @@ class PyRecorder:
         self._target_of = target_of
         self._full = full
         self._id_prefix = id_prefix
-        self._ids = 0
+        self._ids = ids  # begin() gives responses their request id
+        self._ids_made = 0
         self._clock = Clock(offset_ns)
         self._done: list[_Record] = []
 
     def new_id(self) -> str:
-        self._ids += 1
-        return self._id_prefix + str(self._ids)
+        self._ids_made += 1
+        return self._id_prefix + str(self._ids_made)
 
     def request_id(self, sent: str | None) -> str:
         """The client's X-Request-Id when it is a plain token, else a new id."""
@@ -257,30 +269,41 @@ class PyRecorder:
             return sent
         return self.new_id()
 
-    def give_id(self, req: Request, res: Response) -> None:
-        """The response's request id: ``request_id`` of the request's X-Request-Id
-        (its first value, read without refusing a repeat: the log must not fail)."""
-        res.request_id = self.request_id(req._headers.get(REQUEST_ID_HEADER))
+    def begin(self, req: Request, res: Response) -> bool:
+        """A request starts: note on its response what ``add`` records (the
+        clock, the query as it came: an SSE request releases its own; no live
+        operation yet) and, with ids on, its request id: ``request_id`` of the
+        request's X-Request-Id (its first value, read without refusing a
+        repeat: the log must not fail), and that id's HTTP/1.1 header line.
+        True for a GET asking for ``live=`` (Telemetry.live_reader's to count)."""
+        if self._ids:
+            request_id = self.request_id(req._headers.get(REQUEST_ID_HEADER))
+            res.request_id = request_id
+            res.id_line = f"{REQUEST_ID_HEADER}: {request_id}\r\n".encode()
+        res.start = now()
+        query = res.query = req.query_string
+        res.live = None
+        return req.method == "GET" and "live=" in query
 
-    def add(self, start: int, req: Request, res: Response, query: str, live: str | None) -> bool:
-        """Record a request that ends now. True when it begins the batch (to
-        drain later) or fills it (to drain now)."""
+    def add(self, req: Request, res: Response) -> bool:
+        """Record a request ``begin`` saw start, ending now. True when it
+        begins the batch (to drain later) or fills it (to drain now)."""
         path = req._path
         if path is None:
             path = req.loggable_path()
         done = self._done
         done.append(
             (
-                start,
+                res.start,
                 now(),
                 res.status,
                 res.sent,
                 req._headers.get("content-length"),
                 req.method,
                 path,
-                query,
+                res.query,
                 res.request_id,
-                live,
+                res.live,
             )
         )
         return len(done) == 1 or len(done) >= self._full

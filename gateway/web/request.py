@@ -387,10 +387,20 @@ class Response:
     Adapters note on the way what the request metrics and log report: the
     ``status`` sent (0 until then) and the body bytes ``sent``; and when
     ``request_id`` is set, they add it as ``X-Request-Id`` to the response
-    (a token of safe characters: gateway/web/telemetry.py checks it).
+    (a token of safe characters: gateway/web/recorder.py checks it), or add
+    ``id_line``, set with it: its HTTP/1.1 header line.
+
+    With metrics or the request log on, the recorder's ``begin`` also notes
+    here when the request started (``start``), its query as it came
+    (``query``) and its live operation (``live``), for ``add`` to record when
+    it ends; those slots stay unset otherwise.
     """
 
-    __slots__ = ("request_id", "sent", "started", "status")
+    __slots__ = ("id_line", "live", "query", "request_id", "sent", "start", "started", "status")
+    id_line: bytes
+    live: str | None
+    query: str
+    start: int
 
     def __init__(self) -> None:
         self.started = False  # once true, errors can no longer become responses

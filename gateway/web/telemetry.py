@@ -1,16 +1,17 @@
 """What each request leaves behind: its request metrics and its request-log line.
 
 When metrics or the request log are on (otherwise nothing here runs),
-``Gateway.handle`` records each request itself, inline, as a Python call per
-request would cost more than the recording: as the request starts, the clock,
-and with the log on its request id (``Telemetry.ids.give_id``), which the
-server adds as ``X-Request-Id`` to the response; a GET asks
-``Telemetry.live_reader`` whether it is a live reader to count. The servers
-note the status and the body bytes of every response as they send it
-(gateway/web/request.py's ``Response``). When the handler is done (for
-long-poll and SSE: when the response ends), its figures go to the recorder
-(gateway/web/recorder.py: in C when built, else in Python), whose answer
-starts the batch's timer or drains a full one (``batch_due``); every 50 ms
+``Gateway.handle`` calls the recorder (gateway/web/recorder.py: in C when
+built, else in Python) itself, twice per request, as a Python call per
+request would cost more than the recording. As the request starts, the
+recorder's ``begin`` notes on the response the clock, and with the log on its
+request id, which the server adds as ``X-Request-Id`` to the response; a GET
+asking for ``live=`` goes to ``Telemetry.live_reader``, which counts a live
+reader. The servers note the status and the body bytes of every response as
+they send it (gateway/web/request.py's ``Response``). When the handler is
+done (for long-poll and SSE: when the response ends), the recorder's ``add``
+records the request, and its answer starts the batch's timer or drains a full
+one (``batch_due``); every 50 ms
 (or 512 requests) ``Telemetry.drain`` adds the recorded requests to this
 process's tallies (gateway/metrics.py flushes them into Prometheus once a
 second) and writes their log lines.
@@ -62,7 +63,7 @@ from .recorder import (
     redact_query,
     summarize,
 )
-from .request import Request
+from .request import Request, Response
 
 now = recorders.now  # the clock of a request's start and end
 
@@ -135,9 +136,8 @@ class Telemetry:
             recorders.QUOTED,
             recorders.quoted_target,
             self._clock.offset_ns,
+            ids=self.writer is not None,  # (the log's: with it off, responses get none)
         )
-        # What gives responses their request id (give_id), with the log on: ids are the log's.
-        self.ids = self.recorder if self.writer is not None else None
         self.tallies: dict[str, metrics.Tally] = {}
         self.local: metrics.Metrics | None = None
         if settings.metrics_enabled:
@@ -159,15 +159,15 @@ class Telemetry:
         if self.local is not None:
             self.local.request_log_dropped.inc(lines)
 
-    def live_reader(self, req: Request, query: str) -> str | None:
-        """A GET starts: its live operation when it is a live reader, counted
-        as one (until its ``add`` is drained), else None."""
-        if self.local is not None and "live=" in query:
-            operation = operation_of("GET", req.loggable_path(), query, self.prefix)
+    def live_reader(self, req: Request, res: Response) -> None:
+        """A GET asking for ``live=`` starts (the recorder's ``begin`` said
+        so): when it is a live reader, counted as one (until its ``add`` is
+        drained), its live operation noted on the response for ``add``."""
+        if self.local is not None:
+            operation = operation_of("GET", req.loggable_path(), res.query, self.prefix)
             if operation in LIVE_OPERATIONS:
                 self.local.readers[operation] += 1
-                return operation
-        return None
+                res.live = operation
 
     def batch_due(self) -> None:
         """The recorder's ``add`` said so: its batch has just begun (drained

@@ -47,13 +47,19 @@ def both() -> tuple[recorders.PyRecorder, recorders.PyRecorder]:
 
 
 def exchange(
-    method: str, path: str | None, status: int, headers: dict[str, str], sent: int = 0
+    method: str,
+    path: str | None,
+    status: int,
+    headers: dict[str, str],
+    sent: int = 0,
+    query: str = "",
 ) -> tuple[Request, Response]:
     """A request as a server hands it over, and its response once sent."""
     req = Request()
     req.method = method
     req._path = path
     req._headers = headers
+    req.query_string = query
     res = Response()
     res.status = status
     res.sent = sent
@@ -163,18 +169,18 @@ def test_add_reads_the_clock_and_says_when_the_batch_begins_or_is_full() -> None
     for kind in (recorders.PyRecorder, c_recorder_class()):
         recorder = make(kind, full=3)
         before = time.perf_counter_ns()
-        start = recorders.now()
-        answers = [
-            recorder.add(
-                start, *exchange("POST", PREFIX + "a", 204, {"content-length": "3"}), "", None
-            )
-            for n in range(4)
-        ]
+        answers = []
+        for _ in range(4):
+            req, res = exchange("POST", PREFIX + "a", 204, {"content-length": "3"})
+            assert recorder.begin(req, res) is False
+            answers.append(recorder.add(req, res))
         after = time.perf_counter_ns()
         assert answers == [True, False, True, True]
-        ends = recorder.columns()[1]
-        assert all(before <= start <= end <= after for end in ends), kind
-        assert list(ends) == sorted(ends)
+        starts, ends = recorder.columns()[:2]
+        assert all(
+            before <= start <= end <= after for start, end in zip(starts, ends, strict=True)
+        ), kind
+        assert list(ends) == sorted(ends) and list(starts) == sorted(starts)
 
 
 def test_new_ids_are_the_prefix_and_a_counter() -> None:
@@ -204,31 +210,57 @@ class HeaderMap:
         return self._headers.get(name)
 
 
-def test_add_and_give_id_read_the_request_and_its_response_alike() -> None:
-    """Both recorders read the same fields: the C one from the slots."""
+def test_begin_and_add_read_the_request_and_note_on_its_response_alike() -> None:
+    """Both recorders read and note the same fields: the C one in the slots."""
     batches = []
     for kind in (recorders.PyRecorder, c_recorder_class()):
         recorder = make(kind)
         cases: list[tuple[Request, Response]] = [
-            exchange("POST", PREFIX + "a", 204, {"content-length": "100"}, 0),
-            exchange("GET", PREFIX + "b", 200, {"x-request-id": "trace-1"}, 5),
+            exchange("POST", PREFIX + "a", 204, {"content-length": "100"}, 0, "offset=-1"),
+            exchange("GET", PREFIX + "b", 200, {"x-request-id": "trace-1"}, 5, "live=sse"),
             exchange("PUT", PREFIX + "c", 201, {"x-request-id": "bad id"}),
             exchange("HEAD", "/healthz", 0, HeaderMap({"content-length": "7"})),  # type: ignore[arg-type]
+            exchange("GET", PREFIX + "d", 200, {}, 0, "offset=now"),
         ]
         undecodable = UndecodablePath()
-        undecodable.method, undecodable._headers = "GET", {}
+        undecodable.method, undecodable._headers, undecodable.query_string = "GET", {}, ""
         cases.append((undecodable, Response()))
-        for req, res in cases:
-            recorder.give_id(req, res)
-            recorder.add(1_000, req, res, "offset=-1", None)
+        live = [recorder.begin(req, res) for req, res in cases]
+        assert live == [False, True, False, False, False, False], kind  # a GET asking live=
         ids = [res.request_id for _, res in cases]
         assert ids[1] == "trace-1" and all(i.startswith("0123456789ab-") for i in ids[2:3]), kind
+        for res_id, (_, res) in zip(ids, cases, strict=True):
+            assert res.id_line == f"x-request-id: {res_id}\r\n".encode(), kind
+            assert res.query is not None and res.live is None and isinstance(res.start, int)
+        cases[1][0].release()  # (an SSE request releases its query: what it was is logged)
+        cases[1][1].live = "sse"
+        for req, res in cases:
+            recorder.add(req, res)
         columns = recorder.columns()
-        batches.append((columns[2:8], ids))
-        assert columns[6][-1] == "<not UTF-8>" and columns[4] == ("100", None, None, "7", None)
-    (py_columns, py_ids), (c_columns, c_ids) = batches
-    assert py_columns == c_columns
+        batches.append((columns[2:8], columns[9], ids))
+        assert columns[6][-1] == "<not UTF-8>" and columns[4] == (
+            "100",
+            None,
+            None,
+            "7",
+            None,
+            None,
+        )
+        assert columns[7][:2] == ("offset=-1", "live=sse") and columns[9][1] == "sse"
+    (py_columns, py_live, py_ids), (c_columns, c_live, c_ids) = batches
+    assert py_columns == c_columns and py_live == c_live
     assert py_ids[:2] == c_ids[:2]  # (new ids differ only as two recorders count)
+
+
+def test_without_ids_begin_gives_no_request_id() -> None:
+    for kind in (recorders.PyRecorder, c_recorder_class()):
+        recorder = kind(512, "p-", recorders.QUOTED, recorders.quoted_target, OFFSET_NS, ids=False)
+        req, res = exchange("POST", PREFIX + "a", 204, {"x-request-id": "trace-1"})
+        recorder.begin(req, res)
+        recorder.add(req, res)
+        assert res.request_id is None and not hasattr(res, "id_line"), kind
+        assert recorder.columns()[8] == (None,)
+        assert recorder.new_id() == "p-1"  # (none made meanwhile)
 
 
 def test_a_client_request_id_is_kept_only_when_it_is_a_plain_token() -> None:
@@ -286,11 +318,19 @@ def test_bad_arguments_are_refused_and_record_nothing() -> None:
     with pytest.raises(TypeError):
         c.add(*good)  # add takes the request and its response
     req, res = exchange("POST", PREFIX + "a", 204, {})
-    for bad in [(1, object(), res, "", None), (1, req, req, "", None), (1, req, res, b"", None)]:
+    with pytest.raises(TypeError, match="begin"):
+        c.add(req, res)  # a response begin() did not see
+    for bad in [(object(), res), (req, req), (res, req), (req,)]:
+        with pytest.raises(TypeError):
+            c.begin(*bad)
+    assert not hasattr(res, "start")
+    c.begin(req, res)
+    for bad in [(object(), res), (req, req), (req, res, None)]:
         with pytest.raises(TypeError):
             c.add(*bad)
+    req.query_string = b""  # type: ignore[assignment]
     with pytest.raises(TypeError):
-        c.give_id(res, req)
+        c.begin(req, res)
     assert len(c) == 0
     with pytest.raises(ValueError):
         c_recorder_class()(512, "é", {}, recorders.quoted_target, 0)

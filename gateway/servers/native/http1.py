@@ -44,7 +44,6 @@ from gateway.web.request import (
     INTERNAL_ERROR_REASON,
     INTERNAL_ERROR_STATUS,
     LIST_HEADERS,
-    REQUEST_ID_HEADER,
     ClientGone,
     Headers,
     Request,
@@ -308,9 +307,8 @@ class Http1Response(Response):
         elif req.http_version == "1.0" and not self.close:
             parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes by default
         parts.append(conn.server.date)
-        request_id = self.request_id
-        if request_id is not None:  # (a token of safe characters: no check needed)
-            extra = f"{REQUEST_ID_HEADER}: {request_id}\r\n{extra}"
+        if self.request_id is not None:  # (with its header line: Recorder.begin)
+            parts.append(self.id_line)
         parts.append(extra.encode())
         return b"".join(parts)
 
