@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from array import array
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
@@ -165,10 +164,8 @@ class LocalHistogram:
     """Observations kept as plain numbers until ``flush`` adds them to
     ``child`` (a Histogram, or one labelled child of it).
 
-    ``observe(value)`` is an array's ``append``: one call, no Python frame, as
-    it runs for every Redis reply, and the value kept as a C double (a list
-    would keep every float object alive until the flush, a second's worth of
-    them scattered across memory); ``flush`` puts the values in their buckets
+    ``observe(value)`` is a list's ``append``: one call, no Python frame, as it
+    runs for every Redis reply; ``flush`` puts the values in their buckets
     (in C builtins, at most once a second). ``counts`` and ``total`` take
     observations already bucketed (gateway/web/telemetry.py adds a batch's).
     """
@@ -180,7 +177,7 @@ class LocalHistogram:
         self.bounds = (*buckets, float("inf"))
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
-        self._values = array("d")
+        self._values: list[float] = []
         self.observe: Callable[[float], None] = self._values.append
 
     def flush(self) -> None:
@@ -191,7 +188,7 @@ class LocalHistogram:
             for index, count in Counter(map(bisect_left, repeat(self.bounds), values)).items():
                 counts[index] += count
             self.total += sum(values)
-            del values[:]
+            values.clear()
         if not any(counts):
             return
         # prometheus_client has no bulk observe: add to its per-bucket values
