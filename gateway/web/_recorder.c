@@ -658,6 +658,7 @@ typedef struct {
     char *data;
     Py_ssize_t size;
     Py_ssize_t capacity;
+    PyObject *bytes; /* when set: the bytes object data is in (text(): no copy at the end) */
 } Buffer;
 
 /* Room for more bytes: the buffer grown (doubled) when they do not fit. */
@@ -667,12 +668,21 @@ grow(Buffer *b, Py_ssize_t more)
     Py_ssize_t capacity = b->capacity ? b->capacity : 4096;
     while (capacity < b->size + more)
         capacity *= 2;
-    char *grown = PyMem_Realloc(b->data, capacity);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    if (b->bytes != NULL) {
+        if (_PyBytes_Resize(&b->bytes, capacity) < 0) { /* (b->bytes freed, and NULL) */
+            b->data = NULL;
+            return -1;
+        }
+        b->data = PyBytes_AS_STRING(b->bytes);
     }
-    b->data = grown;
+    else {
+        char *grown = PyMem_Realloc(b->data, capacity);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->data = grown;
+    }
     b->capacity = capacity;
     return 0;
 }
@@ -872,23 +882,30 @@ Recorder_text(Recorder *self, PyObject *instance)
         return NULL;
     }
     /* What every line has between its time and its request id. */
-    Buffer head = {NULL, 0, 0};
+    Buffer head = {NULL, 0, 0, NULL};
     if (APPEND_LITERAL(&head, " instance=") < 0 || append_str(&head, instance) < 0 ||
         APPEND_LITERAL(&head, " request_id=") < 0) {
         PyMem_Free(head.data);
         return NULL;
     }
-    Buffer b = {NULL, 0, 0};
-    if (reserve(&b, self->size * 256) < 0) {
+    /* The lines are written into the bytes object text() returns, sized for
+     * the usual line and cut to size at the end: no copy of a batch's lines. */
+    if (self->size == 0) {
+        PyMem_Free(head.data);
+        return PyBytes_FromStringAndSize(NULL, 0);
+    }
+    Buffer b = {NULL, 0, self->size * 256, PyBytes_FromStringAndSize(NULL, self->size * 256)};
+    if (b.bytes == NULL) {
         PyMem_Free(head.data);
         return NULL;
     }
+    b.data = PyBytes_AS_STRING(b.bytes);
     /* What the last line has from the method to the status, for the next
      * with the same method and path and no query (middle_path: only
      * compared, never read). */
     const PyObject *middle_path = NULL;
     const PyObject *middle_method = NULL;
-    Buffer middle = {NULL, 0, 0};
+    Buffer middle = {NULL, 0, 0, NULL};
     for (Py_ssize_t i = 0; i < self->size; i++) {
         Record *r = &self->records[i];
         if (r->query != NULL || r->path != middle_path || r->method != middle_method) {
@@ -921,15 +938,15 @@ Recorder_text(Recorder *self, PyObject *instance)
         if (failed)
             goto error;
     }
-    PyObject *result = PyBytes_FromStringAndSize(b.data, b.size);
     PyMem_Free(head.data);
     PyMem_Free(middle.data);
-    PyMem_Free(b.data);
-    return result;
+    if (_PyBytes_Resize(&b.bytes, b.size) < 0)
+        return NULL;
+    return b.bytes;
 error:
     PyMem_Free(head.data);
     PyMem_Free(middle.data);
-    PyMem_Free(b.data);
+    Py_XDECREF(b.bytes);
     return NULL;
 }
 
