@@ -1,6 +1,6 @@
 /* The request log's and request metrics' recorder, in C: what a finished
- * request leaves behind, kept as numbers, short copies and shared strings
- * until the next drain, and the drain's two busy parts: the text log lines,
+ * request leaves behind, kept as numbers, short copies and references to its
+ * strings until the next drain, and the drain's two busy parts: the text log lines,
  * and the tallies of a batch of appends.
  *
  * gateway/web/recorder.py is the same recorder in Python, and the reference:
@@ -1172,7 +1172,7 @@ static PyTypeObject RecorderType = {
 static PyMethodDef module_methods[] = {
     {"now", now, METH_NOARGS, "CLOCK_MONOTONIC in nanoseconds (time.perf_counter_ns's clock)"},
     {"layout", (PyCFunction)(void (*)(void))layout, METH_FASTCALL,
-     "layout(Request, Response): the classes add() and give_id() read"},
+     "layout(Request, Response): the classes begin() and add() read and write"},
     {NULL}};
 
 static struct PyModuleDef module = {
