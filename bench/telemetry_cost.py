@@ -32,8 +32,17 @@ Options starting with ``NAME=value`` set the environment of that gateway
 alone: ``--on "PYTHONPATH=/path/to/other/checkout --metrics-port 8833"`` runs
 another commit's code (``--off`` likewise sets the reference gateway).
 
+``--perf DIR`` (with ``--side-by-side``) samples both gateways with Linux
+perf (``perf record -e cpu-clock``: time, where bench/instructions.py counts
+instructions) while they take the same load, keeps the recordings in DIR, and
+prints where the measured one spends more time per append, function by
+function (kernel included): a lookup that misses the CPU caches shows up
+there many times larger than its share of instructions::
+
+    python bench/telemetry_cost.py --side-by-side --rounds 3 --duration 8 --perf /tmp/perf
+
 Needs ``redis-server`` and ``wrk`` on PATH (``taskset`` for ``--pin`` and
-``--side-by-side``).
+``--side-by-side``; ``perf`` for ``--perf``).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,6 +131,62 @@ def wrk(
     return rate, used / requests * 1e6
 
 
+PERF_HZ = 4000  # samples per second of CPU time: one per 250 us
+
+
+def perf_record(pid: int, path: str) -> subprocess.Popen[bytes]:
+    """Samples of ``pid``'s CPU time into ``path``, until interrupted (SIGINT)."""
+    command = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ)]
+    proc = subprocess.Popen(
+        [*command, "-p", str(pid), "-o", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # (perf attaches)
+    return proc
+
+
+def perf_samples(paths: list[str]) -> Counter[str]:
+    """Samples per function ("shared object: symbol") over the recordings."""
+    samples: Counter[str] = Counter()
+    for path in paths:
+        report = subprocess.run(
+            ["perf", "report", "-i", path, "--stdio", "--sort", "dso,sym", "-n", "--no-children"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for line in report.splitlines():
+            match = re.match(r"\s+[\d.]+%\s+(\d+)\s+(\S+)\s+\[.\]\s+(.*)", line)
+            if match:
+                samples[f"{match.group(2)}: {match.group(3).strip()}"] += int(match.group(1))
+    return samples
+
+
+def print_perf_diff(
+    off: Counter[str], off_appends: float, on: Counter[str], on_appends: float, top: int = 25
+) -> None:
+    """Where the measured gateway spends more (and less) time per append."""
+
+    def micros(samples: float, appends: float) -> float:
+        return samples * 1e6 / PERF_HZ / appends
+
+    total_off, total_on = micros(off.total(), off_appends), micros(on.total(), on_appends)
+    print(f"  sampled: off {total_off:.2f} us per append, on {total_on:.2f} us")
+    rows = sorted(
+        (
+            (micros(on[name], on_appends) - micros(off[name], off_appends), name)
+            for name in off | on
+        ),
+        reverse=True,
+    )
+    for delta, name in rows[:top]:
+        print(f"  {delta:+7.3f} us  {name[:110]}")
+    print("  ...")
+    for delta, name in rows[-5:]:
+        print(f"  {delta:+7.3f} us  {name[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -169,7 +235,17 @@ def main() -> None:
         help="where the gateways' standard output (the request log) goes: a file "
         "(default, as bench/run), or a pipe read by another process (a log shipper)",
     )
+    parser.add_argument(
+        "--perf",
+        metavar="DIR",
+        help="with --side-by-side: sample both gateways with perf (recordings kept in DIR) "
+        "and print where the measured one spends more time per append, function by function",
+    )
     args = parser.parse_args()
+    if args.perf and not args.side_by_side:
+        parser.error("--perf needs --side-by-side")
+    if args.perf:
+        os.makedirs(args.perf, exist_ok=True)
     if args.side_by_side:
         args.pin = True
     work = tempfile.mkdtemp(prefix="ds-telemetry-bench-")
@@ -241,6 +317,9 @@ def main() -> None:
         wrk(8831, off.pid, 3, body, pin_load, streams=args.streams)  # warm-up
         for _, port, on in ons:
             wrk(port, on.pid, 3, body, pin_load, streams=args.streams)
+        # With --perf: each side's recordings and appends, per measured configuration.
+        recorded: dict[str, dict[str, list[str]]] = {o: {"off": [], "on": []} for o, _, _ in ons}
+        appended: dict[str, dict[str, float]] = {o: {"off": 0.0, "on": 0.0} for o, _, _ in ons}
         rates: dict[str, list[float]] = {options: [] for options, _, _ in ons}
         cpus: dict[str, list[float]] = {options: [] for options, _, _ in ons}
         for number in range(1, args.rounds + 1):
@@ -250,8 +329,14 @@ def main() -> None:
                     8831, off.pid, args.duration, body, pin_load, args.connections, args.streams
                 )
                 line += f" off {off_rate:7.0f}/s {off_cpu:5.1f} us CPU/append"
-            for options, port, on in ons:
+            for index, (options, port, on) in enumerate(ons):
                 if args.side_by_side:
+                    perfs = []
+                    if args.perf:
+                        for side, pid in (("off", off.pid), ("on", on.pid)):
+                            path = os.path.join(args.perf, f"{index}-{side}-{number}.data")
+                            recorded[options][side].append(path)
+                            perfs.append(perf_record(pid, path))
                     with ThreadPoolExecutor(2) as pool:
                         both = [
                             pool.submit(
@@ -262,6 +347,11 @@ def main() -> None:
                             for p, pid in ((8831, off.pid), (port, on.pid))
                         ]
                         (off_rate, off_cpu), (on_rate, on_cpu) = (f.result() for f in both)
+                    for perf in perfs:
+                        perf.send_signal(signal.SIGINT)
+                        perf.wait(60)
+                    appended[options]["off"] += off_rate * args.duration
+                    appended[options]["on"] += on_rate * args.duration
                     line += f" off {off_rate:7.0f}/s {off_cpu:5.1f} us"
                 else:
                     on_rate, on_cpu = wrk(
@@ -279,6 +369,13 @@ def main() -> None:
                 f"median [{options}]: appends/s on/off {statistics.median(rates[options]):.3f}, "
                 f"CPU per append on/off {statistics.median(cpus[options]):.3f}"
             )
+            if args.perf:
+                print_perf_diff(
+                    perf_samples(recorded[options]["off"]),
+                    appended[options]["off"],
+                    perf_samples(recorded[options]["on"]),
+                    appended[options]["on"],
+                )
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
