@@ -207,6 +207,7 @@ enum { RES_STATUS, RES_SENT, RES_REQUEST_ID, RES_ID_LINE, RES_START, RES_QUERY, 
 static const char *request_slots[REQ_SLOTS] = {"method", "_path", "_headers", "query_string"};
 static const char *response_slots[RES_SLOTS] = {"status", "sent",  "request_id", "id_line",
                                                 "start",  "query", "live"};
+#define REQUEST_ID_HEADER "x-request-id" /* (request.py's REQUEST_ID_HEADER) */
 static PyTypeObject *request_type, *response_type;
 static Py_ssize_t request_offsets[REQ_SLOTS], response_offsets[RES_SLOTS];
 static PyObject *str_request_id_header, *str_content_length, *str_get, *str_loggable_path,
@@ -259,9 +260,16 @@ slot(PyObject *object, Py_ssize_t offset)
 /* A response's slot, to set (with Py_XSETREF). */
 #define RES_SLOT(res, name) (*(PyObject **)((char *)(res) + response_offsets[name]))
 
+/* begin()'s and add()'s arguments: a Request and a Response, where layout()
+ * found their slots. */
 static int
-check_pair(PyObject *req, PyObject *res)
+check_pair(const char *name, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    PyObject *req = args[0], *res = args[1];
     if (request_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "layout() was not called");
         return -1;
@@ -344,13 +352,9 @@ put(Recorder *self, int64_t end, PyObject *const *args)
 static PyObject *
 Recorder_add(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "add() takes 2 arguments (%zd given)", nargs);
+    if (check_pair("add", args, nargs) < 0)
         return NULL;
-    }
     PyObject *req = args[0], *res = args[1];
-    if (check_pair(req, res) < 0)
-        return NULL;
     PyObject *start = slot(res, response_offsets[RES_START]);
     if (start == NULL) {
         PyErr_SetString(PyExc_TypeError, "add() of a response begin() did not see");
@@ -1071,7 +1075,7 @@ Recorder_request_id(Recorder *self, PyObject *sent)
     return Recorder_new_id(self, NULL);
 }
 
-#define ID_LINE_NAME "x-request-id: " /* (request.py's REQUEST_ID_HEADER) */
+#define ID_LINE_NAME REQUEST_ID_HEADER ": "
 
 /* begin(req, res) -> bool: a request starts. Notes on its response what
  * add() records when it ends: the clock (start), the query as it came (query:
@@ -1083,13 +1087,9 @@ Recorder_request_id(Recorder *self, PyObject *sent)
 static PyObject *
 Recorder_begin(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "begin() takes 2 arguments (%zd given)", nargs);
+    if (check_pair("begin", args, nargs) < 0)
         return NULL;
-    }
     PyObject *req = args[0], *res = args[1];
-    if (check_pair(req, res) < 0)
-        return NULL;
     PyObject *query = slot(req, request_offsets[REQ_QUERY]);
     PyObject *method = slot(req, request_offsets[REQ_METHOD]);
     if (query == NULL || method == NULL || check_str(query, "query_string") ||
@@ -1185,7 +1185,7 @@ PyInit__recorder(void)
     for (int c = 0; c < 128; c++)
         id_char[c] = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
                      (c != 0 && strchr("._:/+=@-", c) != NULL);
-    str_request_id_header = PyUnicode_InternFromString("x-request-id");
+    str_request_id_header = PyUnicode_InternFromString(REQUEST_ID_HEADER);
     str_content_length = PyUnicode_InternFromString("content-length");
     str_get = PyUnicode_InternFromString("get");
     str_loggable_path = PyUnicode_InternFromString("loggable_path");

@@ -11,10 +11,9 @@ reader. The servers note the status and the body bytes of every response as
 they send it (gateway/web/request.py's ``Response``). When the handler is
 done (for long-poll and SSE: when the response ends), the recorder's ``add``
 records the request, and its answer starts the batch's timer or drains a full
-one (``batch_due``); every 50 ms
-(or 512 requests) ``Telemetry.drain`` adds the recorded requests to this
-process's tallies (gateway/metrics.py flushes them into Prometheus once a
-second) and writes their log lines.
+one (``batch_due``); every 50 ms (or 512 requests) ``Telemetry.drain`` adds
+the recorded requests to this process's tallies (gateway/metrics.py flushes
+them into Prometheus once a second) and writes their log lines.
 
 The request id is the client's ``X-Request-Id`` when it is a plain token of at
 most 128 characters (letters, digits and ``._:/+=@-``), else a new one: a
@@ -64,8 +63,6 @@ from .recorder import (
     summarize,
 )
 from .request import Request, Response
-
-now = recorders.now  # the clock of a request's start and end
 
 # Finished requests are counted and logged in batches, at most this late.
 BATCH_DELAY_S = 0.05
